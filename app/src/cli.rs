@@ -1,0 +1,351 @@
+//! Subcommands. Each one parses its arguments, calls core, and prints; no algorithm lives here.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ostquant_core::assets;
+use ostquant_core::data::wiki;
+use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
+use ostquant_core::eval::perplexity::perplexity;
+use ostquant_core::generate::{SamplingParams, Session};
+use ostquant_core::model::LoadedModel;
+use ostquant_core::model::import::import_gguf;
+use ostquant_core::model::tokenizer::ChatMessage;
+
+#[derive(Parser)]
+#[command(
+    name = "ostquant",
+    version,
+    about = "Quantize LLaMA-family models to 4 bits with OSTQuant, and run them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify the default model and data (no-op when done)
+    Fetch,
+    /// Convert a GGUF file into a Hugging Face model folder
+    Import { gguf: PathBuf, out: PathBuf },
+    /// Show a model's architecture, size and the compute device
+    Info(ModelArgs),
+    /// Generate a reply to one prompt, streamed to stdout
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Send the prompt as is, without the chat template
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Multi-turn chat in the terminal (/reset clears the conversation, /quit leaves)
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// System prompt (the template's default when absent)
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Perplexity on the Wikipedia evaluation half or a UTF-8 text file
+    Ppl {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// `wiki` (the evaluation half of the fetched Wikipedia sample) or a text file
+        #[arg(long, default_value = "wiki")]
+        text: String,
+        /// Context length of each window
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Score only the first N windows
+        #[arg(long)]
+        windows: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model folder or .gguf file [default: the fetched SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// auto (a real GPU if there is one, else the CPU), gpu, cpu, or software (Vulkan on the CPU, for testing)
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Result<SamplingParams> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("--temperature must be ≥ 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1]");
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_new_tokens: self.max_tokens,
+        })
+    }
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fetch => Ok(assets::fetch()?),
+        Command::Import { gguf, out } => {
+            let bar = bar("importing tensors");
+            import_gguf(&gguf, &out, &mut |d, t| progress(&bar, d, t))?;
+            bar.finish_and_clear();
+            println!("imported {} into {}", gguf.display(), out.display());
+            Ok(())
+        }
+        Command::Info(args) => info(&args),
+        Command::Generate {
+            model,
+            prompt,
+            raw,
+            sampling,
+        } => generate(&model, &prompt, raw, &sampling),
+        Command::Chat {
+            model,
+            system,
+            sampling,
+        } => chat(&model, system, &sampling),
+        Command::Ppl {
+            model,
+            text,
+            ctx,
+            windows,
+        } => ppl(&model, &text, ctx, windows),
+    }
+}
+
+fn bar(msg: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+fn progress(bar: &ProgressBar, done: usize, total: usize) {
+    bar.set_length(total as u64);
+    bar.set_position(done as u64);
+}
+
+fn load(args: &ModelArgs) -> Result<(LoadedModel, ComputeDevice)> {
+    let bar = bar("importing tensors");
+    let dir = assets::resolve_model(args.model.as_deref(), &mut |d, t| progress(&bar, d, t))?;
+    bar.finish_and_clear();
+    let dev = device::select(args.device)?;
+    eprintln!("ostquant: {} on {dev}", dir.display());
+    let model = LoadedModel::load(&dir, &dev.device)?;
+    Ok((model, dev))
+}
+
+fn info(args: &ModelArgs) -> Result<()> {
+    let (m, dev) = load(args)?;
+    let c = &m.model.config;
+    println!("model:      {}", m.dir.display());
+    println!(
+        "arch:       {} ({})",
+        c.model_type,
+        c.architectures.join(", ")
+    );
+    println!("params:     {:.1} M", c.n_params() as f64 / 1e6);
+    println!(
+        "layers:     {}, hidden {}, ffn {}",
+        c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads:      {} query, {} key/value, head dim {}",
+        c.num_attention_heads,
+        c.n_kv_heads(),
+        c.head_dim()
+    );
+    println!(
+        "vocab:      {} (tied embeddings: {})",
+        c.vocab_size, c.tie_word_embeddings
+    );
+    println!(
+        "rope:       theta {}, scaling {:?}",
+        c.rope_theta,
+        c.rope_scaling.as_ref().map(|r| &r.rope_type)
+    );
+    println!("context:    {}", c.max_position_embeddings);
+    println!("device:     {dev}");
+    for a in device::adapters() {
+        println!(
+            "adapter:    {} ({:?}, {:?})",
+            a.name, a.backend, a.device_type
+        );
+    }
+    Ok(())
+}
+
+/// Stop flag for the running generation; Ctrl-C sets it, a second Ctrl-C exits.
+fn stop_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    flag
+}
+
+fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) -> Result<()> {
+    let params = sampling.params()?;
+    let (m, _) = load(args)?;
+    let tok = &m.tokenizer;
+    let text = if raw || !tok.has_chat_template() {
+        prompt.to_string()
+    } else {
+        tok.render_chat(&[ChatMessage::new("user", prompt)], true)?
+    };
+    let ids = tok.encode_with_bos(&text)?;
+    let stop = stop_flag();
+    let mut session = Session::new(&m.model);
+    let mut out = std::io::stdout().lock();
+    let (_, stats) = session.generate(tok, &ids, params, &mut |piece| {
+        let _ = write!(out, "{piece}");
+        let _ = out.flush();
+        !stop.load(Ordering::SeqCst)
+    })?;
+    println!();
+    eprintln!(
+        "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s]",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_sec(),
+        stats.new_tokens,
+        stats.decode_tokens_per_sec()
+    );
+    Ok(())
+}
+
+fn chat(args: &ModelArgs, system: Option<String>, sampling: &SamplingArgs) -> Result<()> {
+    let params = sampling.params()?;
+    let (m, _) = load(args)?;
+    let tok = &m.tokenizer;
+    if !tok.has_chat_template() {
+        bail!(
+            "{}: the model has no chat template; use `generate --raw`",
+            m.dir.display()
+        );
+    }
+    let base: Vec<ChatMessage> = system
+        .map(|s| vec![ChatMessage::new("system", s)])
+        .unwrap_or_default();
+    let mut history = base.clone();
+    let mut session = Session::new(&m.model);
+    let stop = stop_flag();
+    eprintln!(
+        "chat with {} — /reset clears, /quit or Ctrl-D leaves",
+        m.dir.display()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history = base.clone();
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let ids = tok.encode_with_bos(&tok.render_chat(&history, true)?)?;
+        stop.store(false, Ordering::SeqCst);
+        let mut reply = String::new();
+        let mut out = std::io::stdout().lock();
+        let (_, stats) = session.generate(tok, &ids, params, &mut |piece| {
+            reply.push_str(piece);
+            let _ = write!(out, "{piece}");
+            let _ = out.flush();
+            !stop.load(Ordering::SeqCst)
+        })?;
+        writeln!(out)?;
+        eprintln!("[{:.1} tok/s]", stats.decode_tokens_per_sec());
+        history.push(ChatMessage::new("assistant", reply));
+    }
+    Ok(())
+}
+
+/// Read a text file for perplexity: it must be non-empty UTF-8 text.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if bytes.contains(&0) {
+        bail!(
+            "{}: binary file (contains NUL bytes), expected UTF-8 text",
+            path.display()
+        );
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))?;
+    if text.trim().is_empty() {
+        bail!("{}: the file is empty", path.display());
+    }
+    Ok(text)
+}
+
+fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Result<()> {
+    let (name, body) = if text == "wiki" {
+        assets::ensure_fetched()?;
+        let articles = wiki::read_articles(&assets::wiki_dump())?;
+        (
+            wiki::WIKI_NAME.to_string(),
+            wiki::split(&articles).evaluation,
+        )
+    } else {
+        (text.to_string(), read_text(Path::new(text))?)
+    };
+    let (m, dev) = load(args)?;
+    let bar = bar("perplexity");
+    let r = perplexity(&m.model, &m.tokenizer, &body, ctx, windows, &mut |d, t| {
+        progress(&bar, d, t)
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{name}: perplexity {:.3} (ctx {}, {} windows, {} tokens scored, {dev})",
+        r.ppl, r.ctx, r.windows, r.tokens_scored
+    );
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The binary on bad input: a clear error naming the file, a non-zero exit code, no panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use ostquant_tests::write_tiny_model;
+
+fn ostquant(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ostquant"))
+        .args(args)
+        .output()
+        .expect("run ostquant")
+}
+
+/// Run, expect failure, and return stderr.
+fn fails(args: &[&str]) -> String {
+    let out = ostquant(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure: {args:?}");
+    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn ppl_on_empty_text_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    write_tiny_model(&model, 1);
+    let text = dir.path().join("empty.txt");
+    std::fs::write(&text, "  \n").unwrap();
+    let err = fails(&[
+        "ppl",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--text",
+        s(&text),
+    ]);
+    assert!(err.contains("empty.txt: the file is empty"), "{err}");
+}
+
+#[test]
+fn ppl_on_binary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    write_tiny_model(&model, 1);
+    let text = dir.path().join("blob.bin");
+    std::fs::write(&text, [0x7f, b'E', b'L', b'F', 0, 1, 2, 0xff]).unwrap();
+    let err = fails(&[
+        "ppl",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--text",
+        s(&text),
+    ]);
+    assert!(err.contains("blob.bin: binary file"), "{err}");
+}
+
+#[test]
+fn ppl_on_text_shorter_than_a_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    write_tiny_model(&model, 1);
+    let text = dir.path().join("short.txt");
+    std::fs::write(&text, "just a few words").unwrap();
+    let err = fails(&[
+        "ppl",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--text",
+        s(&text),
+        "--ctx",
+        "64",
+    ]);
+    assert!(err.contains("fewer than one window of 64"), "{err}");
+}
+
+#[test]
+fn ppl_runs_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    write_tiny_model(&model, 1);
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(10),
+    )
+    .unwrap();
+    let out = ostquant(&[
+        "ppl",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--text",
+        s(&text),
+        "--ctx",
+        "64",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 450 bytes → 7 windows of 64 byte tokens, 63 scored each; a random model is near uniform
+    // over 260 tokens, so the perplexity is finite and of that order.
+    assert!(stdout.contains("7 windows, 441 tokens scored"), "{stdout}");
+    let ppl: f64 = stdout
+        .split("perplexity ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ppl > 20.0 && ppl < 5000.0, "{ppl}");
+}
+
+#[test]
+fn missing_model_folder() {
+    let err = fails(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("no such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_folder_without_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 1);
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = fails(&[
+        "generate",
+        "--model",
+        s(dir.path()),
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(err.contains("tokenizer.json is missing"), "{err}");
+}
+
+#[test]
+fn truncated_gguf_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00\x05").unwrap();
+    let out = dir.path().join("out");
+    let err = fails(&["import", s(&path), s(&out)]);
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn generate_streams_from_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 1);
+    let out = ostquant(&[
+        "generate",
+        "--model",
+        s(dir.path()),
+        "--device",
+        "cpu",
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("new tokens at"), "{err}");
+}

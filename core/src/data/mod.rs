@@ -1,0 +1,2 @@
+//! Readers for the fetched corpora.
+pub mod wiki;

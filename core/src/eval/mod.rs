@@ -1,0 +1,2 @@
+//! Accuracy measurements.
+pub mod perplexity;

@@ -1,0 +1,198 @@
+//! Text generation on the burn forward: prefill, then one token at a time through the KV cache,
+//! greedy or sampled (temperature, top-p, seed), streaming text to a callback.
+
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::model::llama::{KvCache, Llama};
+use crate::model::tokenizer::{TextStream, Tokenizer};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 256,
+        }
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let t = self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for p in &probs {
+            kept += 1;
+            mass += p.1 / total;
+            if mass >= self.params.top_p {
+                break;
+            }
+        }
+        let probs = &probs[..kept];
+        let kept_total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut r = self.rng.random::<f32>() * kept_total;
+        for &(id, p) in probs {
+            r -= p;
+            if r <= 0.0 {
+                return id;
+            }
+        }
+        probs[kept - 1].0
+    }
+}
+
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl GenerationStats {
+    pub fn prefill_tokens_per_sec(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+    /// Decode speed, counting the tokens after the first (whose logits come from the prefill).
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        self.new_tokens.saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// A conversation with a model: keeps the KV cache between turns, so a prompt that extends
+/// the previous one only runs its new tokens.
+pub struct Session<'m> {
+    model: &'m Llama,
+    cache: KvCache,
+    tokens: Vec<u32>,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Llama) -> Self {
+        Session {
+            model,
+            cache: model.new_cache(),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Feed `prompt` (the whole conversation so far, as token ids) and generate a reply.
+    /// `on_text` receives each printable piece; returning `false` stops the generation.
+    pub fn generate(
+        &mut self,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        params: SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(Vec<u32>, GenerationStats)> {
+        if prompt.is_empty() {
+            return Err(Error::other("the prompt is empty"));
+        }
+        let max_ctx = self.model.config.max_position_embeddings;
+        if prompt.len() >= max_ctx {
+            return Err(Error::other(format!(
+                "the prompt has {} tokens, the model's context is {max_ctx}",
+                prompt.len()
+            )));
+        }
+        // Reuse the cache when the new prompt extends what it holds; else start over.
+        if !(prompt.len() > self.tokens.len() && prompt.starts_with(&self.tokens)) {
+            self.cache = self.model.new_cache();
+            self.tokens.clear();
+        }
+        let new = prompt[self.tokens.len()..].to_vec();
+        let mut stats = GenerationStats {
+            prompt_tokens: new.len(),
+            ..Default::default()
+        };
+        let mut sampler = Sampler::new(params);
+        let mut stream = TextStream::default();
+        let mut out = Vec::new();
+
+        let t0 = Instant::now();
+        let mut logits = self.last_logits(&new)?;
+        self.tokens.extend_from_slice(&new);
+        stats.prefill_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        while out.len() < params.max_new_tokens && self.tokens.len() < max_ctx {
+            let id = sampler.sample(&logits);
+            out.push(id);
+            stats.new_tokens += 1;
+            if tok.eos_ids.contains(&id) {
+                break;
+            }
+            let piece = stream.push(tok, id)?;
+            if !piece.is_empty() && !on_text(&piece) {
+                break;
+            }
+            if out.len() == params.max_new_tokens {
+                break;
+            }
+            logits = self.last_logits(&[id])?;
+            self.tokens.push(id);
+        }
+        stats.decode_secs = t1.elapsed().as_secs_f64();
+        Ok((out, stats))
+    }
+
+    /// Run `ids` through the model and return the logits of the last position.
+    fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.model.forward_hidden(&[ids.to_vec()], &mut self.cache);
+        let [_, t, d] = h.dims();
+        let last = h.narrow(1, t - 1, 1).reshape([1, 1, d]);
+        self.model
+            .logits(last)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::other(format!("reading logits: {e:?}")))
+    }
+}

@@ -1,0 +1,12 @@
+//! ostquant's engine: everything that is not UI. The data path runs down the modules:
+//! checkpoint (`model`) → text (`data`) → generation and measurement (`generate`, `eval`).
+
+pub mod assets;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod model;
+
+pub use error::{Error, Result};

@@ -1,0 +1,248 @@
+//! The LLaMA forward pass on burn: batched prefill and KV-cache decode, on any burn device.
+//!
+//! Shapes: B batch, T new tokens, S cached + new positions, d hidden, hd head dim, nq query
+//! heads, nkv key/value heads (GQA: each KV head serves nq/nkv query heads).
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::checkpoint::{HostTensor, LlamaWeights};
+use super::config::LlamaConfig;
+
+/// Upload a host tensor of rank `D`.
+pub fn upload<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+}
+
+/// Upload a linear weight [out, in] transposed to [in, out], so the forward is `x · Wᵀ = x.matmul(w_t)`.
+fn upload_t(t: &HostTensor, device: &Device) -> Tensor<2> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut data = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            data[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [cols, rows]), device)
+}
+
+struct Layer {
+    attn_norm: Tensor<1>,
+    wq_t: Tensor<2>,
+    wk_t: Tensor<2>,
+    wv_t: Tensor<2>,
+    wo_t: Tensor<2>,
+    ffn_norm: Tensor<1>,
+    w_gate_t: Tensor<2>,
+    w_up_t: Tensor<2>,
+    w_down_t: Tensor<2>,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    device: Device,
+    embed: Tensor<2>,
+    layers: Vec<Layer>,
+    norm: Tensor<1>,
+    lm_head_t: Tensor<2>,
+    inv_freq: Vec<f64>,
+}
+
+/// Keys and values of every layer for the positions seen so far, [B, nkv, S, hd] each.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Llama {
+    pub fn new(w: &LlamaWeights, device: &Device) -> Self {
+        let layers = w
+            .layers
+            .iter()
+            .map(|l| Layer {
+                attn_norm: upload(&l.attn_norm, device),
+                wq_t: upload_t(&l.wq, device),
+                wk_t: upload_t(&l.wk, device),
+                wv_t: upload_t(&l.wv, device),
+                wo_t: upload_t(&l.wo, device),
+                ffn_norm: upload(&l.ffn_norm, device),
+                w_gate_t: upload_t(&l.w_gate, device),
+                w_up_t: upload_t(&l.w_up, device),
+                w_down_t: upload_t(&l.w_down, device),
+            })
+            .collect();
+        Llama {
+            config: w.config.clone(),
+            device: device.clone(),
+            embed: upload(&w.embed, device),
+            layers,
+            norm: upload(&w.norm, device),
+            lm_head_t: upload_t(w.lm_head.as_ref().unwrap_or(&w.embed), device),
+            inv_freq: w.config.rope_inv_freq(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits [B, T, V] for `tokens` (B rows of T ids) following what `cache` holds.
+    pub fn forward(&self, tokens: &[Vec<u32>], cache: &mut KvCache) -> Tensor<3> {
+        let h = self.forward_hidden(tokens, cache);
+        self.logits(h)
+    }
+
+    /// Final-norm hidden states [B, T, d]; [`logits`](Self::logits) maps them to the vocabulary.
+    /// Kept apart so callers that need few positions' logits skip the large output matmul.
+    pub fn forward_hidden(&self, tokens: &[Vec<u32>], cache: &mut KvCache) -> Tensor<3> {
+        let c = &self.config;
+        let (b, t) = (tokens.len(), tokens[0].len());
+        assert!(
+            tokens.iter().all(|r| r.len() == t),
+            "batch rows must have equal length"
+        );
+        let ids: Vec<i64> = tokens.iter().flatten().map(|&i| i as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * t]), &self.device);
+        let mut x = self
+            .embed
+            .clone()
+            .select(0, ids)
+            .reshape([b, t, c.hidden_size]);
+
+        let start = cache.len;
+        let (cos, sin) = self.rope_tables(start, t);
+        let mask = (t > 1).then(|| causal_mask(t, start, &self.device));
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_norm_eps);
+            let a = self.attention(layer, h, kv, &cos, &sin, mask.clone());
+            x = x + a;
+            let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_norm_eps);
+            x = x + mlp(layer, h);
+        }
+        cache.len += t;
+        rms_norm(x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Vocabulary logits [B, T, V] of hidden states [B, T, d].
+    pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = h.dims();
+        h.reshape([b * t, d])
+            .matmul(self.lm_head_t.clone())
+            .reshape([b, t, self.config.vocab_size])
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        x: Tensor<3>,
+        kv: &mut Option<(Tensor<4>, Tensor<4>)>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: Option<Tensor<4>>,
+    ) -> Tensor<3> {
+        let c = &self.config;
+        let [b, t, _] = x.dims();
+        let (hd, nq, nkv) = (c.head_dim(), c.num_attention_heads, c.n_kv_heads());
+        let heads =
+            |w: &Tensor<2>, n: usize| linear(x.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2);
+        let q = rope(heads(&l.wq_t, nq), cos, sin);
+        let k = rope(heads(&l.wk_t, nkv), cos, sin);
+        let v = heads(&l.wv_t, nkv);
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let s = k.dims()[2];
+        let g = nq / nkv;
+        let expand = |x: Tensor<4>| {
+            x.unsqueeze_dim::<5>(2)
+                .repeat_dim(2, g)
+                .reshape([b, nq, s, hd])
+        };
+        let (k, v) = (expand(k), expand(v));
+        let mut scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt());
+        if let Some(m) = mask {
+            scores = scores + m;
+        }
+        let out = softmax(scores, 3).matmul(v); // [B, nq, T, hd]
+        linear(out.swap_dims(1, 2).reshape([b, t, nq * hd]), &l.wo_t)
+    }
+
+    /// cos and sin [1, 1, T, hd] for positions start..start+T, in Hugging Face's half-split
+    /// layout (frequency i at dims i and i + hd/2). Computed in f64 on the host.
+    fn rope_tables(&self, start: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+        let hd = self.config.head_dim();
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for p in start..start + t {
+            for _half in 0..2 {
+                for &f in &self.inv_freq {
+                    let a = p as f64 * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        let up = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [1, 1, t, hd]), &self.device);
+        (up(cos), up(sin))
+    }
+}
+
+fn linear(x: Tensor<3>, w_t: &Tensor<2>) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    let out = w_t.dims()[1];
+    x.reshape([b * t, d])
+        .matmul(w_t.clone())
+        .reshape([b, t, out])
+}
+
+fn rms_norm(x: Tensor<3>, w: &Tensor<1>, eps: f64) -> Tensor<3> {
+    let ms = x.clone().powi_scalar(2).mean_dim(2);
+    x * ms.add_scalar(eps).sqrt().recip() * w.clone().unsqueeze::<3>()
+}
+
+fn mlp(l: &Layer, x: Tensor<3>) -> Tensor<3> {
+    let gate = silu(linear(x.clone(), &l.w_gate_t));
+    linear(gate * linear(x, &l.w_up_t), &l.w_down_t)
+}
+
+/// x·cos + rotate_half(x)·sin, with rotate_half([x1, x2]) = [-x2, x1] over the head dim.
+fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let hd = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, hd / 2);
+    let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// Additive mask [1, 1, T, S]: query i (absolute position start + i) sees keys 0..=start + i.
+fn causal_mask(t: usize, start: usize, device: &Device) -> Tensor<4> {
+    let s = start + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= start + i { 0.0 } else { -1e9 }))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [1, 1, t, s]), device)
+}

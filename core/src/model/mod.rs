@@ -1,0 +1,36 @@
+//! Checkpoints in, a runnable model out: config, weights, tokenizer and the burn forward.
+pub mod checkpoint;
+pub mod config;
+pub mod gguf;
+pub mod import;
+pub mod llama;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+
+use crate::error::Result;
+use checkpoint::LlamaWeights;
+use llama::Llama;
+use tokenizer::Tokenizer;
+
+/// A model folder loaded onto a device.
+pub struct LoadedModel {
+    pub dir: PathBuf,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+impl LoadedModel {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let weights = LlamaWeights::load(dir)?;
+        let tokenizer = Tokenizer::load(dir, &weights.config)?;
+        let model = Llama::new(&weights, device);
+        Ok(LoadedModel {
+            dir: dir.to_path_buf(),
+            model,
+            tokenizer,
+        })
+    }
+}
