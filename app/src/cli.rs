@@ -59,6 +59,12 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Print the cleaned Wikipedia text that calibration and perplexity use
+    Wiki {
+        /// `evaluation` or `calibration`
+        #[arg(long, default_value = "evaluation")]
+        half: String,
+    },
     /// Perplexity on the Wikipedia evaluation half or a UTF-8 text file
     Ppl {
         #[command(flatten)]
@@ -138,6 +144,16 @@ pub fn run() -> Result<()> {
             system,
             sampling,
         } => chat(&model, system, &sampling),
+        Command::Wiki { half } => {
+            assets::ensure_fetched()?;
+            let split = wiki::split(&wiki::read_articles(&assets::wiki_dump())?);
+            match half.as_str() {
+                "evaluation" => print!("{}", split.evaluation),
+                "calibration" => print!("{}", split.calibration),
+                other => bail!("--half must be evaluation or calibration, not '{other}'"),
+            }
+            Ok(())
+        }
         Command::Ppl {
             model,
             text,

@@ -414,12 +414,12 @@ fn tidy_lines(s: &str) -> String {
     let mut out: Vec<String> = Vec::with_capacity(lines.len());
     for line in lines {
         let is_heading = line.starts_with("==");
-        if is_heading {
-            if let Some(prev) = out.last() {
-                if prev.starts_with("==") && heading_level(prev) >= heading_level(&line) {
-                    out.pop();
-                }
-            }
+        if is_heading
+            && let Some(prev) = out.last()
+            && prev.starts_with("==")
+            && heading_level(prev) >= heading_level(&line)
+        {
+            out.pop();
         }
         out.push(line);
     }

@@ -143,7 +143,7 @@ impl LlamaConfig {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return Err(Error::format(path, format!("{name} is 0")));
         }
-        if self.num_attention_heads % self.n_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
             return Err(Error::format(
                 path,
                 format!(
@@ -153,7 +153,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::format(path, "head_dim must be even for RoPE"));
         }
         if let Some(rs) = &self.rope_scaling {

@@ -72,10 +72,10 @@ impl Tokenizer {
             .and_then(|b| b.to_vec().first().copied())
             .or_else(|| inner.token_to_id(&bos_token));
         let mut eos_ids = config.eos_ids();
-        if let Some(id) = inner.token_to_id(&eos_token) {
-            if !eos_ids.contains(&id) {
-                eos_ids.push(id);
-            }
+        if let Some(id) = inner.token_to_id(&eos_token)
+            && !eos_ids.contains(&id)
+        {
+            eos_ids.push(id);
         }
         // LLaMA-family tokenizers add BOS unless they say otherwise; LLaMA-3 says so through its
         // post-processor, which we do not run, so trust the config's flag when present.
