@@ -8,5 +8,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod quant;
+pub mod transform;
 
 pub use error::{Error, Result};

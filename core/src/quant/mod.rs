@@ -1,0 +1,2 @@
+//! Quantizers and the quantized-model settings.
+pub mod quantizer;

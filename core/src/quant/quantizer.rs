@@ -1,0 +1,160 @@
+//! Uniform fake quantizers (SPEC §6): symmetric [-2^(b-1), 2^(b-1)-1] and asymmetric [0, 2^b-1],
+//! per row or per group, with the MSE clip search used for weights.
+//!
+//! Both forms force the range to contain zero (xmin ≤ 0 ≤ xmax), as the reference does.
+
+use serde::{Deserialize, Serialize};
+
+/// How one tensor is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantSpec {
+    pub bits: u32,
+    pub sym: bool,
+    /// Elements sharing one scale; `None` means a whole row (per channel / per token).
+    pub group: Option<usize>,
+}
+
+impl QuantSpec {
+    pub fn sym(bits: u32) -> Self {
+        QuantSpec {
+            bits,
+            sym: true,
+            group: None,
+        }
+    }
+    pub fn asym(bits: u32) -> Self {
+        QuantSpec {
+            bits,
+            sym: false,
+            group: None,
+        }
+    }
+    pub fn with_group(self, group: usize) -> Self {
+        QuantSpec {
+            group: Some(group),
+            ..self
+        }
+    }
+    pub fn qmax(&self) -> f32 {
+        if self.sym {
+            ((1u32 << (self.bits - 1)) - 1) as f32
+        } else {
+            ((1u32 << self.bits) - 1) as f32
+        }
+    }
+    pub fn qmin(&self) -> f32 {
+        if self.sym {
+            -((1u32 << (self.bits - 1)) as f32)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Scale and zero point of a group whose values lie in [xmin, xmax].
+pub fn params(spec: &QuantSpec, xmin: f32, xmax: f32) -> (f32, f32) {
+    let (xmin, xmax) = (xmin.min(0.0), xmax.max(0.0));
+    if spec.sym {
+        // s = max(xmax/qmax, xmin/qmin): [-8, 7] for 4 bits, not absmax/7.
+        let xmax = xmax.max(1e-6);
+        ((xmax / spec.qmax()).max(xmin / spec.qmin()), 0.0)
+    } else {
+        let s = (xmax - xmin).max(1e-6) / spec.qmax();
+        (s, (-xmin / s).round())
+    }
+}
+
+/// x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s
+#[inline]
+pub fn fake_quant_value(x: f32, spec: &QuantSpec, scale: f32, zero: f32) -> f32 {
+    (((x / scale).round() + zero).clamp(spec.qmin(), spec.qmax()) - zero) * scale
+}
+
+fn min_max(g: &[f32]) -> (f32, f32) {
+    g.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Fake-quantize one group in place with its min/max range shrunk by `clip` (1.0 = none).
+pub fn fake_quant_group(g: &mut [f32], spec: &QuantSpec, clip: f32) {
+    let (lo, hi) = min_max(g);
+    let (s, z) = params(spec, lo * clip, hi * clip);
+    for x in g.iter_mut() {
+        *x = fake_quant_value(*x, spec, s, z);
+    }
+}
+
+/// The shrink factors of the clip search: 1.00, 0.99, …, 0.21 (80 values).
+pub fn clip_candidates() -> impl Iterator<Item = f32> {
+    (0..80).map(|i| 1.0 - i as f32 / 100.0)
+}
+
+/// Σ |x − q(x)|^p of a group quantized with shrink factor `clip`.
+pub fn clip_error(g: &[f32], spec: &QuantSpec, clip: f32, p: f32) -> f64 {
+    let (lo, hi) = min_max(g);
+    let (s, z) = params(spec, lo * clip, hi * clip);
+    g.iter()
+        .map(|&x| ((x - fake_quant_value(x, spec, s, z)).abs() as f64).powf(p as f64))
+        .sum()
+}
+
+/// The shrink factor with the smallest Σ|x − q(x)|^p (ties: the larger factor).
+pub fn search_clip(g: &[f32], spec: &QuantSpec, p: f32) -> f32 {
+    let mut best = (f64::INFINITY, 1.0);
+    for c in clip_candidates() {
+        let e = clip_error(g, spec, c, p);
+        if e < best.0 {
+            best = (e, c);
+        }
+    }
+    best.1
+}
+
+/// Fake-quantize a row-major [rows, cols] matrix row by row (groups along the row), optionally
+/// with the per-group clip search of error power `p` (2.4 for GPTQ/RTN weights).
+pub fn fake_quant_matrix(data: &mut [f32], cols: usize, spec: &QuantSpec, clip_power: Option<f32>) {
+    let group = spec.group.unwrap_or(cols);
+    assert!(
+        cols % group == 0,
+        "group {group} does not divide {cols} columns"
+    );
+    for g in data.chunks_mut(group) {
+        let clip = clip_power.map_or(1.0, |p| search_clip(g, spec, p));
+        fake_quant_group(g, spec, clip);
+    }
+}
+
+/// Fake-quantize a [rows, cols] tensor on the device, groups along each row (dynamic
+/// per-token quantization of activations). Gradients pass straight through.
+pub fn fake_quant_tensor(x: burn::tensor::Tensor<2>, spec: &QuantSpec) -> burn::tensor::Tensor<2> {
+    let [rows, cols] = x.dims();
+    let group = spec.group.unwrap_or(cols);
+    assert!(
+        cols % group == 0,
+        "group {group} does not divide {cols} columns"
+    );
+    let g = x.clone().reshape([rows * cols / group, group]);
+    let lo = g.clone().min_dim(1).clamp_max(0.0);
+    let hi = g.clone().max_dim(1).clamp_min(0.0);
+    let (scale, zero) = if spec.sym {
+        let s = hi
+            .clamp_min(1e-6)
+            .div_scalar(spec.qmax())
+            .max_pair(lo.div_scalar(spec.qmin()));
+        let z = s.zeros_like();
+        (s, z)
+    } else {
+        let s = (hi - lo.clone()).clamp_min(1e-6).div_scalar(spec.qmax());
+        let z = lo.neg().div(s.clone()).round();
+        (s, z)
+    };
+    let q = (g.clone().div(scale.clone()).round() + zero.clone())
+        .clamp(spec.qmin(), spec.qmax())
+        .sub(zero)
+        .mul(scale)
+        .reshape([rows, cols]);
+    // Straight-through estimator: the forward value is q, the gradient that of x.
+    x.clone() + (q - x).detach()
+}

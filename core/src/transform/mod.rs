@@ -1,0 +1,2 @@
+//! Function-preserving transforms of a LLaMA model: Hadamard rotations, RMSNorm folding, fusion.
+pub mod hadamard;

@@ -1,0 +1,148 @@
+//! Fake quantizers against hand-computed values and a brute-force clip search.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use ostquant_core::quant::quantizer::*;
+use rand::{Rng, SeedableRng};
+
+fn q(values: &[f32], spec: QuantSpec) -> Vec<f32> {
+    let mut v = values.to_vec();
+    fake_quant_group(&mut v, &spec, 1.0);
+    v
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+}
+
+#[test]
+fn symmetric_4bit_uses_minus_8_to_7() {
+    // s = max(2.1/7, 1/8) = 0.3
+    assert!(close(
+        &q(&[-1.0, 0.5, 2.1], QuantSpec::sym(4)),
+        &[-0.9, 0.6, 2.1]
+    ));
+    // Negative-dominated: s = max(1/7, 4/8) = 0.5, and −4 maps to −8 exactly.
+    assert!(close(
+        &q(&[-4.0, 1.0, 0.2], QuantSpec::sym(4)),
+        &[-4.0, 1.0, 0.0]
+    ));
+    let spec = QuantSpec::sym(4);
+    assert_eq!((spec.qmin(), spec.qmax()), (-8.0, 7.0));
+}
+
+#[test]
+fn asymmetric_zero_point() {
+    // s = 4/15, z = round(1/s) = round(3.75) = 4
+    let (s, z) = params(&QuantSpec::asym(4), -1.0, 3.0);
+    assert!((s - 4.0 / 15.0).abs() < 1e-7);
+    assert_eq!(z, 4.0);
+    assert!(close(
+        &q(&[-1.0, 3.0], QuantSpec::asym(4)),
+        &[-16.0 / 15.0, 44.0 / 15.0]
+    ));
+    // All-positive group: the range is forced to include 0, so z = 0 and s = 2/15.
+    let (s, z) = params(&QuantSpec::asym(4), 1.0, 2.0);
+    assert!((s - 2.0 / 15.0).abs() < 1e-7 && z == 0.0);
+    assert_eq!(QuantSpec::asym(4).qmax(), 15.0);
+}
+
+#[test]
+fn groups_have_their_own_scales() {
+    let spec = QuantSpec::sym(4).with_group(2);
+    let mut m = vec![7.0, 1.0, 0.7, 0.1, -8.0, 3.0, 0.07, -0.02];
+    fake_quant_matrix(&mut m, 4, &spec, None);
+    let want: Vec<f32> = [[7.0, 1.0], [0.7, 0.1], [-8.0, 3.0], [0.07, -0.02]]
+        .iter()
+        .flat_map(|g| q(g, QuantSpec::sym(4)))
+        .collect();
+    assert!(close(&m, &want));
+    // The small group keeps its resolution: 0.1 survives with scale 0.1.
+    assert!((m[3] - 0.1).abs() < 1e-6);
+}
+
+/// Naive f64 quantization error, written out independently of the library.
+fn brute_error(g: &[f32], bits: u32, sym: bool, clip: f64, p: f64) -> f64 {
+    let lo = g.iter().fold(0f64, |m, &x| m.min(x as f64)) * clip;
+    let hi = g.iter().fold(0f64, |m, &x| m.max(x as f64)) * clip;
+    let (qmin, qmax, s, z) = if sym {
+        let (qmin, qmax) = (
+            -(2f64.powi(bits as i32 - 1)),
+            2f64.powi(bits as i32 - 1) - 1.0,
+        );
+        (qmin, qmax, (hi.max(1e-6) / qmax).max(lo / qmin), 0.0)
+    } else {
+        let qmax = 2f64.powi(bits as i32) - 1.0;
+        let s = (hi - lo).max(1e-6) / qmax;
+        (0.0, qmax, s, (-lo / s).round())
+    };
+    g.iter()
+        .map(|&x| {
+            let x = x as f64;
+            let xq = (((x / s).round() + z).clamp(qmin, qmax) - z) * s;
+            (x - xq).abs().powf(p)
+        })
+        .sum()
+}
+
+#[test]
+fn clip_search_finds_the_brute_force_minimum() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for trial in 0..20 {
+        // Heavy-tailed rows, where clipping pays.
+        let mut g: Vec<f32> = (0..64).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        g[trial % 64] = 12.0;
+        for (sym, p) in [(true, 2.4), (false, 2.0)] {
+            let spec = if sym {
+                QuantSpec::sym(4)
+            } else {
+                QuantSpec::asym(4)
+            };
+            let got = search_clip(&g, &spec, p as f32);
+            let errs: Vec<(f64, f64)> = (0..80)
+                .map(|i| 1.0 - i as f64 / 100.0)
+                .map(|c| (brute_error(&g, 4, sym, c, p), c))
+                .collect();
+            let best = errs
+                .iter()
+                .cloned()
+                .fold((f64::INFINITY, 1.0), |b, e| if e.0 < b.0 { e } else { b });
+            let got_err = brute_error(&g, 4, sym, got as f64, p);
+            assert!(
+                got_err <= best.0 * (1.0 + 1e-4),
+                "trial {trial}: clip {got} err {got_err} vs {best:?}"
+            );
+            assert!(got < 1.0, "an outlier row should be clipped");
+        }
+    }
+}
+
+#[test]
+fn device_quantizer_matches_host() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let (rows, cols) = (6, 128);
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-3.0f32..2.0))
+        .collect();
+    let device = Device::flex();
+    for spec in [
+        QuantSpec::asym(4),
+        QuantSpec::asym(4).with_group(64),
+        QuantSpec::sym(4).with_group(32),
+        QuantSpec::sym(8),
+    ] {
+        let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, cols]), &device);
+        let got = fake_quant_tensor(t, &spec)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let mut want = x.clone();
+        fake_quant_matrix(&mut want, cols, &spec, None);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-5)
+            .count();
+        // A value exactly on a rounding boundary may round either way in f32; allow a handful.
+        assert!(diff <= 2, "{spec:?}: {diff} values differ");
+    }
+}
