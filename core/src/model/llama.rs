@@ -8,6 +8,39 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::checkpoint::{HostTensor, LlamaWeights};
 use super::config::LlamaConfig;
+use crate::error::Result;
+use crate::quant::quantizer::{QuantSpec, fake_quant_tensor};
+use crate::transform::hadamard::{Hadamard, transpose};
+
+/// What the forward does beyond the full-precision model: online Hadamards (which the weights
+/// must have been fused for) and dynamic fake quantization of activations and the KV cache.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForwardOptions {
+    /// x ← x·Hᵀ on the down_proj input (pairs with `fuse_down_hadamard`).
+    pub down_hadamard: bool,
+    /// Q and K ← ·Hᵀ per head after RoPE (QKᵀ is unchanged; K quantizes better).
+    pub qk_hadamard: bool,
+    /// Per-token quantizer of every linear layer's input (o_proj's grouped by the head dim).
+    pub act: Option<QuantSpec>,
+    /// Per-token, per-head quantizer of the K and V cache.
+    pub kv: Option<QuantSpec>,
+}
+
+/// Device-side state of the options: the dense Hᵀ matrices.
+struct Online {
+    opts: ForwardOptions,
+    down_ht: Option<Tensor<2>>,
+    qk_ht: Option<Tensor<2>>,
+}
+
+fn dense_ht(n: usize, device: &Device) -> Result<Tensor<2>> {
+    let h = Hadamard::new(n)?;
+    let ht: Vec<f32> = transpose(&h.matrix(), n)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    Ok(Tensor::from_data(TensorData::new(ht, [n, n]), device))
+}
 
 /// Upload a host tensor of rank `D`.
 pub fn upload<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
@@ -46,6 +79,7 @@ pub struct Llama {
     norm: Tensor<1>,
     lm_head_t: Tensor<2>,
     inv_freq: Vec<f64>,
+    online: Online,
 }
 
 /// Keys and values of every layer for the positions seen so far, [B, nkv, S, hd] each.
@@ -95,7 +129,33 @@ impl Llama {
             norm: upload(&w.norm, device),
             lm_head_t: upload_t(w.lm_head.as_ref().unwrap_or(&w.embed), device),
             inv_freq: w.config.rope_inv_freq(),
+            online: Online {
+                opts: ForwardOptions::default(),
+                down_ht: None,
+                qk_ht: None,
+            },
         }
+    }
+
+    /// Switch online Hadamards and activation / KV fake quantization on or off.
+    pub fn set_options(&mut self, opts: ForwardOptions) -> Result<()> {
+        let c = &self.config;
+        self.online.down_ht = if opts.down_hadamard {
+            Some(dense_ht(c.intermediate_size, &self.device)?)
+        } else {
+            None
+        };
+        self.online.qk_ht = if opts.qk_hadamard {
+            Some(dense_ht(c.head_dim(), &self.device)?)
+        } else {
+            None
+        };
+        self.online.opts = opts;
+        Ok(())
+    }
+
+    pub fn options(&self) -> &ForwardOptions {
+        &self.online.opts
     }
 
     pub fn device(&self) -> &Device {
@@ -137,7 +197,7 @@ impl Llama {
             let a = self.attention(layer, h, kv, &cos, &sin, mask.clone());
             x = x + a;
             let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_norm_eps);
-            x = x + mlp(layer, h);
+            x = x + self.mlp(layer, h);
         }
         cache.len += t;
         rms_norm(x, &self.norm, c.rms_norm_eps)
@@ -163,11 +223,12 @@ impl Llama {
         let c = &self.config;
         let [b, t, _] = x.dims();
         let (hd, nq, nkv) = (c.head_dim(), c.num_attention_heads, c.n_kv_heads());
+        let x = self.quant_act(x, None);
         let heads =
             |w: &Tensor<2>, n: usize| linear(x.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = rope(heads(&l.wq_t, nq), cos, sin);
-        let k = rope(heads(&l.wk_t, nkv), cos, sin);
-        let v = heads(&l.wv_t, nkv);
+        let q = self.qk_rotate(rope(heads(&l.wq_t, nq), cos, sin));
+        let k = self.quant_kv(self.qk_rotate(rope(heads(&l.wk_t, nkv), cos, sin)));
+        let v = self.quant_kv(heads(&l.wv_t, nkv));
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -188,7 +249,51 @@ impl Llama {
             scores = scores + m;
         }
         let out = softmax(scores, 3).matmul(v); // [B, nq, T, hd]
-        linear(out.swap_dims(1, 2).reshape([b, t, nq * hd]), &l.wo_t)
+        let out = self.quant_act(out.swap_dims(1, 2).reshape([b, t, nq * hd]), Some(hd));
+        linear(out, &l.wo_t)
+    }
+
+    fn mlp(&self, l: &Layer, x: Tensor<3>) -> Tensor<3> {
+        let x = self.quant_act(x, None);
+        let gate = silu(linear(x.clone(), &l.w_gate_t));
+        let mut h = gate * linear(x, &l.w_up_t);
+        if let Some(ht) = &self.online.down_ht {
+            h = linear(h, ht);
+        }
+        linear(self.quant_act(h, None), &l.w_down_t)
+    }
+
+    /// Per-token fake quantization of a linear layer's input [B, T, n] (groups of `group`
+    /// when given, else the configured group or the whole token).
+    fn quant_act(&self, x: Tensor<3>, group: Option<usize>) -> Tensor<3> {
+        let Some(spec) = self.online.opts.act else {
+            return x;
+        };
+        let spec = match group {
+            Some(g) => spec.with_group(g),
+            None => spec,
+        };
+        let [b, t, n] = x.dims();
+        fake_quant_tensor(x.reshape([b * t, n]), &spec).reshape([b, t, n])
+    }
+
+    /// Per-token, per-head fake quantization of new K or V entries [B, h, T, hd].
+    fn quant_kv(&self, x: Tensor<4>) -> Tensor<4> {
+        let Some(spec) = self.online.opts.kv else {
+            return x;
+        };
+        let [b, h, t, hd] = x.dims();
+        fake_quant_tensor(x.reshape([b * h * t, hd]), &spec.with_group(hd)).reshape([b, h, t, hd])
+    }
+
+    fn qk_rotate(&self, x: Tensor<4>) -> Tensor<4> {
+        let Some(ht) = &self.online.qk_ht else {
+            return x;
+        };
+        let [b, h, t, hd] = x.dims();
+        x.reshape([b * h * t, hd])
+            .matmul(ht.clone())
+            .reshape([b, h, t, hd])
     }
 
     /// cos and sin [1, 1, T, hd] for positions start..start+T, in Hugging Face's half-split
@@ -222,11 +327,6 @@ fn linear(x: Tensor<3>, w_t: &Tensor<2>) -> Tensor<3> {
 fn rms_norm(x: Tensor<3>, w: &Tensor<1>, eps: f64) -> Tensor<3> {
     let ms = x.clone().powi_scalar(2).mean_dim(2);
     x * ms.add_scalar(eps).sqrt().recip() * w.clone().unsqueeze::<3>()
-}
-
-fn mlp(l: &Layer, x: Tensor<3>) -> Tensor<3> {
-    let gate = silu(linear(x.clone(), &l.w_gate_t));
-    linear(gate * linear(x, &l.w_up_t), &l.w_down_t)
 }
 
 /// x·cos + rotate_half(x)·sin, with rotate_half([x1, x2]) = [-x2, x1] over the head dim.
