@@ -12,7 +12,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ostquant_core::assets;
 use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
-use ostquant_core::eval::perplexity::perplexity;
+use ostquant_core::eval::perplexity::{TextScores, perplexity, score_windows, text_windows};
+use ostquant_core::eval::{cache_get, cache_path, cache_put};
+use ostquant_core::model::checkpoint::LlamaWeights;
+use ostquant_core::model::llama::Llama;
+use ostquant_core::quant::method::{Bits, Method, prepare};
+use ostquant_core::model::tokenizer::Tokenizer;
 use ostquant_core::generate::{SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::import::import_gguf;
@@ -58,6 +63,29 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         sampling: SamplingArgs,
+    },
+    /// Quantize with a method and measure it against full precision: perplexity, KL to FP and
+    /// top-1 agreement on the Wikipedia evaluation half (cached, so a table resumes)
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// fp, rtn or quarot
+        #[arg(long, default_value = "rtn")]
+        method: Method,
+        /// W4A16KV16, W4A4KV16, W4A4KV4, W8A8KV8, W3A16, …
+        #[arg(long, default_value = "W4A16KV16")]
+        bits: Bits,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Score only the first N windows (the same ones for every method)
+        #[arg(long)]
+        windows: Option<usize>,
+        /// Also write the result as JSON here
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Recompute even when a cached result exists
+        #[arg(long)]
+        fresh: bool,
     },
     /// Print the cleaned Wikipedia text that calibration and perplexity use
     Wiki {
@@ -126,7 +154,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Fetch => Ok(assets::fetch()?),
         Command::Import { gguf, out } => {
-            let bar = bar("importing tensors");
+            let bar = progress_bar("importing tensors");
             import_gguf(&gguf, &out, &mut |d, t| progress(&bar, d, t))?;
             bar.finish_and_clear();
             println!("imported {} into {}", gguf.display(), out.display());
@@ -144,6 +172,15 @@ pub fn run() -> Result<()> {
             system,
             sampling,
         } => chat(&model, system, &sampling),
+        Command::Eval {
+            model,
+            method,
+            bits,
+            ctx,
+            windows,
+            json,
+            fresh,
+        } => eval(&model, method, bits, ctx, windows, json.as_deref(), fresh),
         Command::Wiki { half } => {
             assets::ensure_fetched()?;
             let split = wiki::split(&wiki::read_articles(&assets::wiki_dump())?);
@@ -163,7 +200,7 @@ pub fn run() -> Result<()> {
     }
 }
 
-fn bar(msg: &'static str) -> ProgressBar {
+fn progress_bar(msg: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
@@ -180,7 +217,7 @@ fn progress(bar: &ProgressBar, done: usize, total: usize) {
 }
 
 fn load(args: &ModelArgs) -> Result<(LoadedModel, ComputeDevice)> {
-    let bar = bar("importing tensors");
+    let bar = progress_bar("importing tensors");
     let dir = assets::resolve_model(args.model.as_deref(), &mut |d, t| progress(&bar, d, t))?;
     bar.finish_and_clear();
     let dev = device::select(args.device)?;
@@ -354,7 +391,7 @@ fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Resu
         (text.to_string(), read_text(Path::new(text))?)
     };
     let (m, dev) = load(args)?;
-    let bar = bar("perplexity");
+    let bar = progress_bar("perplexity");
     let r = perplexity(&m.model, &m.tokenizer, &body, ctx, windows, &mut |d, t| {
         progress(&bar, d, t)
     })?;
@@ -363,5 +400,70 @@ fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Resu
         "{name}: perplexity {:.3} (ctx {}, {} windows, {} tokens scored, {dev})",
         r.ppl, r.ctx, r.windows, r.tokens_scored
     );
+    Ok(())
+}
+
+fn wiki_eval_text() -> Result<String> {
+    assets::ensure_fetched()?;
+    let articles = wiki::read_articles(&assets::wiki_dump())?;
+    Ok(wiki::split(&articles).evaluation)
+}
+
+fn eval(
+    args: &ModelArgs,
+    method: Method,
+    bits: Bits,
+    ctx: usize,
+    windows: Option<usize>,
+    json: Option<&Path>,
+    fresh: bool,
+) -> Result<()> {
+    let bar = progress_bar("importing tensors");
+    let dir = assets::resolve_model(args.model.as_deref(), &mut |d, t| progress(&bar, d, t))?;
+    bar.finish_and_clear();
+    let task = format!("{}-ctx{ctx}", wiki::WIKI_NAME);
+    let key = cache_path(&dir, method.name(), &bits.to_string(), &task, windows);
+    let scores: TextScores = match cache_get(&key).filter(|_| !fresh) {
+        Some(s) => {
+            eprintln!("ostquant: cached result {}", key.display());
+            s
+        }
+        None => {
+            let dev = device::select(args.device)?;
+            eprintln!("ostquant: {} with {method} at {bits} on {dev}", dir.display());
+            let weights = LlamaWeights::load(&dir)?;
+            let tok = Tokenizer::load(&dir, &weights.config)?;
+            let t0 = std::time::Instant::now();
+            let (qw, opts) = prepare(&weights, method, bits)?;
+            eprintln!("ostquant: prepared in {:.1} s", t0.elapsed().as_secs_f64());
+            let fp = Llama::new(&weights, &dev.device);
+            let mut q = Llama::new(&qw, &dev.device);
+            q.set_options(opts)?;
+            let wins = text_windows(&fp, &tok, &wiki_eval_text()?, ctx, windows)?;
+            let bar = progress_bar("scoring");
+            let reference = (method != Method::Fp).then_some(&fp);
+            let s = score_windows(&q, reference, &wins, &mut |d, t| progress(&bar, d, t))?;
+            bar.finish_and_clear();
+            eprintln!("ostquant: scored in {:.1} s", t0.elapsed().as_secs_f64());
+            cache_put(&key, &s)?;
+            s
+        }
+    };
+    println!(
+        "{method} {bits}: {} perplexity {:.3}, KL to FP {}, top-1 agreement {} ({} tokens, ctx {})",
+        wiki::WIKI_NAME,
+        scores.ppl,
+        scores.kl.map_or("-".into(), |k| format!("{k:.4}")),
+        scores.top1.map_or("-".into(), |t| format!("{:.2}%", 100.0 * t)),
+        scores.tokens_scored,
+        scores.ctx
+    );
+    if let Some(path) = json {
+        let v = serde_json::json!({"method": method.name(), "bits": bits.to_string(), "wiki_ppl": scores.ppl,
+            "ctx": scores.ctx, "kl_to_fp": scores.kl.unwrap_or(0.0), "top1_agree": scores.top1.unwrap_or(1.0),
+            "tokens": scores.tokens_scored, "windows": scores.windows});
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     Ok(())
 }

@@ -1,2 +1,38 @@
-//! Accuracy measurements.
+//! Accuracy measurements, and the cache that lets an interrupted results table resume.
 pub mod perplexity;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::assets;
+use crate::error::{Error, Result};
+
+/// One cached result: keyed by model, method, bits, task and item limit.
+pub fn cache_path(model: &Path, method: &str, bits: &str, task: &str, limit: Option<usize>) -> PathBuf {
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let limit = limit.map_or("all".to_string(), |l| l.to_string());
+    assets::home()
+        .join("results")
+        .join(name)
+        .join(format!("{method}-{bits}-{task}-{limit}.json"))
+}
+
+pub fn cache_get<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Write atomically (temp file, then rename), so an interrupted run never leaves half a result.
+pub fn cache_put<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let dir = path.parent().expect("cache paths have a parent");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let text = serde_json::to_string_pretty(value).expect("results serialize");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

@@ -1,18 +1,24 @@
 //! Perplexity as the quantization papers measure it: tokenize the whole text once, cut it into
 //! non-overlapping windows of the context length, BOS first where the model uses one, score
-//! every predicted token, exp of the mean negative log-likelihood.
+//! every predicted token, exp of the mean negative log-likelihood. Against a reference model on
+//! the same windows it also measures KL(reference ‖ model) and top-1 agreement per token.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
 use crate::model::tokenizer::Tokenizer;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Perplexity {
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TextScores {
     pub ppl: f64,
     pub mean_nll: f64,
+    /// Mean KL(reference ‖ model) per predicted token, in nats (when a reference was given).
+    pub kl: Option<f64>,
+    /// Fraction of positions where the model's top-1 token equals the reference's.
+    pub top1: Option<f64>,
     pub tokens_scored: usize,
     pub windows: usize,
     pub ctx: usize,
@@ -21,7 +27,7 @@ pub struct Perplexity {
 /// Rows of the output projection computed at once (bounds the [rows, vocab] logits buffer).
 const LOGIT_ROWS: usize = 256;
 
-/// The windows of `ids` for context `ctx`: (input ids, index of the first scored target).
+/// The windows of `ids` for context `ctx`, BOS first when given.
 pub fn windows(ids: &[u32], ctx: usize, bos: Option<u32>) -> Vec<Vec<u32>> {
     match bos {
         Some(b) => ids
@@ -32,14 +38,14 @@ pub fn windows(ids: &[u32], ctx: usize, bos: Option<u32>) -> Vec<Vec<u32>> {
     }
 }
 
-pub fn perplexity(
+/// Tokenize `text` and cut it into at most `max_windows` windows of `ctx` tokens.
+pub fn text_windows(
     model: &Llama,
     tok: &Tokenizer,
     text: &str,
     ctx: usize,
     max_windows: Option<usize>,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<Perplexity> {
+) -> Result<Vec<Vec<u32>>> {
     if ctx < 2 {
         return Err(Error::other("the context length must be at least 2"));
     }
@@ -64,54 +70,97 @@ pub fn perplexity(
     if let Some(n) = max_windows {
         wins.truncate(n.max(1));
     }
-    let total = wins.len();
-    let (mut nll, mut count) = (0f64, 0usize);
-    for (i, w) in wins.iter().enumerate() {
-        let (s, n) = window_nll(model, w)?;
-        nll += s;
-        count += n;
-        progress(i + 1, total);
+    Ok(wins)
+}
+
+/// Perplexity of `model` on `text`.
+pub fn perplexity(
+    model: &Llama,
+    tok: &Tokenizer,
+    text: &str,
+    ctx: usize,
+    max_windows: Option<usize>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TextScores> {
+    let wins = text_windows(model, tok, text, ctx, max_windows)?;
+    score_windows(model, None, &wins, progress)
+}
+
+/// Score `model` on `windows`, and compare it with `reference` on the same windows when given.
+pub fn score_windows(
+    model: &Llama,
+    reference: Option<&Llama>,
+    windows: &[Vec<u32>],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TextScores> {
+    let mut acc = Sums::default();
+    for (i, w) in windows.iter().enumerate() {
+        window_scores(model, reference, w, &mut acc)?;
+        progress(i + 1, windows.len());
     }
-    let mean_nll = nll / count as f64;
-    Ok(Perplexity {
+    let n = acc.count as f64;
+    let mean_nll = acc.nll / n;
+    if !mean_nll.is_finite() {
+        return Err(Error::other("the model produced non-finite log-probabilities"));
+    }
+    Ok(TextScores {
         ppl: mean_nll.exp(),
         mean_nll,
-        tokens_scored: count,
-        windows: total,
-        ctx,
+        kl: reference.map(|_| acc.kl / n),
+        top1: reference.map(|_| acc.agree as f64 / n),
+        tokens_scored: acc.count,
+        windows: windows.len(),
+        ctx: windows[0].len(),
     })
 }
 
-/// Sum of -log p(w[t+1] | w[..=t]) over the window, and how many tokens that is.
-pub fn window_nll(model: &Llama, w: &[u32]) -> Result<(f64, usize)> {
-    let mut cache = model.new_cache();
-    let h = model.forward_hidden(&[w.to_vec()], &mut cache);
-    let [_, t, d] = h.dims();
-    let h = h.reshape([t, d]);
+#[derive(Default)]
+struct Sums {
+    nll: f64,
+    kl: f64,
+    agree: usize,
+    count: usize,
+}
+
+fn scalar(t: Tensor<1>) -> Result<f64> {
+    let v = t
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| Error::other(format!("reading a result: {e:?}")))?;
+    Ok(v[0] as f64)
+}
+
+fn window_scores(model: &Llama, reference: Option<&Llama>, w: &[u32], acc: &mut Sums) -> Result<()> {
+    let hidden = |m: &Llama| {
+        let mut cache = m.new_cache();
+        let h = m.forward_hidden(&[w.to_vec()], &mut cache);
+        let [_, t, d] = h.dims();
+        h.reshape([t, d])
+    };
+    let h = hidden(model);
+    let h_ref = reference.map(hidden);
+    let [t, d] = h.dims();
     let device = model.device();
-    let mut sum = 0f64;
+    let v = model.config.vocab_size;
     let n = t - 1;
     for start in (0..n).step_by(LOGIT_ROWS) {
         let rows = LOGIT_ROWS.min(n - start);
-        let hc = h.clone().narrow(0, start, rows).reshape([1, rows, d]);
-        let logits = model.logits(hc).reshape([rows, model.config.vocab_size]);
-        let targets: Vec<i64> = w[start + 1..start + 1 + rows]
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
+        let lp = |m: &Llama, h: &Tensor<2>| {
+            let hc = h.clone().narrow(0, start, rows).reshape([1, rows, d]);
+            log_softmax(m.logits(hc).reshape([rows, v]), 1)
+        };
+        let logp = lp(model, &h);
+        let targets: Vec<i64> = w[start + 1..start + 1 + rows].iter().map(|&x| x as i64).collect();
         let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
-        let lp: Tensor<2> = log_softmax(logits, 1).gather(1, targets);
-        let v = lp
-            .sum()
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| Error::other(format!("reading log-probs: {e:?}")))?;
-        sum -= v[0] as f64;
+        acc.nll -= scalar(logp.clone().gather(1, targets).sum())?;
+        if let (Some(r), Some(hr)) = (reference, &h_ref) {
+            let logp_ref = lp(r, hr);
+            let kl = logp_ref.clone().exp() * (logp_ref.clone() - logp.clone());
+            acc.kl += scalar(kl.sum())?;
+            let same = logp_ref.argmax(1).equal(logp.argmax(1)).int().sum();
+            acc.agree += scalar(same.float())? as usize;
+        }
+        acc.count += rows;
     }
-    if !sum.is_finite() {
-        return Err(Error::other(
-            "the model produced non-finite log-probabilities",
-        ));
-    }
-    Ok((sum, n))
+    Ok(())
 }

@@ -1,2 +1,3 @@
 //! Quantizers and the quantized-model settings.
+pub mod method;
 pub mod quantizer;

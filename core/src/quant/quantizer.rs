@@ -96,7 +96,10 @@ pub fn clip_error(g: &[f32], spec: &QuantSpec, clip: f32, p: f32) -> f64 {
     let (lo, hi) = min_max(g);
     let (s, z) = params(spec, lo * clip, hi * clip);
     g.iter()
-        .map(|&x| ((x - fake_quant_value(x, spec, s, z)).abs() as f64).powf(p as f64))
+        .map(|&x| {
+            let e = (x - fake_quant_value(x, spec, s, z)).abs() as f64;
+            if e == 0.0 { 0.0 } else { e.powf(p as f64) }
+        })
         .sum()
 }
 
@@ -120,10 +123,11 @@ pub fn fake_quant_matrix(data: &mut [f32], cols: usize, spec: &QuantSpec, clip_p
         cols % group == 0,
         "group {group} does not divide {cols} columns"
     );
-    for g in data.chunks_mut(group) {
+    use rayon::prelude::*;
+    data.par_chunks_mut(group).for_each(|g| {
         let clip = clip_power.map_or(1.0, |p| search_clip(g, spec, p));
         fake_quant_group(g, spec, clip);
-    }
+    });
 }
 
 /// Fake-quantize a [rows, cols] tensor on the device, groups along each row (dynamic
