@@ -14,14 +14,14 @@ use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
 use ostquant_core::eval::perplexity::{TextScores, perplexity, score_windows, text_windows};
 use ostquant_core::eval::{cache_get, cache_path, cache_put};
-use ostquant_core::model::checkpoint::LlamaWeights;
-use ostquant_core::model::llama::Llama;
-use ostquant_core::quant::method::{Bits, Method, prepare};
-use ostquant_core::model::tokenizer::Tokenizer;
 use ostquant_core::generate::{SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
+use ostquant_core::model::checkpoint::LlamaWeights;
 use ostquant_core::model::import::import_gguf;
+use ostquant_core::model::llama::Llama;
 use ostquant_core::model::tokenizer::ChatMessage;
+use ostquant_core::model::tokenizer::Tokenizer;
+use ostquant_core::quant::method::{Bits, Method, prepare};
 
 #[derive(Parser)]
 #[command(
@@ -430,7 +430,10 @@ fn eval(
         }
         None => {
             let dev = device::select(args.device)?;
-            eprintln!("ostquant: {} with {method} at {bits} on {dev}", dir.display());
+            eprintln!(
+                "ostquant: {} with {method} at {bits} on {dev}",
+                dir.display()
+            );
             let weights = LlamaWeights::load(&dir)?;
             let tok = Tokenizer::load(&dir, &weights.config)?;
             let t0 = std::time::Instant::now();
@@ -454,7 +457,9 @@ fn eval(
         wiki::WIKI_NAME,
         scores.ppl,
         scores.kl.map_or("-".into(), |k| format!("{k:.4}")),
-        scores.top1.map_or("-".into(), |t| format!("{:.2}%", 100.0 * t)),
+        scores
+            .top1
+            .map_or("-".into(), |t| format!("{:.2}%", 100.0 * t)),
         scores.tokens_scored,
         scores.ctx
     );

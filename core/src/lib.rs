@@ -1,6 +1,7 @@
 //! ostquant's engine: everything that is not UI. The data path runs down the modules:
 //! checkpoint (`model`) → text (`data`) → generation and measurement (`generate`, `eval`).
 
+pub mod analysis;
 pub mod assets;
 pub mod data;
 pub mod device;

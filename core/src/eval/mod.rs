@@ -10,7 +10,13 @@ use crate::assets;
 use crate::error::{Error, Result};
 
 /// One cached result: keyed by model, method, bits, task and item limit.
-pub fn cache_path(model: &Path, method: &str, bits: &str, task: &str, limit: Option<usize>) -> PathBuf {
+pub fn cache_path(
+    model: &Path,
+    method: &str,
+    bits: &str,
+    task: &str,
+    limit: Option<usize>,
+) -> PathBuf {
     let name = model
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

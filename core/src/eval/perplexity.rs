@@ -101,7 +101,9 @@ pub fn score_windows(
     let n = acc.count as f64;
     let mean_nll = acc.nll / n;
     if !mean_nll.is_finite() {
-        return Err(Error::other("the model produced non-finite log-probabilities"));
+        return Err(Error::other(
+            "the model produced non-finite log-probabilities",
+        ));
     }
     Ok(TextScores {
         ppl: mean_nll.exp(),
@@ -130,7 +132,12 @@ fn scalar(t: Tensor<1>) -> Result<f64> {
     Ok(v[0] as f64)
 }
 
-fn window_scores(model: &Llama, reference: Option<&Llama>, w: &[u32], acc: &mut Sums) -> Result<()> {
+fn window_scores(
+    model: &Llama,
+    reference: Option<&Llama>,
+    w: &[u32],
+    acc: &mut Sums,
+) -> Result<()> {
     let hidden = |m: &Llama| {
         let mut cache = m.new_cache();
         let h = m.forward_hidden(&[w.to_vec()], &mut cache);
@@ -150,7 +157,10 @@ fn window_scores(model: &Llama, reference: Option<&Llama>, w: &[u32], acc: &mut 
             log_softmax(m.logits(hc).reshape([rows, v]), 1)
         };
         let logp = lp(model, &h);
-        let targets: Vec<i64> = w[start + 1..start + 1 + rows].iter().map(|&x| x as i64).collect();
+        let targets: Vec<i64> = w[start + 1..start + 1 + rows]
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
         let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
         acc.nll -= scalar(logp.clone().gather(1, targets).sum())?;
         if let (Some(r), Some(hr)) = (reference, &h_ref) {

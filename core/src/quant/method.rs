@@ -22,7 +22,11 @@ pub struct Bits {
 }
 
 impl Bits {
-    pub const FP: Bits = Bits { w: 16, a: 16, kv: 16 };
+    pub const FP: Bits = Bits {
+        w: 16,
+        a: 16,
+        kv: 16,
+    };
 }
 
 impl fmt::Display for Bits {
@@ -45,9 +49,17 @@ impl FromStr for Bits {
         };
         let parse = |x: &str| -> std::result::Result<u32, String> {
             let b: u32 = x.parse().map_err(|_| bad())?;
-            if (2..=8).contains(&b) || b == 16 { Ok(b) } else { Err(format!("{b} bits: use 2 to 8, or 16 for none")) }
+            if (2..=8).contains(&b) || b == 16 {
+                Ok(b)
+            } else {
+                Err(format!("{b} bits: use 2 to 8, or 16 for none"))
+            }
         };
-        Ok(Bits { w: parse(w)?, a: parse(a)?, kv: parse(kv)? })
+        Ok(Bits {
+            w: parse(w)?,
+            a: parse(a)?,
+            kv: parse(kv)?,
+        })
     }
 }
 
@@ -99,7 +111,11 @@ pub const QUAROT_SEED: u64 = 0;
 
 /// Apply `method` at `bits` to full-precision weights: the edited weights (fake-quantized where
 /// weights are quantized) and the forward options that go with them.
-pub fn prepare(w: &LlamaWeights, method: Method, bits: Bits) -> Result<(LlamaWeights, ForwardOptions)> {
+pub fn prepare(
+    w: &LlamaWeights,
+    method: Method,
+    bits: Bits,
+) -> Result<(LlamaWeights, ForwardOptions)> {
     let mut w = w.clone();
     let mut opts = ForwardOptions::default();
     if method == Method::Fp {
@@ -131,7 +147,15 @@ pub fn prepare(w: &LlamaWeights, method: Method, bits: Bits) -> Result<(LlamaWei
 pub fn quantize_weights_rtn(w: &mut LlamaWeights, bits: u32) {
     let spec = QuantSpec::sym(bits);
     for l in &mut w.layers {
-        for m in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+        for m in [
+            &mut l.wq,
+            &mut l.wk,
+            &mut l.wv,
+            &mut l.wo,
+            &mut l.w_gate,
+            &mut l.w_up,
+            &mut l.w_down,
+        ] {
             quantize_rows(m, &spec);
         }
     }

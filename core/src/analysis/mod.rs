@@ -1,0 +1,2 @@
+//! What the GUI and `inspect` show: QSUR, eigenvalue spectra, per-channel statistics.
+pub mod qsur;
