@@ -87,6 +87,21 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// QSUR, eigen-spectra and channel maxima of every quantized input and weight, per layer,
+    /// measured on the Wikipedia calibration half, before or after a method's transforms
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// none (the original model) or quarot (its rotations; nothing is quantized)
+        #[arg(long, default_value = "none")]
+        method: String,
+        /// Calibration windows of 512 tokens
+        #[arg(long, default_value_t = 8)]
+        windows: usize,
+        /// Write every statistic (spectra and max |x| profiles included) as JSON here
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print the cleaned Wikipedia text that calibration and perplexity use
     Wiki {
         /// `evaluation` or `calibration`
@@ -181,6 +196,12 @@ pub fn run() -> Result<()> {
             json,
             fresh,
         } => eval(&model, method, bits, ctx, windows, json.as_deref(), fresh),
+        Command::Inspect {
+            model,
+            method,
+            windows,
+            json,
+        } => inspect(&model, &method, windows, json.as_deref()),
         Command::Wiki { half } => {
             assets::ensure_fetched()?;
             let split = wiki::split(&wiki::read_articles(&assets::wiki_dump())?);
@@ -469,6 +490,81 @@ fn eval(
             "tokens": scores.tokens_scored, "windows": scores.windows});
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(())
+}
+
+fn inspect(args: &ModelArgs, method: &str, windows: usize, json: Option<&Path>) -> Result<()> {
+    let m: Method = if method == "none" {
+        Method::Fp
+    } else {
+        method.parse().map_err(anyhow::Error::msg)?
+    };
+    let bar = progress_bar("importing tensors");
+    let dir = assets::resolve_model(args.model.as_deref(), &mut |d, t| progress(&bar, d, t))?;
+    bar.finish_and_clear();
+    let dev = device::select(args.device)?;
+    eprintln!("ostquant: inspecting {} ({method}) on {dev}", dir.display());
+    let weights = LlamaWeights::load(&dir)?;
+    let tok = Tokenizer::load(&dir, &weights.config)?;
+    let (tw, opts) = prepare(&weights, m, Bits::FP)?;
+    let mut model = Llama::new(&tw, &dev.device);
+    model.set_options(opts)?;
+    assets::ensure_fetched()?;
+    let calib = wiki::split(&wiki::read_articles(&assets::wiki_dump())?).calibration;
+    let wins = text_windows(&model, &tok, &calib, 512, Some(windows))?;
+    let bar = progress_bar("inspecting");
+    let ins =
+        ostquant_core::analysis::inspect::inspect(&model, &tw, method, &wins, &mut |d, t| {
+            progress(&bar, d, t)
+        })?;
+    bar.finish_and_clear();
+    let names = [
+        "qkv_in",
+        "o_in",
+        "upgate_in",
+        "down_in",
+        "q",
+        "k",
+        "v",
+        "o",
+        "gate",
+        "up",
+        "down",
+    ];
+    println!(
+        "QSUR per dimension (1 = ideal; '-' where a weight has fewer rows than columns) of {} after '{method}', {} calibration tokens",
+        dir.display(),
+        ins.tokens
+    );
+    print!("layer");
+    for n in names {
+        print!(" {n:>9}");
+    }
+    println!();
+    for layer in 0..tw.layers.len() {
+        print!("{layer:>5}");
+        for n in names {
+            match ins.get(layer, n).and_then(|s| s.qsur) {
+                Some(q) => print!(" {:>9.4}", q.rel),
+                None => print!(" {:>9}", "-"),
+            }
+        }
+        println!();
+    }
+    let means = ins.mean_by_name();
+    print!(" mean");
+    for n in names {
+        match means.get(n) {
+            Some(m) => print!(" {m:>9.4}"),
+            None => print!(" {:>9}", "-"),
+        }
+    }
+    println!();
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string(&ins)?)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        eprintln!("ostquant: wrote {}", path.display());
     }
     Ok(())
 }

@@ -26,6 +26,36 @@ pub struct ForwardOptions {
     pub kv: Option<QuantSpec>,
 }
 
+/// The inputs of quantized linear layers, where activations are observed and quantized.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Site {
+    /// Input of q_proj, k_proj and v_proj (the attention norm's output).
+    QkvIn,
+    /// Input of o_proj (the heads' outputs).
+    OIn,
+    /// Input of gate_proj and up_proj.
+    UpGateIn,
+    /// Input of down_proj (after the online Hadamard, when on).
+    DownIn,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::QkvIn, Site::OIn, Site::UpGateIn, Site::DownIn];
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::QkvIn => "qkv_in",
+            Site::OIn => "o_in",
+            Site::UpGateIn => "upgate_in",
+            Site::DownIn => "down_in",
+        }
+    }
+}
+
+/// Receives (layer, site, activations [tokens, features]) before they are quantized.
+pub type Tap<'a> = dyn FnMut(usize, Site, Tensor<2>) + 'a;
+
 /// Device-side state of the options: the dense Hᵀ matrices.
 struct Online {
     opts: ForwardOptions,
@@ -175,6 +205,17 @@ impl Llama {
     /// Final-norm hidden states [B, T, d]; [`logits`](Self::logits) maps them to the vocabulary.
     /// Kept apart so callers that need few positions' logits skip the large output matmul.
     pub fn forward_hidden(&self, tokens: &[Vec<u32>], cache: &mut KvCache) -> Tensor<3> {
+        self.forward_tapped(tokens, cache, &mut |_, _, _| {})
+    }
+
+    /// [`forward_hidden`](Self::forward_hidden) that also shows every quantized layer input
+    /// to `tap`.
+    pub fn forward_tapped(
+        &self,
+        tokens: &[Vec<u32>],
+        cache: &mut KvCache,
+        tap: &mut Tap,
+    ) -> Tensor<3> {
         let c = &self.config;
         let (b, t) = (tokens.len(), tokens[0].len());
         assert!(
@@ -192,12 +233,16 @@ impl Llama {
         let start = cache.len;
         let (cos, sin) = self.rope_tables(start, t);
         let mask = (t > 1).then(|| causal_mask(t, start, &self.device));
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let mut tap = |site: Site, x: &Tensor<3>| {
+                let [b, t, n] = x.dims();
+                tap(i, site, x.clone().reshape([b * t, n]));
+            };
             let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_norm_eps);
-            let a = self.attention(layer, h, kv, &cos, &sin, mask.clone());
+            let a = self.attention(layer, h, kv, &cos, &sin, mask.clone(), &mut tap);
             x = x + a;
             let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_norm_eps);
-            x = x + self.mlp(layer, h);
+            x = x + self.mlp(layer, h, &mut tap);
         }
         cache.len += t;
         rms_norm(x, &self.norm, c.rms_norm_eps)
@@ -219,10 +264,12 @@ impl Llama {
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         mask: Option<Tensor<4>>,
+        tap: &mut dyn FnMut(Site, &Tensor<3>),
     ) -> Tensor<3> {
         let c = &self.config;
         let [b, t, _] = x.dims();
         let (hd, nq, nkv) = (c.head_dim(), c.num_attention_heads, c.n_kv_heads());
+        tap(Site::QkvIn, &x);
         let x = self.quant_act(x, None);
         let heads =
             |w: &Tensor<2>, n: usize| linear(x.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2);
@@ -249,17 +296,21 @@ impl Llama {
             scores = scores + m;
         }
         let out = softmax(scores, 3).matmul(v); // [B, nq, T, hd]
-        let out = self.quant_act(out.swap_dims(1, 2).reshape([b, t, nq * hd]), Some(hd));
+        let out = out.swap_dims(1, 2).reshape([b, t, nq * hd]);
+        tap(Site::OIn, &out);
+        let out = self.quant_act(out, Some(hd));
         linear(out, &l.wo_t)
     }
 
-    fn mlp(&self, l: &Layer, x: Tensor<3>) -> Tensor<3> {
+    fn mlp(&self, l: &Layer, x: Tensor<3>, tap: &mut dyn FnMut(Site, &Tensor<3>)) -> Tensor<3> {
+        tap(Site::UpGateIn, &x);
         let x = self.quant_act(x, None);
         let gate = silu(linear(x.clone(), &l.w_gate_t));
         let mut h = gate * linear(x, &l.w_up_t);
         if let Some(ht) = &self.online.down_ht {
             h = linear(h, ht);
         }
+        tap(Site::DownIn, &h);
         linear(self.quant_act(h, None), &l.w_down_t)
     }
 
