@@ -201,3 +201,41 @@ fn generate_streams_from_a_tiny_model() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("new tokens at"), "{err}");
 }
+
+#[test]
+fn eval_scores_a_method_and_caches_the_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    write_tiny_model(&dir, 1);
+    let run = || {
+        ostquant(&[
+            "eval",
+            "--model",
+            s(&dir),
+            "--device",
+            "cpu",
+            "--method",
+            "quarot",
+            "--bits",
+            "W4A4KV4",
+            "--ctx",
+            "64",
+            "--windows",
+            "2",
+        ])
+    };
+    let first = run();
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        out.contains("quarot W4A4KV4") && out.contains("KL to FP") && out.contains("126 tokens"),
+        "{out}"
+    );
+    let second = run();
+    assert!(String::from_utf8_lossy(&second.stderr).contains("cached result"));
+    assert_eq!(String::from_utf8_lossy(&second.stdout), out);
+    let key =
+        ostquant_core::eval::cache_path(&dir, "quarot", "W4A4KV4", "wiki-2016-ctx64", Some(2));
+    std::fs::remove_file(key).unwrap();
+}
