@@ -54,7 +54,7 @@ fn dense(n: usize, k: usize) -> Vec<f64> {
     let mut m = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..n {
-            let walsh = if ((i % p) & (j % p)).count_ones() % 2 == 0 {
+            let walsh = if ((i % p) & (j % p)).count_ones().is_multiple_of(2) {
                 1.0
             } else {
                 -1.0

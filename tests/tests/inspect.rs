@@ -29,11 +29,15 @@ fn inspect_covers_every_layer_and_matches_host_moments() {
     let mut host = Moments::new(w.config.intermediate_size);
     for win in &windows {
         let mut cache = model.new_cache();
-        model.forward_tapped(&[win.clone()], &mut cache, &mut |layer, site, x| {
-            if layer == 1 && site == Site::DownIn {
-                host.add_rows(&x.into_data().try_to_vec::<f32>().unwrap());
-            }
-        });
+        model.forward_tapped(
+            std::slice::from_ref(win),
+            &mut cache,
+            &mut |layer, site, x| {
+                if layer == 1 && site == Site::DownIn {
+                    host.add_rows(&x.into_data().try_to_vec::<f32>().unwrap());
+                }
+            },
+        );
     }
     let dev = ins.get(1, "down_in").unwrap();
     let (a, b) = (&dev.max_abs, &host.max_abs);

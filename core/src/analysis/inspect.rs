@@ -98,7 +98,7 @@ pub fn inspect(
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => err = Some(e),
             }
         };
-        let _ = model.forward_tapped(&[win.clone()], &mut cache, &mut tap);
+        let _ = model.forward_tapped(std::slice::from_ref(win), &mut cache, &mut tap);
         tokens += win.len();
         progress(i + 1, steps);
     }

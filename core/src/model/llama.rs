@@ -89,6 +89,13 @@ fn upload_t(t: &HostTensor, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(data, [cols, rows]), device)
 }
 
+/// RoPE tables and the causal mask of the positions one forward call covers.
+struct Positions {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    mask: Option<Tensor<4>>,
+}
+
 struct Layer {
     attn_norm: Tensor<1>,
     wq_t: Tensor<2>,
@@ -232,14 +239,18 @@ impl Llama {
 
         let start = cache.len;
         let (cos, sin) = self.rope_tables(start, t);
-        let mask = (t > 1).then(|| causal_mask(t, start, &self.device));
+        let pos = Positions {
+            cos,
+            sin,
+            mask: (t > 1).then(|| causal_mask(t, start, &self.device)),
+        };
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let mut tap = |site: Site, x: &Tensor<3>| {
                 let [b, t, n] = x.dims();
                 tap(i, site, x.clone().reshape([b * t, n]));
             };
             let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_norm_eps);
-            let a = self.attention(layer, h, kv, &cos, &sin, mask.clone(), &mut tap);
+            let a = self.attention(layer, h, kv, &pos, &mut tap);
             x = x + a;
             let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_norm_eps);
             x = x + self.mlp(layer, h, &mut tap);
@@ -261,9 +272,7 @@ impl Llama {
         l: &Layer,
         x: Tensor<3>,
         kv: &mut Option<(Tensor<4>, Tensor<4>)>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        mask: Option<Tensor<4>>,
+        pos: &Positions,
         tap: &mut dyn FnMut(Site, &Tensor<3>),
     ) -> Tensor<3> {
         let c = &self.config;
@@ -273,8 +282,8 @@ impl Llama {
         let x = self.quant_act(x, None);
         let heads =
             |w: &Tensor<2>, n: usize| linear(x.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = self.qk_rotate(rope(heads(&l.wq_t, nq), cos, sin));
-        let k = self.quant_kv(self.qk_rotate(rope(heads(&l.wk_t, nkv), cos, sin)));
+        let q = self.qk_rotate(rope(heads(&l.wq_t, nq), &pos.cos, &pos.sin));
+        let k = self.quant_kv(self.qk_rotate(rope(heads(&l.wk_t, nkv), &pos.cos, &pos.sin)));
         let v = self.quant_kv(heads(&l.wv_t, nkv));
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
@@ -292,8 +301,8 @@ impl Llama {
         let mut scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (hd as f64).sqrt());
-        if let Some(m) = mask {
-            scores = scores + m;
+        if let Some(m) = &pos.mask {
+            scores = scores + m.clone();
         }
         let out = softmax(scores, 3).matmul(v); // [B, nq, T, hd]
         let out = out.swap_dims(1, 2).reshape([b, t, nq * hd]);

@@ -120,7 +120,7 @@ pub fn search_clip(g: &[f32], spec: &QuantSpec, p: f32) -> f32 {
 pub fn fake_quant_matrix(data: &mut [f32], cols: usize, spec: &QuantSpec, clip_power: Option<f32>) {
     let group = spec.group.unwrap_or(cols);
     assert!(
-        cols % group == 0,
+        cols.is_multiple_of(group),
         "group {group} does not divide {cols} columns"
     );
     use rayon::prelude::*;

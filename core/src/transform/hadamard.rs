@@ -121,7 +121,7 @@ pub fn hadamard_matrix(k: usize) -> Option<Vec<i8>> {
     match k {
         1 => return Some(vec![1]),
         2 => return Some(vec![1, 1, 1, -1]),
-        _ if k % 4 != 0 => return None,
+        _ if !k.is_multiple_of(4) => return None,
         _ => {}
     }
     if let Some(q) = prime_power(k - 1).filter(|q| q.q % 4 == 3) {
@@ -205,10 +205,10 @@ fn prime_power(q: usize) -> Option<PrimePower> {
     if q < 2 {
         return None;
     }
-    let p = (2..=q).find(|d| q % d == 0)?;
+    let p = (2..=q).find(|d| q.is_multiple_of(*d))?;
     let mut r = q;
     let mut k = 0;
-    while r % p == 0 {
+    while r.is_multiple_of(p) {
         r /= p;
         k += 1;
     }
