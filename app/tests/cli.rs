@@ -26,13 +26,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn ppl_on_empty_text_file() {
+/// A tiny model folder `m` and a text file `name` with `text`, in a temporary folder.
+fn model_and_text(
+    name: &str,
+    text: &[u8],
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m");
     write_tiny_model(&model, 1);
-    let text = dir.path().join("empty.txt");
-    std::fs::write(&text, "  \n").unwrap();
+    let file = dir.path().join(name);
+    std::fs::write(&file, text).unwrap();
+    (dir, model, file)
+}
+
+#[test]
+fn ppl_on_empty_text_file() {
+    let (_dir, model, text) = model_and_text("empty.txt", b"  \n");
     let err = fails(&[
         "ppl",
         "--model",
@@ -47,11 +56,7 @@ fn ppl_on_empty_text_file() {
 
 #[test]
 fn ppl_on_binary_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
-    write_tiny_model(&model, 1);
-    let text = dir.path().join("blob.bin");
-    std::fs::write(&text, [0x7f, b'E', b'L', b'F', 0, 1, 2, 0xff]).unwrap();
+    let (_dir, model, text) = model_and_text("blob.bin", &[0x7f, b'E', b'L', b'F', 0, 1, 2, 0xff]);
     let err = fails(&[
         "ppl",
         "--model",
@@ -66,11 +71,7 @@ fn ppl_on_binary_file() {
 
 #[test]
 fn ppl_on_text_shorter_than_a_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
-    write_tiny_model(&model, 1);
-    let text = dir.path().join("short.txt");
-    std::fs::write(&text, "just a few words").unwrap();
+    let (_dir, model, text) = model_and_text("short.txt", b"just a few words");
     let err = fails(&[
         "ppl",
         "--model",

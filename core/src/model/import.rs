@@ -163,33 +163,28 @@ pub fn gguf_config(f: &GgufFile) -> Result<LlamaConfig> {
 /// instead of Hugging Face's [h, 2, i]). Undo it: HF row h·hd + p·hd/2 + i is GGUF row
 /// h·hd + 2i + p.
 pub fn unpermute_qk(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
-    let rows = w.len() / cols;
-    let hd = rows / n_heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_heads {
-        for p in 0..2 {
-            for i in 0..half {
-                let dst = h * hd + p * half + i;
-                let src = h * hd + 2 * i + p;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    remap_qk_rows(w, n_heads, cols, |hf, gguf| (hf, gguf))
 }
 
 /// The inverse of [`unpermute_qk`]: what llama.cpp's converter does to a Hugging Face Q/K.
 pub fn permute_qk(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
-    let rows = w.len() / cols;
-    let hd = rows / n_heads;
+    remap_qk_rows(w, n_heads, cols, |hf, gguf| (gguf, hf))
+}
+
+/// Copy rows between the two layouts; `pick(hf_row, gguf_row)` returns (destination, source).
+fn remap_qk_rows(
+    w: &[f32],
+    n_heads: usize,
+    cols: usize,
+    pick: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<f32> {
+    let hd = w.len() / cols / n_heads;
     let half = hd / 2;
     let mut out = vec![0f32; w.len()];
     for h in 0..n_heads {
         for p in 0..2 {
             for i in 0..half {
-                let src = h * hd + p * half + i;
-                let dst = h * hd + 2 * i + p;
+                let (dst, src) = pick(h * hd + p * half + i, h * hd + 2 * i + p);
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
             }
         }
