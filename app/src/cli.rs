@@ -203,8 +203,7 @@ pub fn run() -> Result<()> {
             json,
         } => inspect(&model, &method, windows, json.as_deref()),
         Command::Wiki { half } => {
-            assets::ensure_fetched()?;
-            let split = wiki::split(&wiki::read_articles(&assets::wiki_dump())?);
+            let split = wiki_split()?;
             match half.as_str() {
                 "evaluation" => print!("{}", split.evaluation),
                 "calibration" => print!("{}", split.calibration),
@@ -402,12 +401,7 @@ fn read_text(path: &Path) -> Result<String> {
 
 fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Result<()> {
     let (name, body) = if text == "wiki" {
-        assets::ensure_fetched()?;
-        let articles = wiki::read_articles(&assets::wiki_dump())?;
-        (
-            wiki::WIKI_NAME.to_string(),
-            wiki::split(&articles).evaluation,
-        )
+        (wiki::WIKI_NAME.to_string(), wiki_split()?.evaluation)
     } else {
         (text.to_string(), read_text(Path::new(text))?)
     };
@@ -424,10 +418,10 @@ fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Resu
     Ok(())
 }
 
-fn wiki_eval_text() -> Result<String> {
+/// The fetched Wikipedia sample, cleaned and split into calibration and evaluation halves.
+fn wiki_split() -> Result<wiki::WikiSplit> {
     assets::ensure_fetched()?;
-    let articles = wiki::read_articles(&assets::wiki_dump())?;
-    Ok(wiki::split(&articles).evaluation)
+    Ok(wiki::split(&wiki::read_articles(&assets::wiki_dump())?))
 }
 
 fn eval(
@@ -463,7 +457,7 @@ fn eval(
             let fp = Llama::new(&weights, &dev.device);
             let mut q = Llama::new(&qw, &dev.device);
             q.set_options(opts)?;
-            let wins = text_windows(&fp, &tok, &wiki_eval_text()?, ctx, windows)?;
+            let wins = text_windows(&fp, &tok, &wiki_split()?.evaluation, ctx, windows)?;
             let bar = progress_bar("scoring");
             let reference = (method != Method::Fp).then_some(&fp);
             let s = score_windows(&q, reference, &wins, &mut |d, t| progress(&bar, d, t))?;
@@ -510,8 +504,7 @@ fn inspect(args: &ModelArgs, method: &str, windows: usize, json: Option<&Path>) 
     let (tw, opts) = prepare(&weights, m, Bits::FP)?;
     let mut model = Llama::new(&tw, &dev.device);
     model.set_options(opts)?;
-    assets::ensure_fetched()?;
-    let calib = wiki::split(&wiki::read_articles(&assets::wiki_dump())?).calibration;
+    let calib = wiki_split()?.calibration;
     let wins = text_windows(&model, &tok, &calib, 512, Some(windows))?;
     let bar = progress_bar("inspecting");
     let ins =
