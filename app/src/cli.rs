@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ostquant_core::assets;
+use ostquant_core::data::tasks::parse_task_list;
 use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
-use ostquant_core::eval::perplexity::{TextScores, perplexity, score_windows, text_windows};
-use ostquant_core::eval::{cache_get, cache_path, cache_put};
+use ostquant_core::eval::perplexity::{perplexity, text_windows};
+use ostquant_core::eval::suite::{Lab, Settings};
 use ostquant_core::generate::{SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::checkpoint::LlamaWeights;
@@ -21,7 +22,7 @@ use ostquant_core::model::import::import_gguf;
 use ostquant_core::model::llama::Llama;
 use ostquant_core::model::tokenizer::ChatMessage;
 use ostquant_core::model::tokenizer::Tokenizer;
-use ostquant_core::quant::method::{Bits, Method, prepare};
+use ostquant_core::quant::method::{Bits, Calibration, Method, transform};
 
 #[derive(Parser)]
 #[command(
@@ -64,35 +65,56 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
-    /// Quantize with a method and measure it against full precision: perplexity, KL to FP and
-    /// top-1 agreement on the Wikipedia evaluation half (cached, so a table resumes)
+    /// Quantize with a method and measure it against full precision: Wikipedia perplexity, KL
+    /// to FP and top-1 agreement, and the zero-shot tasks (each result cached, so runs resume)
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// fp, rtn or quarot
+        /// fp, rtn, smoothquant, gptq, quarot or quarot-gptq
         #[arg(long, default_value = "rtn")]
         method: Method,
         /// W4A16KV16, W4A4KV16, W4A4KV4, W8A8KV8, W3A16, …
         #[arg(long, default_value = "W4A16KV16")]
         bits: Bits,
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        /// Score only the first N windows (the same ones for every method)
-        #[arg(long)]
-        windows: Option<usize>,
+        /// Zero-shot tasks: all, none, or a list such as piqa,arc_easy,winogrande
+        #[arg(long, default_value = "none")]
+        tasks: String,
+        #[command(flatten)]
+        measure: MeasureArgs,
         /// Also write the result as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Recompute even when a cached result exists
+    },
+    /// The results table: every method at every bit setting, written to a Markdown file and a
+    /// JSON file; resumes from the cache, so rerunning it only measures what is missing
+    Results {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Methods, in table order
+        #[arg(long, default_value = "fp,rtn,smoothquant,gptq,quarot,quarot-gptq")]
+        methods: String,
+        /// Bit settings of every quantized method
+        #[arg(long, default_value = "W4A16KV16,W4A4KV16,W4A4KV4")]
+        bits: String,
+        /// Zero-shot tasks: all, none, or a list
+        #[arg(long, default_value = "all")]
+        tasks: String,
+        #[command(flatten)]
+        measure: MeasureArgs,
+        /// Markdown table
+        #[arg(long, default_value = "RESULTS.md")]
+        md: PathBuf,
+        /// JSON rows [default: results/<model folder, lower case>.json]
         #[arg(long)]
-        fresh: bool,
+        json: Option<PathBuf>,
     },
     /// QSUR, eigen-spectra and channel maxima of every quantized input and weight, per layer,
     /// measured on the Wikipedia calibration half, before or after a method's transforms
     Inspect {
         #[command(flatten)]
         model: ModelArgs,
-        /// none (the original model) or quarot (its rotations; nothing is quantized)
+        /// none (the original model), smoothquant or quarot (their function-preserving
+        /// transforms; nothing is quantized)
         #[arg(long, default_value = "none")]
         method: String,
         /// Calibration windows of 512 tokens
@@ -132,6 +154,51 @@ struct ModelArgs {
     /// auto (a real GPU if there is one, else the CPU), gpu, cpu, or software (Vulkan on the CPU, for testing)
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+}
+
+/// How a (method, bits) is measured.
+#[derive(Args)]
+struct MeasureArgs {
+    /// Perplexity context length
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score only the first N perplexity windows (the same ones for every method)
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Items per zero-shot task, spread evenly over the task (the same for every method)
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Calibration windows of GPTQ and SmoothQuant (Wikipedia calibration half, seed 42)
+    #[arg(long, default_value_t = 16)]
+    calib_windows: usize,
+    /// Tokens per calibration window
+    #[arg(long, default_value_t = 512)]
+    calib_len: usize,
+    /// Recompute even when a cached result exists
+    #[arg(long)]
+    fresh: bool,
+}
+
+impl MeasureArgs {
+    fn settings(&self, tasks: &str) -> Result<Settings> {
+        let tasks = if tasks.eq_ignore_ascii_case("none") {
+            Vec::new()
+        } else {
+            parse_task_list(tasks).map_err(anyhow::Error::msg)?
+        };
+        if self.calib_windows == 0 || self.calib_len < 2 {
+            bail!("--calib-windows must be at least 1 and --calib-len at least 2");
+        }
+        Ok(Settings {
+            ctx: self.ctx,
+            windows: self.windows,
+            tasks,
+            limit: self.limit,
+            calib_windows: self.calib_windows,
+            calib_len: self.calib_len,
+            fresh: self.fresh,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -191,11 +258,33 @@ pub fn run() -> Result<()> {
             model,
             method,
             bits,
-            ctx,
-            windows,
+            tasks,
+            measure,
             json,
-            fresh,
-        } => eval(&model, method, bits, ctx, windows, json.as_deref(), fresh),
+        } => eval(
+            &model,
+            method,
+            bits,
+            &measure.settings(&tasks)?,
+            json.as_deref(),
+        ),
+        Command::Results {
+            model,
+            methods,
+            bits,
+            tasks,
+            measure,
+            md,
+            json,
+        } => crate::results::results(
+            model.model.as_deref(),
+            model.device,
+            &methods,
+            &bits,
+            &measure.settings(&tasks)?,
+            &md,
+            json.as_deref(),
+        ),
         Command::Inspect {
             model,
             method,
@@ -424,66 +513,73 @@ fn wiki_split() -> Result<wiki::WikiSplit> {
     Ok(wiki::split(&wiki::read_articles(&assets::wiki_dump())?))
 }
 
+/// A progress bar for a job made of stages; the callback names the stage.
+pub fn stage_bar() -> (ProgressBar, impl FnMut(&str, usize, usize)) {
+    let bar = progress_bar("");
+    let b = bar.clone();
+    (bar, move |what: &str, d, t| {
+        b.set_message(what.to_string());
+        progress(&b, d, t)
+    })
+}
+
+/// Open the lab on the model of `args`.
+pub fn open_lab(model: Option<&Path>, choice: DeviceChoice) -> Result<Lab> {
+    let bar = progress_bar("importing tensors");
+    let dir = assets::resolve_model(model, &mut |d, t| progress(&bar, d, t))?;
+    bar.finish_and_clear();
+    let dev = device::select(choice)?;
+    eprintln!("ostquant: {} on {dev}", dir.display());
+    Ok(Lab::open(&dir, dev)?)
+}
+
 fn eval(
     args: &ModelArgs,
     method: Method,
     bits: Bits,
-    ctx: usize,
-    windows: Option<usize>,
+    settings: &Settings,
     json: Option<&Path>,
-    fresh: bool,
 ) -> Result<()> {
-    let bar = progress_bar("importing tensors");
-    let dir = assets::resolve_model(args.model.as_deref(), &mut |d, t| progress(&bar, d, t))?;
+    let mut lab = open_lab(args.model.as_deref(), args.device)?;
+    let (bar, mut prog) = stage_bar();
+    let row = lab.evaluate(method, bits, settings, &mut prog)?;
     bar.finish_and_clear();
-    let task = format!("{}-ctx{ctx}", wiki::WIKI_NAME);
-    let key = cache_path(&dir, method.name(), &bits.to_string(), &task, windows);
-    let scores: TextScores = match cache_get(&key).filter(|_| !fresh) {
-        Some(s) => {
-            eprintln!("ostquant: cached result {}", key.display());
-            s
-        }
-        None => {
-            let dev = device::select(args.device)?;
-            eprintln!(
-                "ostquant: {} with {method} at {bits} on {dev}",
-                dir.display()
-            );
-            let weights = LlamaWeights::load(&dir)?;
-            let tok = Tokenizer::load(&dir, &weights.config)?;
-            let t0 = std::time::Instant::now();
-            let (qw, opts) = prepare(&weights, method, bits)?;
-            eprintln!("ostquant: prepared in {:.1} s", t0.elapsed().as_secs_f64());
-            let fp = Llama::new(&weights, &dev.device);
-            let mut q = Llama::new(&qw, &dev.device);
-            q.set_options(opts)?;
-            let wins = text_windows(&fp, &tok, &wiki_split()?.evaluation, ctx, windows)?;
-            let bar = progress_bar("scoring");
-            let reference = (method != Method::Fp).then_some(&fp);
-            let s = score_windows(&q, reference, &wins, &mut |d, t| progress(&bar, d, t))?;
-            bar.finish_and_clear();
-            eprintln!("ostquant: scored in {:.1} s", t0.elapsed().as_secs_f64());
-            cache_put(&key, &s)?;
-            s
-        }
-    };
+    let w = &row.wiki;
     println!(
-        "{method} {bits}: {} perplexity {:.3}, KL to FP {}, top-1 agreement {} ({} tokens, ctx {})",
+        "{method} {}: {} perplexity {:.3}, KL to FP {}, top-1 agreement {} ({} tokens, ctx {}, {:.0} s)",
+        row.bits,
         wiki::WIKI_NAME,
-        scores.ppl,
-        scores.kl.map_or("-".into(), |k| format!("{k:.4}")),
-        scores
-            .top1
-            .map_or("-".into(), |t| format!("{:.2}%", 100.0 * t)),
-        scores.tokens_scored,
-        scores.ctx
+        w.ppl,
+        w.kl.map_or("-".into(), |k| format!("{k:.4}")),
+        w.top1.map_or("-".into(), |t| format!("{:.2}%", 100.0 * t)),
+        w.tokens_scored,
+        w.ctx,
+        w.seconds
     );
+    for t in &row.zeroshot {
+        println!(
+            "  {:<15} acc {:>6.2}  acc_norm {:>6}{}  ({} items, {:.0} s)",
+            t.task.name(),
+            100.0 * t.acc,
+            t.acc_norm
+                .map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
+            t.ppl.map_or(String::new(), |p| format!("  ppl {p:.2}")),
+            t.items,
+            t.seconds
+        );
+    }
+    if let Some(avg) = row.zeroshot_avg() {
+        println!(
+            "  {:<15} {avg:.2} (acc_norm where a task has it, else acc)",
+            "average"
+        );
+    }
     if let Some(path) = json {
-        let v = serde_json::json!({"method": method.name(), "bits": bits.to_string(), "wiki_ppl": scores.ppl,
-            "ctx": scores.ctx, "kl_to_fp": scores.kl.unwrap_or(0.0), "top1_agree": scores.top1.unwrap_or(1.0),
-            "tokens": scores.tokens_scored, "windows": scores.windows});
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&row.to_json(settings.limit))?,
+        )
+        .with_context(|| format!("{}: cannot write", path.display()))?;
     }
     Ok(())
 }
@@ -501,11 +597,16 @@ fn inspect(args: &ModelArgs, method: &str, windows: usize, json: Option<&Path>) 
     eprintln!("ostquant: inspecting {} ({method}) on {dev}", dir.display());
     let weights = LlamaWeights::load(&dir)?;
     let tok = Tokenizer::load(&dir, &weights.config)?;
-    let (tw, opts) = prepare(&weights, m, Bits::FP)?;
+    let fp = Llama::new(&weights, &dev.device);
+    let wins = text_windows(&fp, &tok, &wiki_split()?.calibration, 512, Some(windows))?;
+    let calib = Calibration {
+        windows: &wins,
+        device: &dev.device,
+    };
+    let (tw, opts) = transform(&weights, m, &calib)?;
+    drop(fp);
     let mut model = Llama::new(&tw, &dev.device);
     model.set_options(opts)?;
-    let calib = wiki_split()?.calibration;
-    let wins = text_windows(&model, &tok, &calib, 512, Some(windows))?;
     let bar = progress_bar("inspecting");
     let ins =
         ostquant_core::analysis::inspect::inspect(&model, &tw, method, &wins, &mut |d, t| {

@@ -1,6 +1,7 @@
 //! `ostquant`: the command-line face of the engine in `ostquant-core`.
 
 mod cli;
+mod results;
 
 use std::process::ExitCode;
 

@@ -240,3 +240,60 @@ fn eval_scores_a_method_and_caches_the_result() {
         ostquant_core::eval::cache_path(&dir, "quarot", "W4A4KV4", "wiki-2016-ctx64", Some(2));
     std::fs::remove_file(key).unwrap();
 }
+
+#[test]
+fn eval_runs_gptq_and_zero_shot_tasks_on_a_tiny_model() {
+    let (_dir, model, _) = model_and_text("unused.txt", b"x");
+    let json = model.with_file_name("row.json");
+    let out = ostquant(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--method",
+        "gptq",
+        "--bits",
+        "W4A4KV4",
+        "--tasks",
+        "piqa,lambada",
+        "--limit",
+        "3",
+        "--windows",
+        "1",
+        "--ctx",
+        "64",
+        "--calib-windows",
+        "2",
+        "--calib-len",
+        "32",
+        "--fresh",
+        "--json",
+        s(&json),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("gptq W4A4KV4"), "{stdout}");
+    assert!(
+        stdout.contains("piqa") && stdout.contains("lambada_openai"),
+        "{stdout}"
+    );
+    let row: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(row["method"], "gptq");
+    assert_eq!(row["bits"], "W4A4KV4");
+    assert_eq!(row["limit"], 3);
+    let piqa = row["zeroshot"]["piqa"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&piqa), "{row}");
+    assert!(row["kl_to_fp"].as_f64().unwrap() > 0.0, "{row}");
+}
+
+#[test]
+fn eval_names_an_unknown_task() {
+    let (_dir, model, _) = model_and_text("unused.txt", b"x");
+    let err = fails(&["eval", "--model", s(&model), "--tasks", "piqa,nope"]);
+    assert!(err.contains("unknown task 'nope'"), "{err}");
+}

@@ -1,5 +1,7 @@
 //! Accuracy measurements, and the cache that lets an interrupted results table resume.
 pub mod perplexity;
+pub mod suite;
+pub mod zeroshot;
 
 use std::path::{Path, PathBuf};
 

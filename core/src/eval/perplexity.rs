@@ -22,6 +22,9 @@ pub struct TextScores {
     pub tokens_scored: usize,
     pub windows: usize,
     pub ctx: usize,
+    /// Wall time of the measurement (0 in results cached before it was recorded).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Rows of the output projection computed at once (bounds the [rows, vocab] logits buffer).
@@ -36,6 +39,34 @@ pub fn windows(ids: &[u32], ctx: usize, bos: Option<u32>) -> Vec<Vec<u32>> {
             .collect(),
         None => ids.chunks_exact(ctx).map(<[u32]>::to_vec).collect(),
     }
+}
+
+/// `n` windows of `len` tokens (BOS first when given) starting at random offsets of `ids`
+/// (seeded): the calibration sets of GPTQ and SmoothQuant, as the papers draw them.
+pub fn random_windows(
+    ids: &[u32],
+    n: usize,
+    len: usize,
+    bos: Option<u32>,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    use rand::{Rng, SeedableRng};
+    let body = len - bos.is_some() as usize;
+    if ids.len() <= body {
+        return Err(Error::other(format!(
+            "the calibration text has {} tokens, fewer than one window of {len}",
+            ids.len()
+        )));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Ok((0..n)
+        .map(|_| {
+            let start = rng.random_range(0..ids.len() - body);
+            bos.into_iter()
+                .chain(ids[start..start + body].iter().copied())
+                .collect()
+        })
+        .collect())
 }
 
 /// Tokenize `text` and cut it into at most `max_windows` windows of `ctx` tokens.
@@ -93,6 +124,7 @@ pub fn score_windows(
     windows: &[Vec<u32>],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TextScores> {
+    let t0 = std::time::Instant::now();
     let mut acc = Sums::default();
     for (i, w) in windows.iter().enumerate() {
         window_scores(model, reference, w, &mut acc)?;
@@ -113,6 +145,7 @@ pub fn score_windows(
         tokens_scored: acc.count,
         windows: windows.len(),
         ctx: windows[0].len(),
+        seconds: t0.elapsed().as_secs_f64(),
     })
 }
 

@@ -6,7 +6,7 @@
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::checkpoint::{HostTensor, LlamaWeights};
+use super::checkpoint::{HostTensor, LayerWeights, LlamaWeights};
 use super::config::LlamaConfig;
 use crate::error::Result;
 use crate::quant::quantizer::{QuantSpec, fake_quant_tensor};
@@ -108,6 +108,22 @@ struct Layer {
     w_down_t: Tensor<2>,
 }
 
+impl Layer {
+    fn upload(l: &LayerWeights, device: &Device) -> Self {
+        Layer {
+            attn_norm: upload(&l.attn_norm, device),
+            wq_t: upload_t(&l.wq, device),
+            wk_t: upload_t(&l.wk, device),
+            wv_t: upload_t(&l.wv, device),
+            wo_t: upload_t(&l.wo, device),
+            ffn_norm: upload(&l.ffn_norm, device),
+            w_gate_t: upload_t(&l.w_gate, device),
+            w_up_t: upload_t(&l.w_up, device),
+            w_down_t: upload_t(&l.w_down, device),
+        }
+    }
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
     device: Device,
@@ -139,25 +155,24 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// This one-row cache repeated for `b` rows, so that several continuations share one
+    /// computed prefix.
+    pub fn repeat_batch(&self, b: usize) -> KvCache {
+        let rep = |x: &Tensor<4>| x.clone().repeat_dim(0, b);
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (rep(k), rep(v))))
+                .collect(),
+            len: self.len,
+        }
+    }
 }
 
 impl Llama {
     pub fn new(w: &LlamaWeights, device: &Device) -> Self {
-        let layers = w
-            .layers
-            .iter()
-            .map(|l| Layer {
-                attn_norm: upload(&l.attn_norm, device),
-                wq_t: upload_t(&l.wq, device),
-                wk_t: upload_t(&l.wk, device),
-                wv_t: upload_t(&l.wv, device),
-                wo_t: upload_t(&l.wo, device),
-                ffn_norm: upload(&l.ffn_norm, device),
-                w_gate_t: upload_t(&l.w_gate, device),
-                w_up_t: upload_t(&l.w_up, device),
-                w_down_t: upload_t(&l.w_down, device),
-            })
-            .collect();
+        let layers = w.layers.iter().map(|l| Layer::upload(l, device)).collect();
         Llama {
             config: w.config.clone(),
             device: device.clone(),
@@ -223,7 +238,19 @@ impl Llama {
         cache: &mut KvCache,
         tap: &mut Tap,
     ) -> Tensor<3> {
-        let c = &self.config;
+        let t = tokens[0].len();
+        let mut x = self.embed(tokens);
+        let start = cache.len;
+        let pos = self.positions(start, t);
+        for (i, kv) in cache.layers.iter_mut().enumerate() {
+            x = self.run_block(i, x, kv, &pos, tap);
+        }
+        cache.len += t;
+        self.final_norm(x)
+    }
+
+    /// Token embeddings [B, T, d] (every row of `tokens` must have the same length).
+    pub fn embed(&self, tokens: &[Vec<u32>]) -> Tensor<3> {
         let (b, t) = (tokens.len(), tokens[0].len());
         assert!(
             tokens.iter().all(|r| r.len() == t),
@@ -231,32 +258,56 @@ impl Llama {
         );
         let ids: Vec<i64> = tokens.iter().flatten().map(|&i| i as i64).collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * t]), &self.device);
-        let mut x = self
-            .embed
+        self.embed
             .clone()
             .select(0, ids)
-            .reshape([b, t, c.hidden_size]);
+            .reshape([b, t, self.config.hidden_size])
+    }
 
-        let start = cache.len;
+    /// Decoder block `i` alone on residual states [B, T, d] at positions 0..T, without a
+    /// cache: layer-wise calibration (GPTQ) runs the model one block at a time.
+    pub fn block(&self, i: usize, x: Tensor<3>, tap: &mut Tap) -> Tensor<3> {
+        let t = x.dims()[1];
+        let pos = self.positions(0, t);
+        self.run_block(i, x, &mut None, &pos, tap)
+    }
+
+    /// Replace block `i`'s weights (after quantizing them, say).
+    pub fn set_layer(&mut self, i: usize, w: &LayerWeights) {
+        self.layers[i] = Layer::upload(w, &self.device);
+    }
+
+    /// The final norm of residual states [B, T, d].
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    fn positions(&self, start: usize, t: usize) -> Positions {
         let (cos, sin) = self.rope_tables(start, t);
-        let pos = Positions {
+        Positions {
             cos,
             sin,
             mask: (t > 1).then(|| causal_mask(t, start, &self.device)),
-        };
-        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let mut tap = |site: Site, x: &Tensor<3>| {
-                let [b, t, n] = x.dims();
-                tap(i, site, x.clone().reshape([b * t, n]));
-            };
-            let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_norm_eps);
-            let a = self.attention(layer, h, kv, &pos, &mut tap);
-            x = x + a;
-            let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_norm_eps);
-            x = x + self.mlp(layer, h, &mut tap);
         }
-        cache.len += t;
-        rms_norm(x, &self.norm, c.rms_norm_eps)
+    }
+
+    fn run_block(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        kv: &mut Option<(Tensor<4>, Tensor<4>)>,
+        pos: &Positions,
+        tap: &mut Tap,
+    ) -> Tensor<3> {
+        let (layer, eps) = (&self.layers[i], self.config.rms_norm_eps);
+        let mut tap = |site: Site, x: &Tensor<3>| {
+            let [b, t, n] = x.dims();
+            tap(i, site, x.clone().reshape([b * t, n]));
+        };
+        let h = rms_norm(x.clone(), &layer.attn_norm, eps);
+        let x = x + self.attention(layer, h, kv, pos, &mut tap);
+        let h = rms_norm(x.clone(), &layer.ffn_norm, eps);
+        x + self.mlp(layer, h, &mut tap)
     }
 
     /// Vocabulary logits [B, T, V] of hidden states [B, T, d].

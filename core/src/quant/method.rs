@@ -6,10 +6,14 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use burn::tensor::Device;
+
 use crate::error::Result;
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
-use crate::model::llama::ForwardOptions;
+use crate::model::llama::{ForwardOptions, Llama};
+use crate::quant::gptq::gptq_model;
 use crate::quant::quantizer::{QuantSpec, fake_quant_matrix};
+use crate::quant::smoothquant;
 use crate::transform::fuse::{fold_norms, fuse_down_hadamard, rotate_residual, rotate_value_heads};
 use crate::transform::hadamard::{Hadamard, random_hadamard};
 
@@ -65,25 +69,56 @@ impl FromStr for Bits {
 
 /// The methods the lab compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Full precision: nothing is quantized, whatever the bits say.
+    #[serde(rename = "fp")]
     Fp,
     /// Round-to-nearest with per-channel MSE-searched weight scales.
+    #[serde(rename = "rtn")]
     Rtn,
+    /// SmoothQuant: activation outliers migrated into the weights (α = 0.5); RTN weights.
+    #[serde(rename = "smoothquant")]
+    SmoothQuant,
+    /// GPTQ weights (error feedback through the input Hessian), no transform.
+    #[serde(rename = "gptq")]
+    Gptq,
     /// QuaRot: random Hadamard residual rotation, Hadamard value heads, online Hadamards on the
     /// down_proj input and on Q/K; RTN weights.
+    #[serde(rename = "quarot")]
     Quarot,
+    /// QuaRot's rotations with GPTQ weights (the QuaRot paper's main setting).
+    #[serde(rename = "quarot-gptq")]
+    QuarotGptq,
 }
 
 impl Method {
-    pub const ALL: [Method; 3] = [Method::Fp, Method::Rtn, Method::Quarot];
+    pub const ALL: [Method; 6] = [
+        Method::Fp,
+        Method::Rtn,
+        Method::SmoothQuant,
+        Method::Gptq,
+        Method::Quarot,
+        Method::QuarotGptq,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Method::Fp => "fp",
             Method::Rtn => "rtn",
+            Method::SmoothQuant => "smoothquant",
+            Method::Gptq => "gptq",
             Method::Quarot => "quarot",
+            Method::QuarotGptq => "quarot-gptq",
         }
+    }
+    /// Whether the method runs the model on calibration text.
+    pub fn needs_calibration(self) -> bool {
+        matches!(
+            self,
+            Method::SmoothQuant | Method::Gptq | Method::QuarotGptq
+        )
+    }
+    fn uses_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::QuarotGptq)
     }
 }
 
@@ -109,29 +144,81 @@ impl FromStr for Method {
 /// The seed of QuaRot's random Hadamard rotation.
 pub const QUAROT_SEED: u64 = 0;
 
+/// Calibration text (windows of the Wikipedia calibration half, never the evaluation half)
+/// and the device that runs it, for the methods that need them.
+pub struct Calibration<'a> {
+    pub windows: &'a [Vec<u32>],
+    pub device: &'a Device,
+}
+
 /// Apply `method` at `bits` to full-precision weights: the edited weights (fake-quantized where
 /// weights are quantized) and the forward options that go with them.
 pub fn prepare(
     w: &LlamaWeights,
     method: Method,
     bits: Bits,
+    calib: &Calibration,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(LlamaWeights, ForwardOptions)> {
+    let (tw, online) = transform(w, method, calib)?;
+    let qw = quantize_weights(tw, &online, method, bits.w, calib, progress)?;
+    Ok((qw, with_bits(online, method, bits)))
+}
+
+/// The method's function-preserving transforms, nothing quantized: the transformed weights and
+/// the online Hadamards they were fused for.
+pub fn transform(
+    w: &LlamaWeights,
+    method: Method,
+    calib: &Calibration,
 ) -> Result<(LlamaWeights, ForwardOptions)> {
     let mut w = w.clone();
-    let mut opts = ForwardOptions::default();
+    let mut online = ForwardOptions::default();
+    match method {
+        Method::Fp | Method::Rtn | Method::Gptq => {}
+        Method::SmoothQuant => {
+            let model = Llama::new(&w, calib.device);
+            let maxes = smoothquant::calibrate(&model, calib.windows)?;
+            smoothquant::smooth(&mut w, &maxes, smoothquant::ALPHA);
+        }
+        Method::Quarot | Method::QuarotGptq => {
+            let c = w.config.clone();
+            fold_norms(&mut w);
+            rotate_residual(&mut w, &random_hadamard(c.hidden_size, QUAROT_SEED)?);
+            rotate_value_heads(&mut w, &Hadamard::new(c.head_dim())?.matrix());
+            fuse_down_hadamard(&mut w, &Hadamard::new(c.intermediate_size)?);
+            online.down_hadamard = true;
+            online.qk_hadamard = true;
+        }
+    }
+    Ok((w, online))
+}
+
+/// Quantize the linear weights of transformed weights `w` at `wbits` with the method's weight
+/// quantizer (GPTQ or RTN); 16 bits (or the FP method) leaves them as they are.
+pub fn quantize_weights(
+    mut w: LlamaWeights,
+    online: &ForwardOptions,
+    method: Method,
+    wbits: u32,
+    calib: &Calibration,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LlamaWeights> {
+    if method == Method::Fp || wbits >= 16 {
+        return Ok(w);
+    }
+    if method.uses_gptq() {
+        return gptq_model(&w, online, calib.windows, wbits, calib.device, progress);
+    }
+    quantize_weights_rtn(&mut w, wbits);
+    Ok(w)
+}
+
+/// Online transforms plus the activation and KV quantizers of `bits`.
+pub fn with_bits(online: ForwardOptions, method: Method, bits: Bits) -> ForwardOptions {
+    let mut opts = online;
     if method == Method::Fp {
-        return Ok((w, opts));
-    }
-    if method == Method::Quarot {
-        let c = w.config.clone();
-        fold_norms(&mut w);
-        rotate_residual(&mut w, &random_hadamard(c.hidden_size, QUAROT_SEED)?);
-        rotate_value_heads(&mut w, &Hadamard::new(c.head_dim())?.matrix());
-        fuse_down_hadamard(&mut w, &Hadamard::new(c.intermediate_size)?);
-        opts.down_hadamard = true;
-        opts.qk_hadamard = true;
-    }
-    if bits.w < 16 {
-        quantize_weights_rtn(&mut w, bits.w);
+        return opts;
     }
     if bits.a < 16 {
         opts.act = Some(QuantSpec::asym(bits.a));
@@ -139,7 +226,7 @@ pub fn prepare(
     if bits.kv < 16 {
         opts.kv = Some(QuantSpec::asym(bits.kv));
     }
-    Ok((w, opts))
+    opts
 }
 
 /// Fake-quantize every linear weight (not embeddings, norms or lm_head) per output channel,

