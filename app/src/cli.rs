@@ -544,6 +544,9 @@ fn eval(
     let (bar, mut prog) = stage_bar();
     let row = lab.evaluate(method, bits, settings, &mut prog)?;
     bar.finish_and_clear();
+    if row.from_cache {
+        eprintln!("ostquant: cached result (--fresh measures again)");
+    }
     let w = &row.wiki;
     println!(
         "{method} {}: {} perplexity {:.3}, KL to FP {}, top-1 agreement {} ({} tokens, ctx {}, {:.0} s)",

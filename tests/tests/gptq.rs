@@ -161,7 +161,7 @@ fn layerwise_gptq_is_closer_to_fp_than_rtn_on_a_tiny_model() {
     let test: Vec<u32> = (0..24).map(|_| rng.random_range(0..64)).collect();
     let logits = |w: &_| {
         let m = Llama::new(w, &dev);
-        m.forward(&[test.clone()], &mut m.new_cache())
+        m.forward(std::slice::from_ref(&test), &mut m.new_cache())
             .into_data()
             .try_to_vec::<f32>()
             .unwrap()

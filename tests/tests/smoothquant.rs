@@ -60,8 +60,8 @@ fn smoothing_preserves_logits_and_flattens_activations() {
     for (l, (b0, b1)) in before.iter().zip(&after).enumerate() {
         let lw = &w0.layers[l];
         let s = scales(&b0.qkv_in, &[&lw.wq, &lw.wk, &lw.wv], 0.5);
-        for j in 0..s.len() {
-            let want = b0.qkv_in[j] as f64 / s[j];
+        for (j, sj) in s.iter().enumerate() {
+            let want = b0.qkv_in[j] as f64 / sj;
             let got = b1.qkv_in[j] as f64;
             assert!(
                 (got - want).abs() <= 1e-3 * want.abs().max(1e-3),

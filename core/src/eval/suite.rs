@@ -63,6 +63,9 @@ pub struct RowResult {
     pub wiki: TextScores,
     pub zeroshot: Vec<TaskScores>,
     pub device: String,
+    /// Whether every measurement came from the cache.
+    #[serde(skip)]
+    pub from_cache: bool,
 }
 
 impl RowResult {
@@ -101,6 +104,9 @@ fn cached<T: serde::de::DeserializeOwned>(path: &Path, fresh: bool) -> Option<T>
     if fresh { None } else { cache_get(path) }
 }
 
+/// Number and length of calibration windows.
+type CalibSize = (usize, usize);
+
 /// A model opened for evaluation: its FP weights and model, the text, the tasks loaded so far.
 pub struct Lab {
     dir: PathBuf,
@@ -109,7 +115,8 @@ pub struct Lab {
     device: ComputeDevice,
     fp: Llama,
     wiki: WikiSplit,
-    calib: Option<((usize, usize), Vec<Vec<u32>>)>,
+    /// Calibration windows, by (count, length).
+    calib: Option<(CalibSize, Vec<Vec<u32>>)>,
     prepared: Option<((Method, u32, String), LlamaWeights, ForwardOptions)>,
     tasks: HashMap<TaskName, Task>,
 }
@@ -175,7 +182,8 @@ impl Lab {
         let mut task_scores: Vec<Option<TaskScores>> =
             task_keys.iter().map(|k| cached(k, fresh)).collect();
 
-        if wiki_scores.is_none() || task_scores.iter().any(Option::is_none) {
+        let from_cache = wiki_scores.is_some() && task_scores.iter().all(Option::is_some);
+        if !from_cache {
             let q = self.quantized_model(method, bits, s, progress)?;
             let model = q.as_ref().unwrap_or(&self.fp);
             let reference = q.as_ref().map(|_| &self.fp);
@@ -213,6 +221,7 @@ impl Lab {
                 .map(|t| t.expect("measured above"))
                 .collect(),
             device: self.device.description.clone(),
+            from_cache,
         })
     }
 
