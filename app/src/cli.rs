@@ -174,6 +174,12 @@ struct MeasureArgs {
     /// Tokens per calibration window
     #[arg(long, default_value_t = 512)]
     calib_len: usize,
+    /// Quantize weights in groups of N input columns instead of per output channel
+    #[arg(long)]
+    w_group: Option<usize>,
+    /// Asymmetric weights (a zero point per channel or group) instead of symmetric
+    #[arg(long)]
+    w_asym: bool,
     /// Recompute even when a cached result exists
     #[arg(long)]
     fresh: bool,
@@ -196,6 +202,8 @@ impl MeasureArgs {
             limit: self.limit,
             calib_windows: self.calib_windows,
             calib_len: self.calib_len,
+            w_group: self.w_group,
+            w_asym: self.w_asym,
             fresh: self.fresh,
         })
     }

@@ -117,10 +117,16 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings) -> String {
     );
     let _ = writeln!(
         out,
-        "- Weights per output channel, symmetric, MSE-searched clipping; activations per token, asymmetric \
+        "- Weights {}, {}, MSE-searched clipping; activations per token, asymmetric \
          (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
          random windows of {} tokens of the Wikipedia calibration half (seed 42). Time: seconds to measure the row.\n",
-        s.calib_windows, s.calib_len
+        s.w_group
+            .map_or("per output channel".to_string(), |g| format!(
+                "in groups of {g} input columns"
+            )),
+        if s.w_asym { "asymmetric" } else { "symmetric" },
+        s.calib_windows,
+        s.calib_len
     );
     let _ = write!(out, "| method | bits | wiki ppl | KL to FP | top-1 |");
     for t in &s.tasks {

@@ -297,3 +297,23 @@ fn eval_names_an_unknown_task() {
     let err = fails(&["eval", "--model", s(&model), "--tasks", "piqa,nope"]);
     assert!(err.contains("unknown task 'nope'"), "{err}");
 }
+
+#[test]
+fn eval_rejects_a_weight_group_that_does_not_divide_the_layers() {
+    let (_dir, model, _) = model_and_text("unused.txt", b"x");
+    let err = fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--windows",
+        "1",
+        "--ctx",
+        "64",
+        "--w-group",
+        "7",
+        "--fresh",
+    ]);
+    assert!(err.contains("weight group 7 does not divide"), "{err}");
+}

@@ -172,16 +172,72 @@ fn layerwise_gptq_is_closer_to_fp_than_rtn_on_a_tiny_model() {
         &w,
         &ForwardOptions::default(),
         &windows,
-        3,
+        &QuantSpec::sym(3),
         &dev,
         &mut |_, _| {},
     )
     .unwrap();
     let mut r = w.clone();
-    quantize_weights_rtn(&mut r, 3);
+    quantize_weights_rtn(&mut r, &QuantSpec::sym(3));
     let (e_g, e_r) = (mse(&logits(&g)), mse(&logits(&r)));
     assert!(
         e_g > 0.0 && e_g < e_r,
         "GPTQ logit error {e_g} vs RTN {e_r}"
+    );
+}
+
+#[test]
+fn grouped_and_asymmetric_gptq_use_at_most_2_to_the_bits_levels_per_group() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let (n, out, group) = (32, 4, 8);
+    let x = correlated_inputs(&mut rng, 128, n);
+    let w = randn(&mut rng, out * n);
+    let h = hessian(&x, n);
+    for spec in [
+        QuantSpec::sym(3).with_group(group),
+        QuantSpec::asym(3).with_group(group),
+    ] {
+        let mut g = HostTensor {
+            shape: vec![out, n],
+            data: w.clone(),
+        };
+        gptq_quantize(&mut g, &h, &spec).unwrap();
+        for chunk in g.data.chunks_exact(group) {
+            let mut levels: Vec<f32> = chunk.to_vec();
+            levels.sort_by(f32::total_cmp);
+            levels.dedup_by(|a, b| (*a - *b).abs() < 1e-6);
+            assert!(
+                levels.len() <= 8,
+                "{} levels in a 3-bit group",
+                levels.len()
+            );
+        }
+        // Groups fit the data better than one scale per row.
+        let mut per_row = HostTensor {
+            shape: vec![out, n],
+            data: w.clone(),
+        };
+        let row_spec = QuantSpec {
+            group: None,
+            ..spec
+        };
+        gptq_quantize(&mut per_row, &h, &row_spec).unwrap();
+        assert!(
+            output_error(&x, &w, &g.data, n) < output_error(&x, &w, &per_row.data, n),
+            "{spec:?}"
+        );
+    }
+    let bad = gptq_quantize(
+        &mut HostTensor {
+            shape: vec![out, n],
+            data: w,
+        },
+        &h,
+        &QuantSpec::sym(4).with_group(7),
+    );
+    assert!(
+        bad.unwrap_err()
+            .to_string()
+            .contains("group 7 does not divide 32")
     );
 }

@@ -19,7 +19,9 @@ use crate::error::Result;
 use crate::model::checkpoint::LlamaWeights;
 use crate::model::llama::{ForwardOptions, Llama};
 use crate::model::tokenizer::Tokenizer;
-use crate::quant::method::{Bits, Calibration, Method, quantize_weights, transform, with_bits};
+use crate::quant::method::{
+    Bits, Calibration, Method, quantize_weights, transform, weight_spec, with_bits,
+};
 
 /// Seed of the calibration windows (the papers' seed).
 pub const CALIB_SEED: u64 = 42;
@@ -37,6 +39,10 @@ pub struct Settings {
     /// Calibration windows and their length (GPTQ, SmoothQuant).
     pub calib_windows: usize,
     pub calib_len: usize,
+    /// Weight quantization groups of this many input columns (None: per output channel).
+    pub w_group: Option<usize>,
+    /// Asymmetric weights (zero point) instead of symmetric.
+    pub w_asym: bool,
     /// Recompute even what is cached.
     pub fresh: bool,
 }
@@ -50,6 +56,8 @@ impl Default for Settings {
             limit: None,
             calib_windows: 16,
             calib_len: 512,
+            w_group: None,
+            w_asym: false,
             fresh: false,
         }
     }
@@ -155,13 +163,22 @@ impl Lab {
         &self.device
     }
 
-    /// The cache key of a method: calibrated methods carry their calibration size.
+    /// The cache key of a method: calibrated methods carry their calibration size, and
+    /// weight groups or asymmetric weights are named.
     fn method_key(method: Method, s: &Settings) -> String {
+        let mut key = method.name().to_string();
         if method.needs_calibration() {
-            format!("{}-calib{}x{}", method.name(), s.calib_windows, s.calib_len)
-        } else {
-            method.name().to_string()
+            key += &format!("-calib{}x{}", s.calib_windows, s.calib_len);
         }
+        if method != Method::Fp {
+            if let Some(g) = s.w_group {
+                key += &format!("-g{g}");
+            }
+            if s.w_asym {
+                key += "-wasym";
+            }
+        }
+        key
     }
 
     /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can.
@@ -246,7 +263,8 @@ impl Lab {
             };
             progress("preparing", 0, 1);
             let (tw, online) = transform(&self.weights, method, &calib)?;
-            let qw = quantize_weights(tw, &online, method, bits.w, &calib, &mut |d, t| {
+            let spec = weight_spec(bits.w, s.w_group, s.w_asym);
+            let qw = quantize_weights(tw, &online, method, spec.as_ref(), &calib, &mut |d, t| {
                 progress("quantizing weights", d, t)
             })?;
             self.prepared = Some((want, qw, online));

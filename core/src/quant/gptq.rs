@@ -1,9 +1,10 @@
 //! GPTQ (Frantar et al., 2022): quantize a linear layer one input column at a time and push
 //! each column's rounding error onto the columns not yet quantized, weighted by the inverse
 //! Hessian of the layer's inputs, H = Σ xᵀx. Settings of SPEC §6: damping 1% of the mean
-//! diagonal, no act-order, no groups, per-channel symmetric scales from the MSE clip search
-//! (error power 2.4), layers quantized in order and each block's outputs recomputed with its
-//! quantized weights before the next block sees them.
+//! diagonal, no act-order, per-channel symmetric scales from the MSE clip search (error power
+//! 2.4), layers quantized in order and each block's outputs recomputed with its quantized
+//! weights before the next block sees them. With groups, each group's scale is searched when
+//! the loop reaches it, on the weights as the earlier columns' errors left them.
 //!
 //! Output rows are independent given H⁻¹, so each row runs the column loop on its own (in
 //! parallel); this is the same arithmetic as the reference's blocked "lazy batch" update, which
@@ -103,6 +104,12 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
             *d = true;
         }
     }
+    let group = spec.group.unwrap_or(n);
+    if group == 0 || !n.is_multiple_of(group) {
+        return Err(Error::other(format!(
+            "GPTQ: group {group} does not divide {n} input columns"
+        )));
+    }
     let mean_diag = (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
     let u = inverse_cholesky_upper(&hm, n, DAMP * mean_diag)?;
     w.data.par_chunks_mut(n).for_each(|row| {
@@ -111,9 +118,13 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
                 *x = 0.0;
             }
         }
-        let (s, z) = search_params(row, spec, Some(CLIP_POWER));
         let mut r: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        let (mut s, mut z) = (1.0, 0.0);
         for i in 0..n {
+            if i % group == 0 {
+                let g: Vec<f32> = r[i..i + group].iter().map(|&x| x as f32).collect();
+                (s, z) = search_params(&g, spec, Some(CLIP_POWER));
+            }
             let q = fake_quant_value(r[i] as f32, spec, s, z) as f64;
             let err = (r[i] - q) / u[i * n + i];
             r[i] = q;
@@ -130,21 +141,20 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
 }
 
 /// Quantize every linear weight of `w` (already transformed for the online Hadamards in
-/// `online`) with GPTQ at `bits`, block by block, sequentially within a block:
+/// `online`) with GPTQ and `spec`, block by block, sequentially within a block:
 /// {k, v, q} → o → {up, gate} → down. Hessians come from un-quantized activations of
 /// `windows`; each block's outputs are recomputed with its quantized weights.
 pub fn gptq_model(
     w: &LlamaWeights,
     online: &ForwardOptions,
     windows: &[Vec<u32>],
-    bits: u32,
+    spec: &QuantSpec,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LlamaWeights> {
     if windows.is_empty() {
         return Err(Error::other("GPTQ needs at least one calibration window"));
     }
-    let spec = QuantSpec::sym(bits);
     let mut out = w.clone();
     let mut model = Llama::new(w, device);
     model.set_options(ForwardOptions {
@@ -183,7 +193,7 @@ pub fn gptq_model(
                 Site::DownIn => vec![("down", &mut lw.w_down)],
             };
             for (name, m) in mats {
-                gptq_quantize(m, &h, &spec)
+                gptq_quantize(m, &h, spec)
                     .map_err(|e| Error::other(format!("layer {l} {name}_proj: {e}")))?;
             }
             model.set_layer(l, &out.layers[l]);

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use burn::tensor::Device;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
+use crate::model::config::LlamaConfig;
 use crate::model::llama::{ForwardOptions, Llama};
 use crate::quant::gptq::gptq_model;
 use crate::quant::quantizer::{QuantSpec, fake_quant_matrix};
@@ -151,20 +152,6 @@ pub struct Calibration<'a> {
     pub device: &'a Device,
 }
 
-/// Apply `method` at `bits` to full-precision weights: the edited weights (fake-quantized where
-/// weights are quantized) and the forward options that go with them.
-pub fn prepare(
-    w: &LlamaWeights,
-    method: Method,
-    bits: Bits,
-    calib: &Calibration,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<(LlamaWeights, ForwardOptions)> {
-    let (tw, online) = transform(w, method, calib)?;
-    let qw = quantize_weights(tw, &online, method, bits.w, calib, progress)?;
-    Ok((qw, with_bits(online, method, bits)))
-}
-
 /// The method's function-preserving transforms, nothing quantized: the transformed weights and
 /// the online Hadamards they were fused for.
 pub fn transform(
@@ -194,23 +181,54 @@ pub fn transform(
     Ok((w, online))
 }
 
-/// Quantize the linear weights of transformed weights `w` at `wbits` with the method's weight
-/// quantizer (GPTQ or RTN); 16 bits (or the FP method) leaves them as they are.
+/// The weight quantizer at `bits`: per output channel (or per `group` input columns),
+/// symmetric unless `asym`; None at 16 bits.
+pub fn weight_spec(bits: u32, group: Option<usize>, asym: bool) -> Option<QuantSpec> {
+    if bits >= 16 {
+        return None;
+    }
+    let spec = if asym {
+        QuantSpec::asym(bits)
+    } else {
+        QuantSpec::sym(bits)
+    };
+    Some(match group {
+        Some(g) => spec.with_group(g),
+        None => spec,
+    })
+}
+
+/// Check that a weight group divides every linear layer's input width.
+pub fn check_weight_group(config: &LlamaConfig, group: Option<usize>) -> Result<()> {
+    let Some(g) = group else { return Ok(()) };
+    for n in [config.hidden_size, config.intermediate_size] {
+        if g == 0 || !n.is_multiple_of(g) {
+            return Err(Error::other(format!(
+                "weight group {g} does not divide the layer width {n}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Quantize the linear weights of transformed weights `w` with `spec` and the method's weight
+/// quantizer (GPTQ or RTN); no spec (16 bits) or the FP method leaves them as they are.
 pub fn quantize_weights(
     mut w: LlamaWeights,
     online: &ForwardOptions,
     method: Method,
-    wbits: u32,
+    spec: Option<&QuantSpec>,
     calib: &Calibration,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LlamaWeights> {
-    if method == Method::Fp || wbits >= 16 {
+    let Some(spec) = spec.filter(|_| method != Method::Fp) else {
         return Ok(w);
-    }
+    };
+    check_weight_group(&w.config, spec.group)?;
     if method.uses_gptq() {
-        return gptq_model(&w, online, calib.windows, wbits, calib.device, progress);
+        return gptq_model(&w, online, calib.windows, spec, calib.device, progress);
     }
-    quantize_weights_rtn(&mut w, wbits);
+    quantize_weights_rtn(&mut w, spec);
     Ok(w)
 }
 
@@ -229,10 +247,9 @@ pub fn with_bits(online: ForwardOptions, method: Method, bits: Bits) -> ForwardO
     opts
 }
 
-/// Fake-quantize every linear weight (not embeddings, norms or lm_head) per output channel,
-/// symmetric, with the MSE clip search (error power 2.4, as GPTQ's scale search).
-pub fn quantize_weights_rtn(w: &mut LlamaWeights, bits: u32) {
-    let spec = QuantSpec::sym(bits);
+/// Fake-quantize every linear weight (not embeddings, norms or lm_head) with `spec` (groups
+/// along each output row) and the MSE clip search (error power 2.4, as GPTQ's scale search).
+pub fn quantize_weights_rtn(w: &mut LlamaWeights, spec: &QuantSpec) {
     for l in &mut w.layers {
         for m in [
             &mut l.wq,
@@ -243,7 +260,7 @@ pub fn quantize_weights_rtn(w: &mut LlamaWeights, bits: u32) {
             &mut l.w_up,
             &mut l.w_down,
         ] {
-            quantize_rows(m, &spec);
+            quantize_rows(m, spec);
         }
     }
 }
