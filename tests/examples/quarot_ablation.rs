@@ -24,7 +24,7 @@ fn main() {
     let text = wiki::split(&wiki::read_articles(&assets::wiki_dump()).unwrap()).evaluation;
     let wins = text_windows(&fp, &tok, &text, 512, Some(8)).unwrap();
     let c = w.config.clone();
-    let mut run = |name: &str, mut q: LlamaWeights, opts: ForwardOptions| {
+    let run = |name: &str, mut q: LlamaWeights, opts: ForwardOptions| {
         quantize_weights_rtn(&mut q, &QuantSpec::sym(4));
         let mut m = Llama::new(&q, &dev);
         m.set_options(opts).unwrap();
