@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ostquant_core::assets;
+use ostquant_core::calib::{Event, Init, Loss, Preset, Settings as CalibSettings};
 use ostquant_core::data::tasks::parse_task_list;
 use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
@@ -20,9 +21,10 @@ use ostquant_core::model::LoadedModel;
 use ostquant_core::model::checkpoint::LlamaWeights;
 use ostquant_core::model::import::import_gguf;
 use ostquant_core::model::llama::Llama;
+use ostquant_core::model::qformat::{self, Header};
 use ostquant_core::model::tokenizer::ChatMessage;
 use ostquant_core::model::tokenizer::Tokenizer;
-use ostquant_core::quant::method::{Bits, Calibration, Method, transform};
+use ostquant_core::quant::method::{Bits, Calibration, Method, transform, weight_spec, with_bits};
 
 #[derive(Parser)]
 #[command(
@@ -70,7 +72,8 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// fp, rtn, smoothquant, gptq, quarot or quarot-gptq
+        /// fp, rtn, smoothquant, gptq, quarot, quarot-gptq, ostquant, spinquant, or an
+        /// OSTQuant ablation (ostquant-nowomi, ostquant-ce, ostquant-rot, ostquant-scale)
         #[arg(long, default_value = "rtn")]
         method: Method,
         /// W4A16KV16, W4A4KV16, W4A4KV4, W8A8KV8, W3A16, …
@@ -84,6 +87,34 @@ enum Command {
         /// Also write the result as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Quantize a model and write it as a 4-bit model folder: learned methods (ostquant,
+    /// spinquant, ablations) first calibrate their transforms on the Wikipedia calibration half
+    /// (resumable: a checkpoint is saved every few steps; Ctrl-C stops and keeps it)
+    Quantize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Any method of `eval`; ostquant learns its transforms first
+        #[arg(long, default_value = "ostquant")]
+        method: Method,
+        #[arg(long, default_value = "W4A4KV4")]
+        bits: Bits,
+        /// Output folder (written atomically: nothing appears unless it succeeds)
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        calib: CalibArgs,
+        /// GPTQ calibration windows and their length (Wikipedia calibration half, seed 42)
+        #[arg(long, default_value_t = 16)]
+        calib_windows: usize,
+        #[arg(long, default_value_t = 512)]
+        calib_len: usize,
+        /// Quantize weights in groups of N input columns instead of per output channel
+        #[arg(long)]
+        w_group: Option<usize>,
+        /// Asymmetric weights (a zero point per channel or group)
+        #[arg(long)]
+        w_asym: bool,
     },
     /// The results table: every method at every bit setting, written to a Markdown file and a
     /// JSON file; resumes from the cache, so rerunning it only measures what is missing
@@ -183,6 +214,9 @@ struct MeasureArgs {
     /// Recompute even when a cached result exists
     #[arg(long)]
     fresh: bool,
+    /// Calibration size of the learned methods (ostquant, spinquant): cpu or paper
+    #[arg(long, default_value = "cpu")]
+    preset: Preset,
 }
 
 impl MeasureArgs {
@@ -205,7 +239,86 @@ impl MeasureArgs {
             w_group: self.w_group,
             w_asym: self.w_asym,
             fresh: self.fresh,
+            preset: self.preset,
         })
+    }
+}
+
+/// Calibration of the learned methods; anything not given comes from the preset.
+#[derive(Args)]
+struct CalibArgs {
+    /// cpu (sized for two CPU cores) or paper (SPEC §5: 100 steps × 16 windows × 2048
+    /// tokens) [default: paper on a GPU, cpu otherwise]
+    #[arg(long)]
+    preset: Option<Preset>,
+    /// Optimiser steps
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Learning rate of the rotations (Riemannian Adam / Cayley SGD)
+    #[arg(long)]
+    lr_rot: Option<f64>,
+    /// Learning rate of the scales (Adam)
+    #[arg(long)]
+    lr_scale: Option<f64>,
+    /// Distinct calibration windows
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Tokens per calibration window
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Windows per step
+    #[arg(long)]
+    batch: Option<usize>,
+    /// kl-top (k = 1000), kl-top:K, kl, ce or mse
+    #[arg(long)]
+    loss: Option<String>,
+    /// womi, hadamard or identity
+    #[arg(long)]
+    init: Option<Init>,
+    /// Start the calibration over instead of resuming its checkpoint
+    #[arg(long)]
+    fresh: bool,
+}
+
+impl CalibArgs {
+    /// The method's settings at `bits` with these overrides; None for methods that learn nothing.
+    fn settings(&self, method: Method, bits: Bits, gpu: bool) -> Result<Option<CalibSettings>> {
+        let preset = self
+            .preset
+            .unwrap_or(if gpu { Preset::Paper } else { Preset::Cpu });
+        let Some(mut s) = method.learned_settings(bits, preset) else {
+            if self.steps.is_some() || self.loss.is_some() || self.init.is_some() {
+                bail!(
+                    "{method} learns nothing: calibration options apply to ostquant, spinquant and the ostquant ablations"
+                );
+            }
+            return Ok(None);
+        };
+        if let Some(v) = self.steps {
+            s.steps = v;
+        }
+        if let Some(v) = self.lr_rot {
+            s.lr_rot = v;
+        }
+        if let Some(v) = self.lr_scale {
+            s.lr_scale = v;
+        }
+        if let Some(v) = self.samples {
+            s.samples = v;
+        }
+        if let Some(v) = self.seq_len {
+            s.seq_len = v;
+        }
+        if let Some(v) = self.batch {
+            s.batch = v;
+        }
+        if let Some(v) = &self.loss {
+            s.loss = Loss::parse(v).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(v) = self.init {
+            s.init = v;
+        }
+        Ok(Some(s))
     }
 }
 
@@ -276,6 +389,26 @@ pub fn run() -> Result<()> {
             &measure.settings(&tasks)?,
             json.as_deref(),
         ),
+        Command::Quantize {
+            model,
+            method,
+            bits,
+            out,
+            calib,
+            calib_windows,
+            calib_len,
+            w_group,
+            w_asym,
+        } => {
+            let s = Settings {
+                calib_windows,
+                calib_len,
+                w_group,
+                w_asym,
+                ..Settings::default()
+            };
+            quantize(&model, method, bits, &out, &calib, &s)
+        }
         Command::Results {
             model,
             methods,
@@ -531,6 +664,120 @@ pub fn stage_bar() -> (ProgressBar, impl FnMut(&str, usize, usize)) {
     })
 }
 
+fn quantize(
+    args: &ModelArgs,
+    method: Method,
+    bits: Bits,
+    out: &Path,
+    calib: &CalibArgs,
+    s: &Settings,
+) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut lab = open_lab(args.model.as_deref(), args.device)?;
+    let gpu = lab.device().description.starts_with("wgpu");
+    let learned_settings = calib.settings(method, bits, gpu)?;
+    let cancel = stop_flag();
+    let learned = match &learned_settings {
+        Some(ls) => {
+            eprintln!(
+                "ostquant: calibrating {method} at {bits}: {} steps × {} windows × {} tokens, loss {}, init {:?}",
+                ls.steps,
+                ls.batch,
+                ls.seq_len,
+                ls.loss.name(),
+                ls.init
+            );
+            let bar = ProgressBar::new(ls.steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "calibrating [{bar:30}] step {pos}/{len} {msg} {elapsed_precise} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let learned = lab.learn(
+                method,
+                ls,
+                calib.fresh,
+                &mut |e| match e {
+                    Event::Started { start, .. } => bar.set_position(*start as u64),
+                    Event::Step {
+                        step,
+                        loss,
+                        lr_rot,
+                        lr_scale,
+                        seconds,
+                        ..
+                    } => {
+                        bar.set_position(*step as u64);
+                        bar.set_message(format!(
+                            "loss {loss:.4} lr {lr_rot:.2e}/{lr_scale:.2e} {seconds:.1} s/step"
+                        ));
+                    }
+                },
+                &cancel,
+            );
+            bar.finish_and_clear();
+            match learned {
+                Err(ostquant_core::Error::Cancelled) => bail!(
+                    "cancelled; the calibration checkpoint is kept, run the same command to resume"
+                ),
+                other => Some(other?),
+            }
+        }
+        None => None,
+    };
+    if let Some(l) = &learned
+        && let (Some(first), Some(last)) = (l.losses.first(), l.losses.last())
+    {
+        eprintln!(
+            "ostquant: calibration loss {first:.4} → {last:.4} over {} steps",
+            l.losses.len()
+        );
+    }
+    let (bar, mut prog) = stage_bar();
+    let (q, online) = lab.prepare(method, bits, s, learned.as_ref(), &mut prog)?;
+    bar.finish_and_clear();
+    if cancel.load(Ordering::SeqCst) {
+        bail!("cancelled; nothing was written");
+    }
+    let opts = with_bits(online, method, bits);
+    let header = Header {
+        format: qformat::FORMAT.into(),
+        version: 1,
+        method: method.name().into(),
+        bits: bits.to_string(),
+        weight: q
+            .grids
+            .as_ref()
+            .and(weight_spec(bits.w, s.w_group, s.w_asym)),
+        forward: (&opts).into(),
+        details: serde_json::json!({
+            "calibration": learned.as_ref().map(|l| &l.settings),
+            "losses": learned.as_ref().map(|l| &l.losses),
+            "gptq_windows": [s.calib_windows, s.calib_len],
+            "source": lab.dir(),
+            "device": lab.device().description,
+        }),
+    };
+    qformat::write(out, lab.dir(), &q.weights, q.grids.as_deref(), &header)?;
+    let bytes: u64 = std::fs::read_dir(out)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    println!(
+        "wrote {} ({method} {bits}, {:.1} MB) in {:.0} s",
+        out.display(),
+        bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Open the lab on the model of `args`.
 pub fn open_lab(model: Option<&Path>, choice: DeviceChoice) -> Result<Lab> {
     let bar = progress_bar("importing tensors");
@@ -613,6 +860,7 @@ fn inspect(args: &ModelArgs, method: &str, windows: usize, json: Option<&Path>) 
     let calib = Calibration {
         windows: &wins,
         device: &dev.device,
+        learned: None,
     };
     let (tw, opts) = transform(&weights, m, &calib)?;
     drop(fp);

@@ -317,3 +317,79 @@ fn eval_rejects_a_weight_group_that_does_not_divide_the_layers() {
     ]);
     assert!(err.contains("weight group 7 does not divide"), "{err}");
 }
+
+#[test]
+fn quantize_calibrates_writes_an_int4_folder_that_runs() {
+    let (_dir, model, _) = model_and_text("unused.txt", b"x");
+    let out = model.with_file_name("q");
+    let run = ostquant(&[
+        "quantize",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--method",
+        "ostquant",
+        "--bits",
+        "W4A4KV4",
+        "--steps",
+        "3",
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--calib-windows",
+        "2",
+        "--calib-len",
+        "32",
+        "--fresh",
+        "--out",
+        s(&out),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("wrote") && stderr.contains("calibration loss"),
+        "{stdout}{stderr}"
+    );
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(header["method"], "ostquant");
+    assert_eq!(header["weight"]["bits"], 4);
+    assert_eq!(header["forward"]["qk_hadamard"], true);
+    assert_eq!(header["details"]["losses"].as_array().unwrap().len(), 3);
+    // The folder runs: perplexity through the int4 weights and the header's quantizers.
+    let ppl = ostquant(&[
+        "ppl",
+        "--model",
+        s(&out),
+        "--device",
+        "cpu",
+        "--windows",
+        "1",
+        "--ctx",
+        "32",
+    ]);
+    assert!(
+        ppl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ppl.stderr)
+    );
+    // Options that a method without calibration cannot use are refused.
+    let err = fails(&[
+        "quantize",
+        "--model",
+        s(&model),
+        "--method",
+        "rtn",
+        "--steps",
+        "3",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("learns nothing"), "{err}");
+}

@@ -17,6 +17,9 @@ pub enum Error {
     /// The model is well-formed but not something ostquant can run.
     #[error("{path}: unsupported: {msg}")]
     Unsupported { path: PathBuf, msg: String },
+    /// The user stopped a long job; nothing was written.
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0}")]
     Other(String),
 }

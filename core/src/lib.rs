@@ -3,6 +3,7 @@
 
 pub mod analysis;
 pub mod assets;
+pub mod calib;
 pub mod data;
 pub mod device;
 pub mod error;

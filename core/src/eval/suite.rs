@@ -11,7 +11,12 @@ use serde::{Deserialize, Serialize};
 use super::perplexity::{TextScores, random_windows, score_windows, text_windows};
 use super::zeroshot::{self, TaskScores};
 use super::{cache_get, cache_path, cache_put};
+use std::sync::atomic::AtomicBool;
+
 use crate::assets;
+use crate::calib::{
+    Event, Learned, Preset, Settings as CalibSettings, checkpoint_path, learn_resumable,
+};
 use crate::data::tasks::{self, Task, TaskName};
 use crate::data::wiki::{self, WikiSplit};
 use crate::device::ComputeDevice;
@@ -20,7 +25,7 @@ use crate::model::checkpoint::LlamaWeights;
 use crate::model::llama::{ForwardOptions, Llama};
 use crate::model::tokenizer::Tokenizer;
 use crate::quant::method::{
-    Bits, Calibration, Method, quantize_weights, transform, weight_spec, with_bits,
+    Bits, Calibration, Method, Quantized, quantize_weights, transform, weight_spec, with_bits,
 };
 
 /// Seed of the calibration windows (the papers' seed).
@@ -45,6 +50,8 @@ pub struct Settings {
     pub w_asym: bool,
     /// Recompute even what is cached.
     pub fresh: bool,
+    /// Calibration size of the learned methods (OSTQuant, SpinQuant-style).
+    pub preset: Preset,
 }
 
 impl Default for Settings {
@@ -59,6 +66,7 @@ impl Default for Settings {
             w_group: None,
             w_asym: false,
             fresh: false,
+            preset: Preset::Cpu,
         }
     }
 }
@@ -165,8 +173,11 @@ impl Lab {
 
     /// The cache key of a method: calibrated methods carry their calibration size, and
     /// weight groups or asymmetric weights are named.
-    fn method_key(method: Method, s: &Settings) -> String {
+    fn method_key(method: Method, bits: Bits, s: &Settings) -> String {
         let mut key = method.name().to_string();
+        if let Some(ls) = method.learned_settings(bits, s.preset) {
+            key += &format!("-{}", ls.key());
+        }
         if method.needs_calibration() {
             key += &format!("-calib{}x{}", s.calib_windows, s.calib_len);
         }
@@ -190,7 +201,7 @@ impl Lab {
         progress: &mut Progress,
     ) -> Result<RowResult> {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
-        let mkey = Self::method_key(method, s);
+        let mkey = Self::method_key(method, bits, s);
         let key = |task: &str, limit| cache_path(&self.dir, &mkey, &bits.to_string(), task, limit);
         let wiki_key = key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows);
         let task_keys: Vec<_> = s.tasks.iter().map(|t| key(t.name(), s.limit)).collect();
@@ -253,21 +264,25 @@ impl Lab {
         if method == Method::Fp {
             return Ok(None);
         }
-        let want = (method, bits.w, Self::method_key(method, s));
+        let want = (method, bits.w, Self::method_key(method, bits, s));
         if self.prepared.as_ref().map(|p| &p.0) != Some(&want) {
             self.prepared = None; // free the previous method's weights first
-            let windows = self.calibration_windows(s)?;
-            let calib = Calibration {
-                windows: &windows,
-                device: &self.device.device,
+            let learned = match method.learned_settings(bits, s.preset) {
+                Some(ls) => Some(self.learn(
+                    method,
+                    &ls,
+                    false,
+                    &mut |e| {
+                        if let Event::Step { step, steps, .. } = e {
+                            progress("calibrating", *step, *steps)
+                        }
+                    },
+                    &AtomicBool::new(false),
+                )?),
+                None => None,
             };
-            progress("preparing", 0, 1);
-            let (tw, online) = transform(&self.weights, method, &calib)?;
-            let spec = weight_spec(bits.w, s.w_group, s.w_asym);
-            let qw = quantize_weights(tw, &online, method, spec.as_ref(), &calib, &mut |d, t| {
-                progress("quantizing weights", d, t)
-            })?;
-            self.prepared = Some((want, qw, online));
+            let (q, online) = self.prepare(method, bits, s, learned.as_ref(), progress)?;
+            self.prepared = Some((want, q.weights, online));
         }
         let (_, w, online) = self.prepared.as_ref().expect("prepared above");
         let mut model = Llama::new(w, &self.device.device);
@@ -279,15 +294,79 @@ impl Lab {
     fn calibration_windows(&mut self, s: &Settings) -> Result<Vec<Vec<u32>>> {
         let size = (s.calib_windows, s.calib_len);
         if self.calib.as_ref().map(|c| c.0) != Some(size) {
-            let ids = self.tok.encode(&self.wiki.calibration)?;
-            let bos = if self.tok.add_bos {
-                self.tok.bos_id
-            } else {
-                None
-            };
-            let w = random_windows(&ids, size.0, size.1, bos, CALIB_SEED)?;
+            let w = self.random_calibration_windows(size.0, size.1)?;
             self.calib = Some((size, w));
         }
         Ok(self.calib.as_ref().expect("set above").1.clone())
+    }
+
+    /// `n` random windows of `len` tokens of the calibration half, seed [`CALIB_SEED`].
+    pub fn random_calibration_windows(&self, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
+        let ids = self.tok.encode(&self.wiki.calibration)?;
+        let bos = if self.tok.add_bos {
+            self.tok.bos_id
+        } else {
+            None
+        };
+        random_windows(&ids, n, len, bos, CALIB_SEED)
+    }
+
+    /// The transforms of a learned method, from its checkpoint or by calibrating on the
+    /// Wikipedia calibration half (resumable; stops with `Error::Cancelled` when `cancel` is
+    /// set, keeping the checkpoint).
+    pub fn learn(
+        &self,
+        method: Method,
+        settings: &CalibSettings,
+        fresh: bool,
+        events: &mut dyn FnMut(&Event),
+        cancel: &AtomicBool,
+    ) -> Result<Learned> {
+        let windows = self.random_calibration_windows(settings.samples, settings.seq_len)?;
+        let path = checkpoint_path(&self.dir, &self.weights, method.name(), settings);
+        learn_resumable(
+            &self.weights,
+            settings,
+            &windows,
+            &self.device.device,
+            &path,
+            fresh,
+            events,
+            cancel,
+        )
+    }
+
+    /// The method's transformed and weight-quantized model at `bits` (learned methods need
+    /// `learned`), and the online transforms it runs with (`with_bits` adds the activation
+    /// and KV quantizers).
+    pub fn prepare(
+        &mut self,
+        method: Method,
+        bits: Bits,
+        s: &Settings,
+        learned: Option<&Learned>,
+        progress: &mut Progress,
+    ) -> Result<(Quantized, ForwardOptions)> {
+        let windows = self.calibration_windows(s)?;
+        let calib = Calibration {
+            windows: &windows,
+            device: &self.device.device,
+            learned,
+        };
+        progress("preparing", 0, 1);
+        let (tw, online) = transform(&self.weights, method, &calib)?;
+        let spec = weight_spec(bits.w, s.w_group, s.w_asym);
+        let q = quantize_weights(tw, &online, method, spec.as_ref(), &calib, &mut |d, t| {
+            progress("quantizing weights", d, t)
+        })?;
+        Ok((q, online))
+    }
+
+    pub fn weights(&self) -> &LlamaWeights {
+        &self.weights
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }

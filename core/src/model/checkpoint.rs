@@ -8,6 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::LlamaConfig;
 use crate::error::{Error, Result};
+use crate::quant::quantizer::QuantSpec;
 
 /// A dense row-major f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +90,11 @@ impl LlamaWeights {
     pub fn load(dir: &Path) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let shards = Shards::open(dir)?;
+        let weight_spec = if super::qformat::is_quantized(dir) {
+            super::qformat::read_header(dir)?.weight
+        } else {
+            None
+        };
         let c = &config;
         let embed = shards.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -98,7 +104,10 @@ impl LlamaWeights {
             let mut t = names
                 .iter()
                 .zip(shapes.iter())
-                .map(|(n, s)| shards.get(n, s))
+                .map(|(n, s)| match (&weight_spec, s.len()) {
+                    (Some(spec), 2) => shards.get_int4(n, s, spec),
+                    _ => shards.get(n, s),
+                })
                 .collect::<Result<Vec<_>>>()?
                 .into_iter();
             let mut next = || t.next().expect("nine tensors per layer");
@@ -224,6 +233,52 @@ impl Shards {
             files.push((path, map));
         }
         Ok(Shards { files, index })
+    }
+
+    /// Read a linear weight `….weight` of `shape` stored as int4 codes (`….qweight`, `….scales`
+    /// and, asymmetric, `….zeros`; see `qformat`), dequantized to f32.
+    fn get_int4(&self, name: &str, shape: &[usize], spec: &QuantSpec) -> Result<HostTensor> {
+        let base = name.trim_end_matches(".weight");
+        let (rows, cols) = (shape[0], shape[1]);
+        let groups = cols / spec.group.unwrap_or(cols).max(1);
+        let words = self.get_raw(&format!("{base}.qweight"), &[rows, cols / 8], Dtype::U32)?;
+        let words: Vec<u32> = words
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let scales = self.get(&format!("{base}.scales"), &[rows, groups])?.data;
+        let zeros = if spec.sym {
+            None
+        } else {
+            Some(self.get(&format!("{base}.zeros"), &[rows, groups])?.data)
+        };
+        let data = super::qformat::unpack(&words, &scales, zeros.as_deref(), rows, cols, spec);
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+
+    /// The raw bytes of a tensor of the given shape and dtype.
+    fn get_raw(&self, name: &str, shape: &[usize], dtype: Dtype) -> Result<Vec<u8>> {
+        let Some(&i) = self.index.get(name) else {
+            let dir = self.files[0].0.parent().unwrap_or(Path::new("."));
+            return Err(Error::format(dir, format!("tensor {name} is missing")));
+        };
+        let (path, map) = &self.files[i];
+        let st = SafeTensors::deserialize(map)
+            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
+        if view.shape() != shape || view.dtype() != dtype {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor {name} is {:?} {:?}, expected {dtype:?} {shape:?}",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        Ok(view.data().to_vec())
     }
 
     /// Read one tensor as f32, checking it exists and has the expected shape.

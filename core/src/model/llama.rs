@@ -10,7 +10,7 @@ use super::checkpoint::{HostTensor, LayerWeights, LlamaWeights};
 use super::config::LlamaConfig;
 use crate::error::Result;
 use crate::quant::quantizer::{QuantSpec, fake_quant_tensor};
-use crate::transform::hadamard::{Hadamard, transpose};
+use crate::transform::hadamard::{Hadamard, RowHadamard, transpose};
 
 /// What the forward does beyond the full-precision model: online Hadamards (which the weights
 /// must have been fused for) and dynamic fake quantization of activations and the KV cache.
@@ -59,7 +59,7 @@ pub type Tap<'a> = dyn FnMut(usize, Site, Tensor<2>) + 'a;
 /// Device-side state of the options: the dense Hᵀ matrices.
 struct Online {
     opts: ForwardOptions,
-    down_ht: Option<Tensor<2>>,
+    down_h: Option<RowHadamard>,
     qk_ht: Option<Tensor<2>>,
 }
 
@@ -78,7 +78,7 @@ pub fn upload<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
 }
 
 /// Upload a linear weight [out, in] transposed to [in, out], so the forward is `x · Wᵀ = x.matmul(w_t)`.
-fn upload_t(t: &HostTensor, device: &Device) -> Tensor<2> {
+pub fn upload_t(t: &HostTensor, device: &Device) -> Tensor<2> {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let mut data = vec![0f32; rows * cols];
     for r in 0..rows {
@@ -96,20 +96,23 @@ struct Positions {
     mask: Option<Tensor<4>>,
 }
 
-struct Layer {
-    attn_norm: Tensor<1>,
-    wq_t: Tensor<2>,
-    wk_t: Tensor<2>,
-    wv_t: Tensor<2>,
-    wo_t: Tensor<2>,
-    ffn_norm: Tensor<1>,
-    w_gate_t: Tensor<2>,
-    w_up_t: Tensor<2>,
-    w_down_t: Tensor<2>,
+/// One block's weights on the device, linear weights transposed to [in, out]. Calibration
+/// builds these from learned transforms every step (see `calib::student`).
+#[derive(Clone)]
+pub struct Layer {
+    pub attn_norm: Tensor<1>,
+    pub wq_t: Tensor<2>,
+    pub wk_t: Tensor<2>,
+    pub wv_t: Tensor<2>,
+    pub wo_t: Tensor<2>,
+    pub ffn_norm: Tensor<1>,
+    pub w_gate_t: Tensor<2>,
+    pub w_up_t: Tensor<2>,
+    pub w_down_t: Tensor<2>,
 }
 
 impl Layer {
-    fn upload(l: &LayerWeights, device: &Device) -> Self {
+    pub fn upload(l: &LayerWeights, device: &Device) -> Self {
         Layer {
             attn_norm: upload(&l.attn_norm, device),
             wq_t: upload_t(&l.wq, device),
@@ -183,7 +186,7 @@ impl Llama {
             inv_freq: w.config.rope_inv_freq(),
             online: Online {
                 opts: ForwardOptions::default(),
-                down_ht: None,
+                down_h: None,
                 qk_ht: None,
             },
         }
@@ -192,8 +195,8 @@ impl Llama {
     /// Switch online Hadamards and activation / KV fake quantization on or off.
     pub fn set_options(&mut self, opts: ForwardOptions) -> Result<()> {
         let c = &self.config;
-        self.online.down_ht = if opts.down_hadamard {
-            Some(dense_ht(c.intermediate_size, &self.device)?)
+        self.online.down_h = if opts.down_hadamard {
+            Some(RowHadamard::new(c.intermediate_size, &self.device)?)
         } else {
             None
         };
@@ -275,6 +278,11 @@ impl Llama {
     /// Replace block `i`'s weights (after quantizing them, say).
     pub fn set_layer(&mut self, i: usize, w: &LayerWeights) {
         self.layers[i] = Layer::upload(w, &self.device);
+    }
+
+    /// Replace block `i`'s device weights.
+    pub fn set_layer_tensors(&mut self, i: usize, layer: Layer) {
+        self.layers[i] = layer;
     }
 
     /// The final norm of residual states [B, T, d].
@@ -367,8 +375,9 @@ impl Llama {
         let x = self.quant_act(x, None);
         let gate = silu(linear(x.clone(), &l.w_gate_t));
         let mut h = gate * linear(x, &l.w_up_t);
-        if let Some(ht) = &self.online.down_ht {
-            h = linear(h, ht);
+        if let Some(had) = &self.online.down_h {
+            let [b, t, n] = h.dims();
+            h = had.apply(h.reshape([b * t, n])).reshape([b, t, n]);
         }
         tap(Site::DownIn, &h);
         linear(self.quant_act(h, None), &l.w_down_t)

@@ -4,6 +4,7 @@ pub mod config;
 pub mod gguf;
 pub mod import;
 pub mod llama;
+pub mod qformat;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +27,11 @@ impl LoadedModel {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let weights = LlamaWeights::load(dir)?;
         let tokenizer = Tokenizer::load(dir, &weights.config)?;
-        let model = Llama::new(&weights, device);
+        let mut model = Llama::new(&weights, device);
+        // A quantized folder runs with the online transforms and quantizers it was made for.
+        if qformat::is_quantized(dir) {
+            model.set_options(qformat::read_header(dir)?.forward.options())?;
+        }
         Ok(LoadedModel {
             dir: dir.to_path_buf(),
             model,

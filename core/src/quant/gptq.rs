@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
 use crate::model::llama::{ForwardOptions, Llama, Site};
-use crate::quant::quantizer::{QuantSpec, fake_quant_value, search_params};
+use crate::quant::quantizer::{Grid, LayerGrids, QuantSpec, fake_quant_value, search_params};
 
 /// Relative damping added to the Hessian's diagonal.
 pub const DAMP: f64 = 0.01;
@@ -86,8 +86,9 @@ fn inverse_cholesky_upper(h: &[f64], n: usize, mut damp: f64) -> Result<Vec<f64>
     ))
 }
 
-/// Quantize `w` [out, in] in place with GPTQ against the Hessian of its inputs.
-pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Result<()> {
+/// Quantize `w` [out, in] in place with GPTQ against the Hessian of its inputs; returns the
+/// grid of every (row, group).
+pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Result<Vec<Grid>> {
     let n = w.shape[1];
     assert_eq!(n, h.n, "GPTQ: weight has {n} inputs, Hessian {}", h.n);
     if h.sum.iter().any(|v| !v.is_finite()) {
@@ -112,32 +113,44 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
     }
     let mean_diag = (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
     let u = inverse_cholesky_upper(&hm, n, DAMP * mean_diag)?;
-    w.data.par_chunks_mut(n).for_each(|row| {
-        for (x, &d) in row.iter_mut().zip(&dead) {
-            if d {
-                *x = 0.0;
+    let groups = n / group;
+    let mut grids = vec![
+        Grid {
+            scale: 1.0,
+            zero: 0.0
+        };
+        w.data.len() / n * groups
+    ];
+    w.data
+        .par_chunks_mut(n)
+        .zip(grids.par_chunks_mut(groups))
+        .for_each(|(row, row_grids)| {
+            for (x, &d) in row.iter_mut().zip(&dead) {
+                if d {
+                    *x = 0.0;
+                }
             }
-        }
-        let mut r: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-        let (mut s, mut z) = (1.0, 0.0);
-        for i in 0..n {
-            if i % group == 0 {
-                let g: Vec<f32> = r[i..i + group].iter().map(|&x| x as f32).collect();
-                (s, z) = search_params(&g, spec, Some(CLIP_POWER));
+            let mut r: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            let (mut s, mut z) = (1.0, 0.0);
+            for i in 0..n {
+                if i % group == 0 {
+                    let g: Vec<f32> = r[i..i + group].iter().map(|&x| x as f32).collect();
+                    (s, z) = search_params(&g, spec, Some(CLIP_POWER));
+                    row_grids[i / group] = Grid { scale: s, zero: z };
+                }
+                let q = fake_quant_value(r[i] as f32, spec, s, z) as f64;
+                let err = (r[i] - q) / u[i * n + i];
+                r[i] = q;
+                let ui = &u[i * n..(i + 1) * n];
+                for j in i + 1..n {
+                    r[j] -= err * ui[j];
+                }
             }
-            let q = fake_quant_value(r[i] as f32, spec, s, z) as f64;
-            let err = (r[i] - q) / u[i * n + i];
-            r[i] = q;
-            let ui = &u[i * n..(i + 1) * n];
-            for j in i + 1..n {
-                r[j] -= err * ui[j];
+            for (x, v) in row.iter_mut().zip(r) {
+                *x = v as f32;
             }
-        }
-        for (x, v) in row.iter_mut().zip(r) {
-            *x = v as f32;
-        }
-    });
-    Ok(())
+        });
+    Ok(grids)
 }
 
 /// Quantize every linear weight of `w` (already transformed for the online Hadamards in
@@ -151,7 +164,7 @@ pub fn gptq_model(
     spec: &QuantSpec,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<LlamaWeights> {
+) -> Result<(LlamaWeights, Vec<LayerGrids>)> {
     if windows.is_empty() {
         return Err(Error::other("GPTQ needs at least one calibration window"));
     }
@@ -164,7 +177,9 @@ pub fn gptq_model(
     })?;
     let mut xs: Vec<Tensor<3>> = windows.chunks(BATCH).map(|b| model.embed(b)).collect();
     let n_layers = w.layers.len();
+    let mut grids: Vec<LayerGrids> = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
+        let mut layer_grids: LayerGrids = Default::default();
         for site in Site::ALL {
             let n = match site {
                 Site::DownIn => w.config.intermediate_size,
@@ -186,14 +201,19 @@ pub fn gptq_model(
                 return Err(e);
             }
             let lw = &mut out.layers[l];
-            let mats: Vec<(&str, &mut HostTensor)> = match site {
-                Site::QkvIn => vec![("k", &mut lw.wk), ("v", &mut lw.wv), ("q", &mut lw.wq)],
-                Site::OIn => vec![("o", &mut lw.wo)],
-                Site::UpGateIn => vec![("up", &mut lw.w_up), ("gate", &mut lw.w_gate)],
-                Site::DownIn => vec![("down", &mut lw.w_down)],
+            // (name, matrix, index in LayerGrids order q, k, v, o, gate, up, down)
+            let mats: Vec<(&str, &mut HostTensor, usize)> = match site {
+                Site::QkvIn => vec![
+                    ("k", &mut lw.wk, 1),
+                    ("v", &mut lw.wv, 2),
+                    ("q", &mut lw.wq, 0),
+                ],
+                Site::OIn => vec![("o", &mut lw.wo, 3)],
+                Site::UpGateIn => vec![("up", &mut lw.w_up, 5), ("gate", &mut lw.w_gate, 4)],
+                Site::DownIn => vec![("down", &mut lw.w_down, 6)],
             };
-            for (name, m) in mats {
-                gptq_quantize(m, &h, spec)
+            for (name, m, k) in mats {
+                layer_grids[k] = gptq_quantize(m, &h, spec)
                     .map_err(|e| Error::other(format!("layer {l} {name}_proj: {e}")))?;
             }
             model.set_layer(l, &out.layers[l]);
@@ -202,7 +222,8 @@ pub fn gptq_model(
             .into_iter()
             .map(|x| model.block(l, x, &mut |_, _, _| {}))
             .collect();
+        grids.push(layer_grids);
         progress(l + 1, n_layers);
     }
-    Ok(out)
+    Ok((out, grids))
 }

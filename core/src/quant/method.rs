@@ -6,14 +6,17 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::calib::student::Trainable;
+use crate::calib::{Init, Learned, Loss, Preset, Settings as CalibSettings};
+
 use burn::tensor::Device;
 
 use crate::error::{Error, Result};
-use crate::model::checkpoint::{HostTensor, LlamaWeights};
+use crate::model::checkpoint::LlamaWeights;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::{ForwardOptions, Llama};
 use crate::quant::gptq::gptq_model;
-use crate::quant::quantizer::{QuantSpec, fake_quant_matrix};
+use crate::quant::quantizer::{LayerGrids, QuantSpec, fake_quant_matrix};
 use crate::quant::smoothquant;
 use crate::transform::fuse::{fold_norms, fuse_down_hadamard, rotate_residual, rotate_value_heads};
 use crate::transform::hadamard::{Hadamard, random_hadamard};
@@ -90,16 +93,40 @@ pub enum Method {
     /// QuaRot's rotations with GPTQ weights (the QuaRot paper's main setting).
     #[serde(rename = "quarot-gptq")]
     QuarotGptq,
+    /// OSTQuant: learned rotations and scales (WOMI start, KL-Top loss); GPTQ weights.
+    #[serde(rename = "ostquant")]
+    Ostquant,
+    /// SpinQuant-style: learned rotations only, CE loss, Cayley SGD; GPTQ weights.
+    #[serde(rename = "spinquant")]
+    Spinquant,
+    /// OSTQuant ablation: random-Hadamard start instead of WOMI.
+    #[serde(rename = "ostquant-nowomi")]
+    OstquantNoWomi,
+    /// OSTQuant ablation: cross-entropy instead of KL-Top.
+    #[serde(rename = "ostquant-ce")]
+    OstquantCe,
+    /// OSTQuant ablation: rotations learned, scales left at 1.
+    #[serde(rename = "ostquant-rot")]
+    OstquantRot,
+    /// OSTQuant ablation: scales learned, rotations left at their (WOMI) start.
+    #[serde(rename = "ostquant-scale")]
+    OstquantScale,
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 12] = [
         Method::Fp,
         Method::Rtn,
         Method::SmoothQuant,
         Method::Gptq,
         Method::Quarot,
         Method::QuarotGptq,
+        Method::Ostquant,
+        Method::Spinquant,
+        Method::OstquantNoWomi,
+        Method::OstquantCe,
+        Method::OstquantRot,
+        Method::OstquantScale,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -109,17 +136,63 @@ impl Method {
             Method::Gptq => "gptq",
             Method::Quarot => "quarot",
             Method::QuarotGptq => "quarot-gptq",
+            Method::Ostquant => "ostquant",
+            Method::Spinquant => "spinquant",
+            Method::OstquantNoWomi => "ostquant-nowomi",
+            Method::OstquantCe => "ostquant-ce",
+            Method::OstquantRot => "ostquant-rot",
+            Method::OstquantScale => "ostquant-scale",
         }
+    }
+
+    /// The calibration settings of a learned method at `bits` (None: nothing is learned).
+    pub fn learned_settings(self, bits: Bits, preset: Preset) -> Option<CalibSettings> {
+        let ost = CalibSettings::ostquant(bits, preset);
+        let both = Trainable {
+            rotations: true,
+            scales: true,
+        };
+        Some(match self {
+            Method::Ostquant => ost,
+            Method::Spinquant => CalibSettings::spinquant(bits, preset),
+            Method::OstquantNoWomi => CalibSettings {
+                init: Init::Hadamard,
+                ..ost
+            },
+            Method::OstquantCe => CalibSettings {
+                loss: Loss::Ce,
+                ..ost
+            },
+            Method::OstquantRot => CalibSettings {
+                trainable: Trainable {
+                    scales: false,
+                    ..both
+                },
+                ..ost
+            },
+            Method::OstquantScale => CalibSettings {
+                trainable: Trainable {
+                    rotations: false,
+                    ..both
+                },
+                ..ost
+            },
+            _ => return None,
+        })
+    }
+
+    pub fn is_learned(self) -> bool {
+        self.learned_settings(Bits::FP, Preset::Cpu).is_some()
     }
     /// Whether the method runs the model on calibration text.
     pub fn needs_calibration(self) -> bool {
         matches!(
             self,
             Method::SmoothQuant | Method::Gptq | Method::QuarotGptq
-        )
+        ) || self.is_learned()
     }
     fn uses_gptq(self) -> bool {
-        matches!(self, Method::Gptq | Method::QuarotGptq)
+        matches!(self, Method::Gptq | Method::QuarotGptq) || self.is_learned()
     }
 }
 
@@ -150,6 +223,8 @@ pub const QUAROT_SEED: u64 = 0;
 pub struct Calibration<'a> {
     pub windows: &'a [Vec<u32>],
     pub device: &'a Device,
+    /// The learned transforms, for the learned methods.
+    pub learned: Option<&'a Learned>,
 }
 
 /// The method's function-preserving transforms, nothing quantized: the transformed weights and
@@ -176,6 +251,13 @@ pub fn transform(
             fuse_down_hadamard(&mut w, &Hadamard::new(c.intermediate_size)?);
             online.down_hadamard = true;
             online.qk_hadamard = true;
+        }
+        _ => {
+            let learned = calib
+                .learned
+                .ok_or_else(|| Error::other(format!("{method} needs its learned transforms")))?;
+            let qk = learned.settings.forward_options().qk_hadamard;
+            return learned.transforms.fuse(&w, qk);
         }
     }
     Ok((w, online))
@@ -211,6 +293,14 @@ pub fn check_weight_group(config: &LlamaConfig, group: Option<usize>) -> Result<
     Ok(())
 }
 
+/// Quantized weights: fake-quantized f32 values and, when quantized, the grid of every group
+/// (what the int4 export packs).
+#[derive(Debug, Clone)]
+pub struct Quantized {
+    pub weights: LlamaWeights,
+    pub grids: Option<Vec<LayerGrids>>,
+}
+
 /// Quantize the linear weights of transformed weights `w` with `spec` and the method's weight
 /// quantizer (GPTQ or RTN); no spec (16 bits) or the FP method leaves them as they are.
 pub fn quantize_weights(
@@ -220,16 +310,26 @@ pub fn quantize_weights(
     spec: Option<&QuantSpec>,
     calib: &Calibration,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<LlamaWeights> {
+) -> Result<Quantized> {
     let Some(spec) = spec.filter(|_| method != Method::Fp) else {
-        return Ok(w);
+        return Ok(Quantized {
+            weights: w,
+            grids: None,
+        });
     };
     check_weight_group(&w.config, spec.group)?;
     if method.uses_gptq() {
-        return gptq_model(&w, online, calib.windows, spec, calib.device, progress);
+        let (weights, grids) = gptq_model(&w, online, calib.windows, spec, calib.device, progress)?;
+        return Ok(Quantized {
+            weights,
+            grids: Some(grids),
+        });
     }
-    quantize_weights_rtn(&mut w, spec);
-    Ok(w)
+    let grids = quantize_weights_rtn(&mut w, spec);
+    Ok(Quantized {
+        weights: w,
+        grids: Some(grids),
+    })
 }
 
 /// Online transforms plus the activation and KV quantizers of `bits`.
@@ -249,23 +349,23 @@ pub fn with_bits(online: ForwardOptions, method: Method, bits: Bits) -> ForwardO
 
 /// Fake-quantize every linear weight (not embeddings, norms or lm_head) with `spec` (groups
 /// along each output row) and the MSE clip search (error power 2.4, as GPTQ's scale search).
-pub fn quantize_weights_rtn(w: &mut LlamaWeights, spec: &QuantSpec) {
-    for l in &mut w.layers {
-        for m in [
-            &mut l.wq,
-            &mut l.wk,
-            &mut l.wv,
-            &mut l.wo,
-            &mut l.w_gate,
-            &mut l.w_up,
-            &mut l.w_down,
-        ] {
-            quantize_rows(m, spec);
-        }
-    }
-}
-
-fn quantize_rows(m: &mut HostTensor, spec: &QuantSpec) {
-    let cols = m.shape[1];
-    fake_quant_matrix(&mut m.data, cols, spec, Some(2.4));
+pub fn quantize_weights_rtn(w: &mut LlamaWeights, spec: &QuantSpec) -> Vec<LayerGrids> {
+    w.layers
+        .iter_mut()
+        .map(|l| {
+            [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]
+            .map(|m| {
+                let cols = m.shape[1];
+                fake_quant_matrix(&mut m.data, cols, spec, Some(2.4))
+            })
+        })
+        .collect()
 }

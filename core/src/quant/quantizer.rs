@@ -51,6 +51,27 @@ impl QuantSpec {
     }
 }
 
+/// The quantization grid of one group: x̂ = (q − zero)·scale for integer codes q.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Grid {
+    pub scale: f32,
+    pub zero: f32,
+}
+
+impl Grid {
+    /// The integer code of a value already on this grid.
+    pub fn code(&self, spec: &QuantSpec, x: f32) -> i32 {
+        ((x / self.scale).round() + self.zero).clamp(spec.qmin(), spec.qmax()) as i32
+    }
+    pub fn value(&self, q: i32) -> f32 {
+        (q as f32 - self.zero) * self.scale
+    }
+}
+
+/// The grids of one layer's seven linear weights (q, k, v, o, gate, up, down), each row-major
+/// [rows, groups].
+pub type LayerGrids = [Vec<Grid>; 7];
+
 /// Scale and zero point of a group whose values lie in [xmin, xmax].
 pub fn params(spec: &QuantSpec, xmin: f32, xmax: f32) -> (f32, f32) {
     let (xmin, xmax) = (xmin.min(0.0), xmax.max(0.0));
@@ -136,22 +157,38 @@ pub fn search_params(g: &[f32], spec: &QuantSpec, clip_power: Option<f32>) -> (f
 }
 
 /// Fake-quantize a row-major [rows, cols] matrix row by row (groups along the row), optionally
-/// with the per-group clip search of error power `p` (2.4 for GPTQ/RTN weights).
-pub fn fake_quant_matrix(data: &mut [f32], cols: usize, spec: &QuantSpec, clip_power: Option<f32>) {
+/// with the per-group clip search of error power `p` (2.4 for GPTQ/RTN weights). Returns the
+/// grid of every group, row-major [rows, cols / group].
+pub fn fake_quant_matrix(
+    data: &mut [f32],
+    cols: usize,
+    spec: &QuantSpec,
+    clip_power: Option<f32>,
+) -> Vec<Grid> {
     let group = spec.group.unwrap_or(cols);
     assert!(
         cols.is_multiple_of(group),
         "group {group} does not divide {cols} columns"
     );
     use rayon::prelude::*;
-    data.par_chunks_mut(group).for_each(|g| {
-        let clip = clip_power.map_or(1.0, |p| search_clip(g, spec, p));
-        fake_quant_group(g, spec, clip);
-    });
+    data.par_chunks_mut(group)
+        .map(|g| {
+            let (scale, zero) = search_params(g, spec, clip_power);
+            for x in g.iter_mut() {
+                *x = fake_quant_value(*x, spec, scale, zero);
+            }
+            Grid { scale, zero }
+        })
+        .collect()
 }
 
 /// Fake-quantize a [rows, cols] tensor on the device, groups along each row (dynamic
-/// per-token quantization of activations). Gradients pass straight through.
+/// per-token quantization of activations).
+///
+/// In a tracked (autodiff) forward the gradient is the reference's (SPEC §5.3): rounding is
+/// straight-through and the scale, computed from the group's min and max, is differentiated
+/// too, d q = d x + (round(x/s) − x/s)·d s. That second term is what tells a calibration that
+/// an outlier widens the range of its whole token.
 pub fn fake_quant_tensor(x: burn::tensor::Tensor<2>, spec: &QuantSpec) -> burn::tensor::Tensor<2> {
     let [rows, cols] = x.dims();
     let group = spec.group.unwrap_or(cols);
@@ -171,14 +208,19 @@ pub fn fake_quant_tensor(x: burn::tensor::Tensor<2>, spec: &QuantSpec) -> burn::
         (s, z)
     } else {
         let s = (hi - lo.clone()).clamp_min(1e-6).div_scalar(spec.qmax());
-        let z = lo.neg().div(s.clone()).round();
+        let z = lo.neg().div(s.clone()).round().detach();
         (s, z)
     };
-    let q = (g.clone().div(scale.clone()).round() + zero.clone())
+    let u = g.div(scale.clone());
+    let rounded = u.clone().round();
+    let q = (rounded.clone() + zero.clone())
         .clamp(spec.qmin(), spec.qmax())
         .sub(zero)
-        .mul(scale)
-        .reshape([rows, cols]);
-    // Straight-through estimator: the forward value is q, the gradient that of x.
-    x.clone() + (q - x).detach()
+        .mul(scale.clone());
+    if !x.is_tracked() {
+        return q.reshape([rows, cols]);
+    }
+    // Same value as q; gradient d x + (round(u) − u)·d s (u − ū is zero in value).
+    let form = (u.clone() - u.detach() + rounded.detach()) * scale;
+    (q.detach() + (form.clone() - form.detach())).reshape([rows, cols])
 }
