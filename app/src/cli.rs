@@ -122,7 +122,10 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Methods, in table order
-        #[arg(long, default_value = "fp,rtn,smoothquant,gptq,quarot,quarot-gptq")]
+        #[arg(
+            long,
+            default_value = "fp,rtn,smoothquant,gptq,quarot,quarot-gptq,ostquant,spinquant"
+        )]
         methods: String,
         /// Bit settings of every quantized method
         #[arg(long, default_value = "W4A16KV16,W4A4KV16,W4A4KV4")]
@@ -138,16 +141,26 @@ enum Command {
         /// JSON rows [default: results/<model folder, lower case>.json]
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Only rows whose every cell is cached (measure nothing; skipped rows are named)
+        #[arg(long)]
+        cached_only: bool,
     },
     /// QSUR, eigen-spectra and channel maxima of every quantized input and weight, per layer,
     /// measured on the Wikipedia calibration half, before or after a method's transforms
     Inspect {
         #[command(flatten)]
         model: ModelArgs,
-        /// none (the original model), smoothquant or quarot (their function-preserving
-        /// transforms; nothing is quantized)
+        /// none (the original model), smoothquant, quarot, or a learned method (ostquant,
+        /// spinquant, …: its calibrated transforms, learned first if not cached); nothing is
+        /// quantized
         #[arg(long, default_value = "none")]
         method: String,
+        /// The bit setting a learned method was calibrated for
+        #[arg(long, default_value = "W4A4KV4")]
+        bits: Bits,
+        /// Calibration size of a learned method
+        #[arg(long, default_value = "cpu")]
+        preset: Preset,
         /// Calibration windows of 512 tokens
         #[arg(long, default_value_t = 8)]
         windows: usize,
@@ -417,21 +430,27 @@ pub fn run() -> Result<()> {
             measure,
             md,
             json,
+            cached_only,
         } => crate::results::results(
             model.model.as_deref(),
             model.device,
-            &methods,
-            &bits,
             &measure.settings(&tasks)?,
-            &md,
-            json.as_deref(),
+            &crate::results::Table {
+                methods: &methods,
+                bits: &bits,
+                md: &md,
+                json: json.as_deref(),
+                cached_only,
+            },
         ),
         Command::Inspect {
             model,
             method,
+            bits,
+            preset,
             windows,
             json,
-        } => inspect(&model, &method, windows, json.as_deref()),
+        } => inspect(&model, &method, bits, preset, windows, json.as_deref()),
         Command::Wiki { half } => {
             let split = wiki_split()?;
             match half.as_str() {
@@ -842,7 +861,14 @@ fn eval(
     Ok(())
 }
 
-fn inspect(args: &ModelArgs, method: &str, windows: usize, json: Option<&Path>) -> Result<()> {
+fn inspect(
+    args: &ModelArgs,
+    method: &str,
+    bits: Bits,
+    preset: Preset,
+    windows: usize,
+    json: Option<&Path>,
+) -> Result<()> {
     let m: Method = if method == "none" {
         Method::Fp
     } else {
@@ -857,10 +883,30 @@ fn inspect(args: &ModelArgs, method: &str, windows: usize, json: Option<&Path>) 
     let tok = Tokenizer::load(&dir, &weights.config)?;
     let fp = Llama::new(&weights, &dev.device);
     let wins = text_windows(&fp, &tok, &wiki_split()?.calibration, 512, Some(windows))?;
+    let learned = match m.learned_settings(bits, preset) {
+        Some(ls) => {
+            let lab = Lab::open(&dir, dev.clone())?;
+            let bar = progress_bar("calibrating");
+            let l = lab.learn(
+                m,
+                &ls,
+                false,
+                &mut |e| {
+                    if let Event::Step { step, steps, .. } = e {
+                        progress(&bar, *step, *steps)
+                    }
+                },
+                &stop_flag(),
+            )?;
+            bar.finish_and_clear();
+            Some(l)
+        }
+        None => None,
+    };
     let calib = Calibration {
         windows: &wins,
         device: &dev.device,
-        learned: None,
+        learned: learned.as_ref(),
     };
     let (tw, opts) = transform(&weights, m, &calib)?;
     drop(fp);

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use ostquant_core::calib::Settings as CalibSettings;
 use ostquant_core::data::tasks::TaskName;
 use ostquant_core::device::DeviceChoice;
 use ostquant_core::eval::suite::{RowResult, Settings};
@@ -14,26 +15,40 @@ use ostquant_core::quant::method::{Bits, Method};
 
 use crate::cli::{open_lab, stage_bar};
 
+/// What to tabulate and where to write it.
+pub struct Table<'a> {
+    /// Comma-separated methods and bit settings, in table order.
+    pub methods: &'a str,
+    pub bits: &'a str,
+    pub md: &'a Path,
+    pub json: Option<&'a Path>,
+    /// Skip rows that are not fully cached instead of measuring them.
+    pub cached_only: bool,
+}
+
 pub fn results(
     model: Option<&Path>,
     device: DeviceChoice,
-    methods: &str,
-    bits: &str,
     settings: &Settings,
-    md: &Path,
-    json: Option<&Path>,
+    table: &Table,
 ) -> Result<()> {
-    let methods: Vec<Method> = split_list(methods)?;
-    let bits: Vec<Bits> = split_list(bits)?;
+    let (md, cached_only) = (table.md, table.cached_only);
+    let methods: Vec<Method> = split_list(table.methods)?;
+    let bits: Vec<Bits> = split_list(table.bits)?;
     let mut lab = open_lab(model, device)?;
     let name = lab.model_name();
-    let json = json
+    let json = table
+        .json
         .map(Path::to_path_buf)
         .unwrap_or_else(|| Path::new("results").join(format!("{}.json", name.to_lowercase())));
     let mut rows: Vec<RowResult> = Vec::new();
     for &m in &methods {
         let settings_bits: &[Bits] = if m == Method::Fp { &[Bits::FP] } else { &bits };
         for &b in settings_bits {
+            if cached_only && !lab.is_cached(m, b, settings) {
+                eprintln!("ostquant: {m} {b}: not measured yet, skipped (--cached-only)");
+                continue;
+            }
             eprintln!("ostquant: {m} {b}");
             let (bar, mut prog) = stage_bar();
             let row = lab.evaluate(m, b, settings, &mut prog)?;
@@ -94,6 +109,7 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings) -> String {
         command.join(" ")
     );
     let wiki = rows.first().map(|r| &r.wiki);
+    let preset = CalibSettings::ostquant(Bits::FP, s.preset);
     let _ = writeln!(
         out,
         "- Perplexity: Wikipedia (wiki-2016) evaluation half, context {}, {}{} tokens scored. \
@@ -119,14 +135,20 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings) -> String {
         out,
         "- Weights {}, {}, MSE-searched clipping; activations per token, asymmetric \
          (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
-         random windows of {} tokens of the Wikipedia calibration half (seed 42). Time: seconds to measure the row.\n",
+         random windows of {} tokens of the Wikipedia calibration half (seed 42). OSTQuant and SpinQuant-style \
+         rows learn their transforms with the `{}` preset ({} steps × {} window(s) × {} tokens of the calibration half), \
+         then GPTQ weights. Time: seconds to measure the row (calibration not included).\n",
         s.w_group
             .map_or("per output channel".to_string(), |g| format!(
                 "in groups of {g} input columns"
             )),
         if s.w_asym { "asymmetric" } else { "symmetric" },
         s.calib_windows,
-        s.calib_len
+        s.calib_len,
+        format!("{:?}", s.preset).to_lowercase(),
+        preset.steps,
+        preset.batch,
+        preset.seq_len,
     );
     let _ = write!(out, "| method | bits | wiki ppl | KL to FP | top-1 |");
     for t in &s.tasks {

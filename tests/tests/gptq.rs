@@ -168,7 +168,7 @@ fn layerwise_gptq_is_closer_to_fp_than_rtn_on_a_tiny_model() {
     };
     let fp = logits(&w);
     let mse = |q: &[f32]| fp.iter().zip(q).map(|(a, b)| (a - b).powi(2)).sum::<f32>();
-    let g = gptq_model(
+    let (g, grids) = gptq_model(
         &w,
         &ForwardOptions::default(),
         &windows,
@@ -177,6 +177,26 @@ fn layerwise_gptq_is_closer_to_fp_than_rtn_on_a_tiny_model() {
         &mut |_, _| {},
     )
     .unwrap();
+    // Every quantized weight is its grid's value of an integer code in [−4, 3].
+    let spec = QuantSpec::sym(3);
+    for (l, lg) in g.layers.iter().zip(&grids) {
+        for (m, grid) in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+            .into_iter()
+            .zip(lg)
+        {
+            let cols = m.shape[1];
+            for (r, row) in m.data.chunks(cols).enumerate() {
+                let gr = grid[r];
+                for &x in row {
+                    let q = gr.code(&spec, x);
+                    assert!(
+                        (-4..=3).contains(&q)
+                            && (gr.value(q) - x).abs() <= 1e-5 * gr.scale.max(1.0)
+                    );
+                }
+            }
+        }
+    }
     let mut r = w.clone();
     quantize_weights_rtn(&mut r, &QuantSpec::sym(3));
     let (e_g, e_r) = (mse(&logits(&g)), mse(&logits(&r)));

@@ -514,19 +514,25 @@ pub fn checkpoint_path(
         .join(format!("{name}-{}.safetensors", settings.key()))
 }
 
-/// Learn the transforms of `settings`, resuming from (and saving to) the checkpoint at `path`
-/// unless `fresh`; a finished checkpoint is returned without running anything. Each save
-/// writes a temporary file and renames it, so the checkpoint is never half-written.
+/// Where a calibration keeps its checkpoint, and whether to ignore an existing one.
+pub struct Store<'a> {
+    pub path: &'a std::path::Path,
+    pub fresh: bool,
+}
+
+/// Learn the transforms of `settings`, resuming from (and saving to) the checkpoint of `store`
+/// unless it says `fresh`; a finished checkpoint is returned without running anything. Each
+/// save writes a temporary file and renames it, so the checkpoint is never half-written.
 pub fn learn_resumable(
     w: &LlamaWeights,
     settings: &Settings,
     windows: &[Vec<u32>],
     device: &Device,
-    path: &std::path::Path,
-    fresh: bool,
+    store: Store,
     events: &mut dyn FnMut(&Event),
     cancel: &AtomicBool,
 ) -> Result<Learned> {
+    let (path, fresh) = (store.path, store.fresh);
     let resume = match std::fs::read(path) {
         Ok(bytes) if !fresh => {
             let (c, saved) = Checkpoint::from_bytes(path, &bytes, w)?;

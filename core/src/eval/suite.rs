@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::assets;
 use crate::calib::{
-    Event, Learned, Preset, Settings as CalibSettings, checkpoint_path, learn_resumable,
+    Event, Learned, Preset, Settings as CalibSettings, Store, checkpoint_path, learn_resumable,
 };
 use crate::data::tasks::{self, Task, TaskName};
 use crate::data::wiki::{self, WikiSplit};
@@ -192,6 +192,21 @@ impl Lab {
         key
     }
 
+    /// Whether every measurement of `method` at `bits` is in the cache.
+    pub fn is_cached(&self, method: Method, bits: Bits, s: &Settings) -> bool {
+        let bits = if method == Method::Fp { Bits::FP } else { bits };
+        let mkey = Self::method_key(method, bits, s);
+        let key = |task: &str, limit| cache_path(&self.dir, &mkey, &bits.to_string(), task, limit);
+        let wiki: Option<TextScores> = cached(
+            &key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows),
+            false,
+        );
+        wiki.is_some()
+            && s.tasks
+                .iter()
+                .all(|t| cached::<TaskScores>(&key(t.name(), s.limit), false).is_some())
+    }
+
     /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can.
     pub fn evaluate(
         &mut self,
@@ -329,8 +344,7 @@ impl Lab {
             settings,
             &windows,
             &self.device.device,
-            &path,
-            fresh,
+            Store { path: &path, fresh },
             events,
             cancel,
         )
