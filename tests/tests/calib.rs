@@ -643,3 +643,66 @@ fn a_short_calibration_lowers_the_loss_and_the_quantized_kl() {
     let r = &c.state.transforms.r_res;
     assert!(orthogonality_error(r, 32) < 1e-6);
 }
+
+/// The calibration's loss and gradient on burn's CPU backend and on the software Vulkan device
+/// (wgpu) agree, so the calibration runs on any GPU through burn-wgpu.
+#[test]
+fn calibration_gradients_on_the_software_vulkan_device_match_the_cpu() {
+    use ostquant_core::device::{DeviceChoice, select};
+    let vulkan = select(DeviceChoice::Software)
+        .expect(
+            "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
+        )
+        .device;
+    let w = outlier_weights(16);
+    let tokens = tiny_windows(2, 16, 5);
+    let t = random_transforms(&w, &KINDS, 70);
+    // 8-bit activations and KV: quantizers on, with rounding steps small enough that the
+    // devices' float differences rarely move a value across one.
+    let settings = Settings {
+        bits: Bits { w: 16, a: 8, kv: 8 },
+        ..tiny_settings(2)
+    };
+    let run = |device: &Device| {
+        let teacher = Llama::new(&w, device);
+        let z_fp = teacher.forward(&tokens, &mut teacher.new_cache());
+        let ad = device.clone().autodiff();
+        let mut student = Student::new(&w, &ad, &settings.forward_options(), None).unwrap();
+        let p = Params::upload(
+            &t,
+            &ad,
+            Trainable {
+                rotations: true,
+                scales: true,
+            },
+        );
+        let loss = settings
+            .loss
+            .compute(z_fp, student.forward(&p, &tokens), &tokens);
+        let value = loss
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()[0];
+        (value as f64, p.gradients(&loss.backward(), &t))
+    };
+    let (cpu_loss, cpu_g) = run(&Device::flex());
+    let (gpu_loss, gpu_g) = run(&vulkan);
+    assert!(cpu_loss > 0.0);
+    assert!(
+        (cpu_loss - gpu_loss).abs() < 1e-2 * cpu_loss,
+        "loss {cpu_loss} (cpu) vs {gpu_loss} (vulkan)"
+    );
+    let norm = cpu_g.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let diff = cpu_g
+        .iter()
+        .zip(&gpu_g)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        norm > 0.0 && diff < 0.05 * norm,
+        "gradients differ by {diff} (norm {norm})"
+    );
+}
