@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ostquant_core::assets;
+use ostquant_core::calib::optim::RotationOptimizer;
 use ostquant_core::calib::{Event, Init, Loss, Preset, Settings as CalibSettings};
 use ostquant_core::data::tasks::parse_task_list;
 use ostquant_core::data::wiki;
@@ -288,6 +289,9 @@ struct CalibArgs {
     /// womi, hadamard or identity
     #[arg(long)]
     init: Option<Init>,
+    /// Rotation optimiser: adam (Riemannian Adam) or sgd (Cayley SGD)
+    #[arg(long)]
+    optimizer: Option<RotationOptimizer>,
     /// Start the calibration over instead of resuming its checkpoint
     #[arg(long)]
     fresh: bool,
@@ -330,6 +334,9 @@ impl CalibArgs {
         }
         if let Some(v) = self.init {
             s.init = v;
+        }
+        if let Some(v) = self.optimizer {
+            s.optimizer = v;
         }
         Ok(Some(s))
     }

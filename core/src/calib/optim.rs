@@ -23,6 +23,17 @@ pub enum RotationOptimizer {
     Sgd,
 }
 
+impl std::str::FromStr for RotationOptimizer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "adam" | "riemannian-adam" => Ok(RotationOptimizer::Adam),
+            "sgd" | "cayley-sgd" => Ok(RotationOptimizer::Sgd),
+            _ => Err(format!("unknown optimiser '{s}' (expected adam or sgd)")),
+        }
+    }
+}
+
 fn mat(x: &[f64], n: usize) -> Mat<f64> {
     Mat::from_fn(n, n, |i, j| x[i * n + j])
 }
