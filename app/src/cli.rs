@@ -698,6 +698,12 @@ fn quantize(
     calib: &CalibArgs,
     s: &Settings,
 ) -> Result<()> {
+    if bits.w != 4 && bits.w < 16 {
+        bail!(
+            "the int4 folder stores 4-bit (or unquantized) weights; {bits} has {}-bit weights",
+            bits.w
+        );
+    }
     let t0 = std::time::Instant::now();
     let mut lab = open_lab(args.model.as_deref(), args.device)?;
     let gpu = lab.device().description.starts_with("wgpu");

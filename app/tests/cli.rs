@@ -392,4 +392,14 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
         s(&out),
     ]);
     assert!(err.contains("learns nothing"), "{err}");
+    let err = fails(&[
+        "quantize",
+        "--model",
+        s(&model),
+        "--bits",
+        "W8A8KV8",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("8-bit weights"), "{err}");
 }
