@@ -532,6 +532,24 @@ fn info(args: &ModelArgs) -> Result<()> {
         c.rope_scaling.as_ref().map(|r| &r.rope_type)
     );
     println!("context:    {}", c.max_position_embeddings);
+    if qformat::is_quantized(&m.dir) {
+        let h = qformat::read_header(&m.dir)?;
+        let f = &h.forward;
+        println!(
+            "quantized:  {} {} (weights {}; online Hadamards: down {}, Q/K {})",
+            h.method,
+            h.bits,
+            h.weight.map_or("unquantized".to_string(), |w| format!(
+                "int{} {}{}",
+                w.bits,
+                if w.sym { "sym" } else { "asym" },
+                w.group
+                    .map_or(", per channel".to_string(), |g| format!(", groups of {g}"))
+            )),
+            f.down_hadamard,
+            f.qk_hadamard
+        );
+    }
     println!("device:     {dev}");
     for a in device::adapters() {
         println!(
