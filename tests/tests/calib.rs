@@ -706,3 +706,38 @@ fn calibration_gradients_on_the_software_vulkan_device_match_the_cpu() {
         "gradients differ by {diff} (norm {norm})"
     );
 }
+
+#[test]
+fn w4a16_calibration_trains_through_quantized_weights() {
+    // At W4A16 the student fake-quantizes its fused weights: the loss is positive from the
+    // first step (nothing else is quantized) and the steps run with finite gradients.
+    let w = outlier_weights(17);
+    let windows = tiny_windows(4, 16, 6);
+    let settings = Settings {
+        steps: 3,
+        batch: 2,
+        samples: 4,
+        seq_len: 16,
+        lr_rot: 0.05,
+        lr_scale: 0.02,
+        ..Settings::ostquant(
+            Bits {
+                w: 4,
+                a: 16,
+                kv: 16,
+            },
+            Preset::Cpu,
+        )
+    };
+    assert!(settings.train_weights && settings.init == Init::Hadamard);
+    let mut c = Calibrator::new(&w, settings, &windows, &Device::flex(), None).unwrap();
+    let before = c.loss(&windows[..2]);
+    assert!(
+        before > 1e-4,
+        "weights are quantized in training: loss {before}"
+    );
+    for _ in 0..3 {
+        assert!(c.step().unwrap().is_finite());
+    }
+    assert!(orthogonality_error(&c.state.transforms.r_res, 32) < 1e-6);
+}
