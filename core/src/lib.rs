@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod quant;
+pub mod runtime;
 pub mod transform;
 
 pub use error::{Error, Result};

@@ -1,0 +1,95 @@
+//! The wgpu inference engine for int4 model folders: hand-written WGSL kernels (shaders/)
+//! driven directly through wgpu, on the same wgpu version burn uses.
+//!
+//! This first part holds the device context and the decode GEMV; the rest of the decode loop
+//! (norms, RoPE, attention over the int4 KV cache, sampling) follows.
+
+pub mod gemv;
+
+use burn::tensor::wgpu::wgpu;
+
+use crate::device::DeviceChoice;
+use crate::error::{Error, Result};
+
+/// A wgpu device and queue for the runtime's kernels.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+}
+
+impl Gpu {
+    /// Open a hardware adapter (`Gpu`, or `Auto` when one exists) or the software Vulkan
+    /// device (`Software`); `Cpu` has no wgpu device.
+    pub fn open(choice: DeviceChoice) -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let software =
+            |a: &wgpu::Adapter| matches!(a.get_info().device_type, wgpu::DeviceType::Cpu);
+        let adapter = match choice {
+            DeviceChoice::Software => adapters.into_iter().find(software),
+            DeviceChoice::Gpu | DeviceChoice::Auto => adapters.into_iter().find(|a| !software(a)),
+            DeviceChoice::Cpu => None,
+        }
+        .ok_or_else(|| Error::other(format!("no wgpu adapter for --device {choice:?}")))?;
+        let info = adapter.get_info();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("ostquant runtime"),
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::other(format!("{}: cannot open the device: {e}", info.name)))?;
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+        })
+    }
+
+    /// A read-only storage buffer holding `data`.
+    pub fn storage<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        // wgpu rejects empty bindings: keep at least one element.
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let zero = [0u8; 4];
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: if bytes.is_empty() { &zero } else { bytes },
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    /// Copy `n` f32 values of `buf` back to the host (waits for the queue).
+    pub fn read_f32(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let size = (n * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::other(format!("{}: {e}", self.info.name)))?;
+        rx.recv()
+            .map_err(|e| Error::other(e.to_string()))?
+            .map_err(|e| Error::other(format!("{}: reading a buffer back: {e}", self.info.name)))?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::other(format!("{}: mapping a buffer: {e}", self.info.name)))?;
+        let out = bytemuck::cast_slice(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
