@@ -117,6 +117,16 @@ enum Command {
         #[arg(long)]
         w_asym: bool,
     },
+    /// Benchmark the runtime's kernels: W4A16 GEMV time and achieved bandwidth on SmolLM2 and
+    /// LLaMA-2-7B / LLaMA-3-8B layer shapes, on a wgpu device (gpu, or software here)
+    Bench {
+        /// auto or gpu (a real GPU), or software (Mesa's Vulkan on the CPU)
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+        /// Calls per shape
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
     /// The results table: every method at every bit setting, written to a Markdown file and a
     /// JSON file; resumes from the cache, so rerunning it only measures what is missing
     Results {
@@ -429,6 +439,7 @@ pub fn run() -> Result<()> {
             };
             quantize(&model, method, bits, &out, &calib, &s)
         }
+        Command::Bench { device, iters } => bench(device, iters),
         Command::Results {
             model,
             methods,
@@ -825,6 +836,37 @@ fn quantize(
         bytes as f64 / 1e6,
         t0.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn bench(device: DeviceChoice, iters: usize) -> Result<()> {
+    let gpu = ostquant_core::runtime::Gpu::open(device)?;
+    println!(
+        "device: {} ({:?}, {:?})",
+        gpu.info.name, gpu.info.backend, gpu.info.device_type
+    );
+    println!(
+        "W4A16 GEMV (int4 per-channel codes, f32 scales and vector), {iters} calls per shape:"
+    );
+    println!(
+        "{:>6} {:>6} {:>10} {:>10} {:>8}",
+        "out", "in", "MB read", "µs/call", "GB/s"
+    );
+    let figures = ostquant_core::runtime::bench::gemv(
+        &gpu,
+        &ostquant_core::runtime::bench::SHAPES,
+        iters.max(1),
+    )?;
+    for f in figures {
+        println!(
+            "{:>6} {:>6} {:>10.2} {:>10.1} {:>8.2}",
+            f.rows,
+            f.cols,
+            f.bytes as f64 / 1e6,
+            f.micros,
+            f.gb_per_s
+        );
+    }
     Ok(())
 }
 

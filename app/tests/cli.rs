@@ -403,3 +403,23 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
     ]);
     assert!(err.contains("8-bit weights"), "{err}");
 }
+
+#[test]
+fn bench_prints_gemv_bandwidth_on_the_software_device() {
+    let out = ostquant(&["bench", "--device", "software", "--iters", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("GB/s") && stdout.contains("11008"),
+        "{stdout}"
+    );
+    let rows = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(char::is_numeric))
+        .count();
+    assert_eq!(rows, 7, "{stdout}");
+}
