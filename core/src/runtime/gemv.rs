@@ -3,6 +3,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
+use super::kernel::Kernel;
 use crate::error::{Error, Result};
 use crate::quant::quantizer::QuantSpec;
 
@@ -72,28 +73,14 @@ struct Params {
 
 /// The compiled GEMV kernel.
 pub struct Gemv {
-    pipeline: wgpu::ComputePipeline,
+    kernel: Kernel,
 }
 
 impl Gemv {
     pub fn new(gpu: &Gpu) -> Self {
-        let module = gpu
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("gemv_w4a16"),
-                source: wgpu::ShaderSource::Wgsl(SHADER.into()),
-            });
-        let pipeline = gpu
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("gemv_w4a16"),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        Gemv { pipeline }
+        Gemv {
+            kernel: Kernel::new(gpu, "gemv_w4a16", SHADER),
+        }
     }
 
     /// Record y = W·x into `enc` (x: `cols` f32, y: `rows` f32, both on the GPU).
@@ -105,7 +92,6 @@ impl Gemv {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) {
-        use wgpu::util::DeviceExt;
         let rows = w.rows as u32;
         let grid_x = rows.min(GRID_X);
         let params = Params {
@@ -117,30 +103,13 @@ impl Gemv {
             grid_x,
             _pad: [0; 2],
         };
-        let uniform = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("gemv params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let entries = [&uniform, &w.words, &w.scales, &w.zeros, x, y]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
-            .collect::<Vec<_>>();
-        let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("gemv"),
-            layout: &self.pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(grid_x, rows.div_ceil(grid_x), 1);
+        self.kernel.record(
+            gpu,
+            enc,
+            &params,
+            &[&w.words, &w.scales, &w.zeros, x, y],
+            (grid_x, rows.div_ceil(grid_x), 1),
+        );
     }
 
     /// y = W·x, from and to the host (for tests and benchmarks of a single call).

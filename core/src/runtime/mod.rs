@@ -6,6 +6,8 @@
 
 pub mod bench;
 pub mod gemv;
+pub mod kernel;
+pub mod ops;
 
 use burn::tensor::wgpu::wgpu;
 
@@ -48,6 +50,29 @@ impl Gpu {
         })
     }
 
+    /// An empty f32 storage buffer of `n` values that kernels write and the host can read.
+    pub fn output(&self, label: &str, n: usize) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (n.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Submit `enc` and read `n` f32 values of `buf` back.
+    pub fn finish_f32(
+        &self,
+        enc: wgpu::CommandEncoder,
+        buf: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        self.queue.submit([enc.finish()]);
+        self.read_f32(buf, n)
+    }
+
     /// A read-only storage buffer holding `data`.
     pub fn storage<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
         use wgpu::util::DeviceExt;
@@ -58,7 +83,9 @@ impl Gpu {
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
                 contents: if bytes.is_empty() { &zero } else { bytes },
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
             })
     }
 

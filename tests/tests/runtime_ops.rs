@@ -1,0 +1,129 @@
+//! The runtime's RMSNorm, SiLU·mul and RoPE kernels on the software Vulkan device against f64
+//! references, on real and odd shapes.
+
+use ostquant_core::device::DeviceChoice;
+use ostquant_core::runtime::Gpu;
+use ostquant_core::runtime::ops::Ops;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Gpu {
+    Gpu::open(DeviceChoice::Software).expect(
+        "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
+    )
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize, r: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-r..r)).collect()
+}
+
+fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= tol * w.abs().max(1.0),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_f64() {
+    let gpu = gpu();
+    let ops = Ops::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(1);
+    for (rows, n) in [(1, 576), (5, 1536), (3, 4096), (2, 7)] {
+        let x = rand_vec(&mut rng, rows * n, 3.0);
+        let w = rand_vec(&mut rng, n, 2.0);
+        let (xb, wb, y) = (
+            gpu.storage("x", &x),
+            gpu.storage("w", &w),
+            gpu.output("y", rows * n),
+        );
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        ops.rms_norm(&gpu, &mut enc, &xb, &wb, &y, rows, n, 1e-5);
+        let got = gpu.finish_f32(enc, &y, rows * n).unwrap();
+        let mut want = Vec::new();
+        for row in x.chunks(n) {
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            want.extend(row.iter().zip(&w).map(|(&v, &g)| v as f64 * inv * g as f64));
+        }
+        close(&got, &want, 1e-5, &format!("rms_norm {rows}×{n}"));
+    }
+}
+
+#[test]
+fn silu_mul_matches_f64() {
+    let gpu = gpu();
+    let ops = Ops::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(2);
+    for len in [1536, 11008, 1, 257] {
+        let (g, u) = (rand_vec(&mut rng, len, 6.0), rand_vec(&mut rng, len, 2.0));
+        let out = gpu.output("out", len);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        ops.silu_mul(
+            &gpu,
+            &mut enc,
+            &gpu.storage("g", &g),
+            &gpu.storage("u", &u),
+            &out,
+            len,
+        );
+        let got = gpu.finish_f32(enc, &out, len).unwrap();
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&a, &b)| a as f64 / (1.0 + (-(a as f64)).exp()) * b as f64)
+            .collect();
+        close(&got, &want, 1e-5, &format!("silu_mul {len}"));
+    }
+}
+
+#[test]
+fn rope_matches_f64_at_far_positions() {
+    let gpu = gpu();
+    let ops = Ops::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(3);
+    let (tokens, heads, hd) = (3, 9, 64);
+    let positions = [0usize, 17, 8191];
+    let inv_freq: Vec<f64> = (0..hd / 2)
+        .map(|i| 100000f64.powf(-(2.0 * i as f64) / hd as f64))
+        .collect();
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &p in &positions {
+        for f in &inv_freq {
+            cos.push((p as f64 * f).cos() as f32);
+            sin.push((p as f64 * f).sin() as f32);
+        }
+    }
+    let x = rand_vec(&mut rng, tokens * heads * hd, 1.0);
+    let xb = gpu.storage("x", &x);
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    ops.rope(
+        &gpu,
+        &mut enc,
+        &xb,
+        &gpu.storage("cos", &cos),
+        &gpu.storage("sin", &sin),
+        tokens,
+        heads,
+        hd,
+    );
+    let got = gpu.finish_f32(enc, &xb, x.len()).unwrap();
+    let half = hd / 2;
+    let mut want = vec![0f64; x.len()];
+    for t in 0..tokens {
+        for h in 0..heads {
+            let base = (t * heads + h) * hd;
+            for i in 0..half {
+                let a = positions[t] as f64 * inv_freq[i];
+                let (c, s) = (a.cos(), a.sin());
+                let (u, v) = (x[base + i] as f64, x[base + i + half] as f64);
+                want[base + i] = u * c - v * s;
+                want[base + i + half] = v * c + u * s;
+            }
+        }
+    }
+    close(&got, &want, 1e-5, "rope");
+}
