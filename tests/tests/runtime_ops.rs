@@ -113,11 +113,11 @@ fn rope_matches_f64_at_far_positions() {
     let got = gpu.finish_f32(enc, &xb, x.len()).unwrap();
     let half = hd / 2;
     let mut want = vec![0f64; x.len()];
-    for t in 0..tokens {
+    for (t, &pos) in positions.iter().enumerate() {
         for h in 0..heads {
             let base = (t * heads + h) * hd;
-            for i in 0..half {
-                let a = positions[t] as f64 * inv_freq[i];
+            for (i, f) in inv_freq.iter().enumerate() {
+                let a = pos as f64 * f;
                 let (c, s) = (a.cos(), a.sin());
                 let (u, v) = (x[base + i] as f64, x[base + i + half] as f64);
                 want[base + i] = u * c - v * s;
