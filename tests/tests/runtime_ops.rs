@@ -127,3 +127,29 @@ fn rope_matches_f64_at_far_positions() {
     }
     close(&got, &want, 1e-5, "rope");
 }
+
+#[test]
+fn online_hadamard_matches_the_host_transform() {
+    use ostquant_core::runtime::hadamard::GpuHadamard;
+    use ostquant_core::transform::hadamard::Hadamard;
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(4);
+    for (rows, n) in [
+        (3, 1536),
+        (2, 576),
+        (1, 4096),
+        (1, 11008),
+        (2, 14336),
+        (4, 64),
+    ] {
+        let x = rand_vec(&mut rng, rows * n, 1.0);
+        let had = GpuHadamard::new(&gpu, n).unwrap();
+        let (xb, out) = (gpu.storage("x", &x), gpu.output("out", rows * n));
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        had.record(&gpu, &mut enc, &xb, &out, rows);
+        let got = gpu.finish_f32(enc, &out, rows * n).unwrap();
+        let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        Hadamard::new(n).unwrap().apply_rows(&mut want);
+        close(&got, &want, 2e-5, &format!("hadamard {rows}×{n}"));
+    }
+}

@@ -13,6 +13,11 @@ pub struct Kernel {
 impl Kernel {
     /// Compile `source` (entry point `main`).
     pub fn new(gpu: &Gpu, name: &'static str, source: &str) -> Self {
+        Self::entry(gpu, name, source, "main")
+    }
+
+    /// Compile the entry point `entry` of `source`.
+    pub fn entry(gpu: &Gpu, name: &'static str, source: &str, entry: &str) -> Self {
         let module = gpu
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -25,7 +30,7 @@ impl Kernel {
                 label: Some(name),
                 layout: None,
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
             });

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod gemv;
+pub mod hadamard;
 pub mod kernel;
 pub mod ops;
 

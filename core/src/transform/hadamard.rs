@@ -54,6 +54,11 @@ impl Hadamard {
         }
     }
 
+    /// The ±1 base matrix H_K, row-major k × k.
+    pub fn base_matrix(&self) -> &[i8] {
+        &self.base
+    }
+
     /// f32 version of [`apply_rows`](Self::apply_rows).
     pub fn apply_rows_f32(&self, x: &mut [f32]) {
         let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();

@@ -1,0 +1,87 @@
+//! The online Hadamard transform on the GPU (shaders/hadamard.wgsl), for the down_proj input
+//! of rotated models: any size K·2^m the host `Hadamard` supports.
+
+use burn::tensor::wgpu::wgpu;
+
+use super::Gpu;
+use super::kernel::Kernel;
+use crate::error::Result;
+use crate::transform::hadamard::Hadamard;
+
+const SHADER: &str = include_str!("../../../shaders/hadamard.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    n: u32,
+    p: u32,
+    k: u32,
+    stride: u32,
+    grid_x: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// y = H·x for rows of one size n.
+pub struct GpuHadamard {
+    n: usize,
+    k: usize,
+    hk: wgpu::Buffer,
+    butterfly: Kernel,
+    mix: Kernel,
+}
+
+fn grid(threads: usize) -> (u32, u32, u32) {
+    let groups = (threads.div_ceil(256)).max(1) as u32;
+    let x = groups.min(65535);
+    (x, groups.div_ceil(x), 1)
+}
+
+impl GpuHadamard {
+    pub fn new(gpu: &Gpu, n: usize) -> Result<Self> {
+        let h = Hadamard::new(n)?;
+        let hk: Vec<f32> = h.base_matrix().iter().map(|&v| v as f32).collect();
+        Ok(GpuHadamard {
+            n,
+            k: h.k,
+            hk: gpu.storage("hadamard base", &hk),
+            butterfly: Kernel::entry(gpu, "hadamard butterfly", SHADER, "butterfly"),
+            mix: Kernel::entry(gpu, "hadamard mix", SHADER, "mix"),
+        })
+    }
+
+    /// Record out = H·x for `rows` rows; `x` is used as scratch (its contents are destroyed).
+    pub fn record(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        rows: usize,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let p = n / k;
+        let mut params = Params {
+            rows: rows as u32,
+            n: n as u32,
+            p: p as u32,
+            k: k as u32,
+            stride: 1,
+            grid_x: 0,
+            scale: 1.0 / (n as f32).sqrt(),
+            _pad: 0,
+        };
+        let g = grid(rows * n / 2);
+        params.grid_x = g.0;
+        let mut stride = 1;
+        while stride < p {
+            params.stride = stride as u32;
+            self.butterfly.record(gpu, enc, &params, &[x], g);
+            stride *= 2;
+        }
+        let g = grid(rows * n);
+        params.grid_x = g.0;
+        self.mix.record(gpu, enc, &params, &[x, &self.hk, out], g);
+    }
+}

@@ -1,0 +1,63 @@
+// Online Hadamard transform of each row, y = H·x with H = (H_K ⊗ H_P)/√n, n = K·P (the
+// down_proj input of a rotated model; per head for Q/K). Works for any n = K·2^m in global
+// memory, so 11008- and 14336-wide rows need no large shared memory.
+//
+// Two entry points, recorded back to back:
+// - `butterfly`: one stage of the length-P Walsh–Hadamard transform of every K segment, in
+//   place: (a, b) ← (a + b, a − b) for the pairs `stride` apart. log2(P) dispatches.
+//   One thread per pair: rows · n/2 threads, 256 per workgroup.
+// - `mix`: out[i·P + j] = Σ_l H_K[i, l] · x[l·P + j] / √n, one thread per output element;
+//   H_K is the ±1 base matrix as f32 [K, K] (K = 1: a plain scale).
+
+struct Params {
+    rows: u32,
+    n: u32,
+    p: u32,
+    k: u32,
+    stride: u32,
+    grid_x: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> prm: Params;
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(2) var<storage, read> hk: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn butterfly(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let q = (wid.y * prm.grid_x + wid.x) * 256u + t;
+    let half = prm.n / 2u;
+    if (q >= prm.rows * half) {
+        return;
+    }
+    let row = q / half;
+    let r = q % half;
+    // Pair r of the row: its block of 2·stride, and the offset inside the block.
+    let block = r / prm.stride;
+    let off = r % prm.stride;
+    let a_idx = row * prm.n + block * 2u * prm.stride + off;
+    let b_idx = a_idx + prm.stride;
+    let a = x[a_idx];
+    let b = x[b_idx];
+    x[a_idx] = a + b;
+    x[b_idx] = a - b;
+}
+
+@compute @workgroup_size(256)
+fn mix(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let e = (wid.y * prm.grid_x + wid.x) * 256u + t;
+    if (e >= prm.rows * prm.n) {
+        return;
+    }
+    let row = e / prm.n;
+    let c = e % prm.n;
+    let i = c / prm.p;
+    let j = c % prm.p;
+    var acc = 0.0;
+    for (var l = 0u; l < prm.k; l = l + 1u) {
+        acc = acc + hk[i * prm.k + l] * x[row * prm.n + l * prm.p + j];
+    }
+    out[e] = acc * prm.scale;
+}
