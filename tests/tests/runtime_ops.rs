@@ -153,3 +153,67 @@ fn online_hadamard_matches_the_host_transform() {
         close(&got, &want, 2e-5, &format!("hadamard {rows}×{n}"));
     }
 }
+
+/// Per-head asymmetric 4-bit fake quantization of one position's [heads, hd], as the host
+/// quantizer does it.
+fn fake_quant_heads(x: &[f32], hd: usize) -> Vec<f64> {
+    use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_group};
+    let mut y = x.to_vec();
+    for g in y.chunks_mut(hd) {
+        fake_quant_group(g, &QuantSpec::asym(4), 1.0);
+    }
+    y.into_iter().map(|v| v as f64).collect()
+}
+
+#[test]
+fn attention_over_the_int4_cache_matches_f64() {
+    use ostquant_core::runtime::attention::{Attention, Int4Cache};
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(5);
+    for (nq, nkv, hd, len) in [(9, 3, 64, 70), (4, 4, 128, 3), (32, 8, 128, 130)] {
+        let att = Attention::new(&gpu, nq, nkv, hd, 256);
+        let (k, v) = (
+            Int4Cache::new(&gpu, 256, nkv, hd),
+            Int4Cache::new(&gpu, 256, nkv, hd),
+        );
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for pos in 0..len {
+            let kp = rand_vec(&mut rng, nkv * hd, 2.0);
+            let vp = rand_vec(&mut rng, nkv * hd, 2.0);
+            att.append(&gpu, &mut enc, &gpu.storage("k", &kp), &k, pos);
+            att.append(&gpu, &mut enc, &gpu.storage("v", &vp), &v, pos);
+            ks.push(fake_quant_heads(&kp, hd));
+            vs.push(fake_quant_heads(&vp, hd));
+        }
+        let q = rand_vec(&mut rng, nq * hd, 1.0);
+        let out = gpu.output("out", nq * hd);
+        att.attend(&gpu, &mut enc, &gpu.storage("q", &q), &k, &v, &out, len);
+        let got = gpu.finish_f32(enc, &out, nq * hd).unwrap();
+        let mut want = vec![0f64; nq * hd];
+        for h in 0..nq {
+            let kv = h / (nq / nkv);
+            let scores: Vec<f64> = (0..len)
+                .map(|t| {
+                    (0..hd)
+                        .map(|d| q[h * hd + d] as f64 * ks[t][kv * hd + d])
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for d in 0..hd {
+                want[h * hd + d] = (0..len).map(|t| e[t] * vs[t][kv * hd + d]).sum::<f64>() / z;
+            }
+        }
+        close(
+            &got,
+            &want,
+            1e-4,
+            &format!("attention nq {nq} nkv {nkv} hd {hd} len {len}"),
+        );
+    }
+}

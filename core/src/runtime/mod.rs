@@ -4,6 +4,7 @@
 //! This first part holds the device context and the decode GEMV; the rest of the decode loop
 //! (norms, RoPE, attention over the int4 KV cache, sampling) follows.
 
+pub mod attention;
 pub mod bench;
 pub mod gemv;
 pub mod hadamard;

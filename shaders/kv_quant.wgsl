@@ -1,0 +1,62 @@
+// Append one position's K or V to the int4 cache: per head, asymmetric 4-bit over the head's
+// hd values (the reference's per-token per-head KV quantizer: s = (max − min)/15 with the range
+// forced to contain 0, z = round(−min/s), code = clamp(round(x/s) + z, 0, 15)).
+//
+// Layout: src f32 [heads, hd] (this position); codes u32 [max_seq, heads, hd/8], 8 codes per
+// word, dim 8w + j in bits 4j..4j+3; scales and zeros f32 [max_seq, heads].
+// Workgroup plan: one workgroup per head, 64 threads; min/max by a shared-memory reduction,
+// then one thread per output word packs 8 codes.
+
+struct Params {
+    heads: u32,
+    hd: u32,
+    pos: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> codes: array<u32>;
+@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+@group(0) @binding(4) var<storage, read_write> zeros: array<f32>;
+
+var<workgroup> lo: array<f32, 64>;
+var<workgroup> hi: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let h = wid.x;
+    let base = h * p.hd;
+    var mn = 0.0;
+    var mx = 0.0;
+    for (var i = t; i < p.hd; i = i + 64u) {
+        mn = min(mn, src[base + i]);
+        mx = max(mx, src[base + i]);
+    }
+    lo[t] = mn;
+    hi[t] = mx;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+        if (t < s) {
+            lo[t] = min(lo[t], lo[t + s]);
+            hi[t] = max(hi[t], hi[t + s]);
+        }
+        workgroupBarrier();
+    }
+    let scale = max(hi[0] - lo[0], 1e-6) / 15.0;
+    let zero = round(-lo[0] / scale);
+    let slot = p.pos * p.heads + h;
+    if (t == 0u) {
+        scales[slot] = scale;
+        zeros[slot] = zero;
+    }
+    let words = p.hd / 8u;
+    for (var w = t; w < words; w = w + 64u) {
+        var word = 0u;
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            let q = clamp(round(src[base + 8u * w + j] / scale) + zero, 0.0, 15.0);
+            word = word | (u32(q) << (4u * j));
+        }
+        codes[slot * words + w] = word;
+    }
+}
