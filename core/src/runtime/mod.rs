@@ -9,6 +9,7 @@ pub mod bench;
 pub mod gemv;
 pub mod hadamard;
 pub mod kernel;
+pub mod model;
 pub mod ops;
 
 use burn::tensor::wgpu::wgpu;

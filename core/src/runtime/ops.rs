@@ -36,6 +36,9 @@ pub struct Ops {
     rms_norm: Kernel,
     silu_mul: Kernel,
     rope: Kernel,
+    act_quant: Kernel,
+    gemv_f32: Kernel,
+    add: Kernel,
 }
 
 impl Ops {
@@ -52,7 +55,86 @@ impl Ops {
                 include_str!("../../../shaders/silu_mul.wgsl"),
             ),
             rope: Kernel::new(gpu, "rope", include_str!("../../../shaders/rope.wgsl")),
+            act_quant: Kernel::new(
+                gpu,
+                "act_quant",
+                include_str!("../../../shaders/act_quant.wgsl"),
+            ),
+            gemv_f32: Kernel::new(
+                gpu,
+                "gemv_f32",
+                include_str!("../../../shaders/gemv_f32.wgsl"),
+            ),
+            add: Kernel::new(gpu, "add", include_str!("../../../shaders/add.wgsl")),
         }
+    }
+
+    /// Asymmetric `bits`-bit fake quantization in place of `len / group` groups of `x`.
+    pub fn act_quant(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        len: usize,
+        group: usize,
+        bits: u32,
+    ) {
+        let groups = (len / group) as u32;
+        let g = grid(groups);
+        let p = NormParams {
+            rows: groups,
+            n: group as u32,
+            eps: ((1u32 << bits) - 1) as f32,
+            grid_x: g.0,
+        };
+        self.act_quant.record(gpu, enc, &p, &[x], g);
+    }
+
+    /// y = W·x for an f32 weight [rows, cols] (cols divisible by 4).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_f32(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        w: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        rows: usize,
+        cols: usize,
+    ) {
+        let gx = (rows as u32).min(32768);
+        let p = Four {
+            a: rows as u32,
+            b: cols as u32,
+            c: gx,
+            d: 0,
+        };
+        self.gemv_f32.record(
+            gpu,
+            enc,
+            &p,
+            &[w, x, y],
+            (gx, (rows as u32).div_ceil(gx), 1),
+        );
+    }
+
+    /// y += x over `len` values.
+    pub fn add(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        len: usize,
+    ) {
+        let g = grid((len as u32).div_ceil(256));
+        let p = Four {
+            a: len as u32,
+            b: g.0,
+            c: 0,
+            d: 0,
+        };
+        self.add.record(gpu, enc, &p, &[x, y], g);
     }
 
     /// y = RMSNorm(x)·w for each of `rows` rows of length `n`.
