@@ -17,7 +17,7 @@ use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
 use ostquant_core::eval::perplexity::{perplexity, text_windows};
 use ostquant_core::eval::suite::{Lab, Settings};
-use ostquant_core::generate::{SamplingParams, Session};
+use ostquant_core::generate::{Decoder, SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::checkpoint::LlamaWeights;
 use ostquant_core::model::import::import_gguf;
@@ -26,6 +26,7 @@ use ostquant_core::model::qformat::{self, Header};
 use ostquant_core::model::tokenizer::ChatMessage;
 use ostquant_core::model::tokenizer::Tokenizer;
 use ostquant_core::quant::method::{Bits, Calibration, Method, transform, weight_spec, with_bits};
+use ostquant_core::runtime::model::GpuModel;
 
 #[derive(Parser)]
 #[command(
@@ -585,7 +586,7 @@ fn stop_flag() -> Arc<AtomicBool> {
 
 fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) -> Result<()> {
     let params = sampling.params()?;
-    let (m, _) = load(args)?;
+    let (m, dev) = load(args)?;
     let tok = &m.tokenizer;
     let text = if raw || !tok.has_chat_template() {
         prompt.to_string()
@@ -594,7 +595,7 @@ fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) 
     };
     let ids = tok.encode_with_bos(&text)?;
     let stop = stop_flag();
-    let mut session = Session::new(&m.model);
+    let mut session = Session::with_decoder(decoder(&m, args.device, &dev)?);
     let mut out = std::io::stdout().lock();
     let (_, stats) = session.generate(tok, &ids, params, &mut |piece| {
         let _ = write!(out, "{piece}");
@@ -612,9 +613,33 @@ fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) 
     Ok(())
 }
 
+/// The burn forward, or the GPU int4 runtime for an int4 folder on a wgpu device.
+fn decoder<'m>(
+    m: &'m LoadedModel,
+    choice: DeviceChoice,
+    dev: &ComputeDevice,
+) -> Result<Box<dyn Decoder + 'm>> {
+    // `auto` picked a wgpu device only when a real GPU exists.
+    let wants_gpu = matches!(choice, DeviceChoice::Gpu | DeviceChoice::Software)
+        || (choice == DeviceChoice::Auto && dev.description.starts_with("wgpu"));
+    if qformat::is_quantized(&m.dir) && wants_gpu {
+        let gpu = ostquant_core::runtime::Gpu::open(choice)?;
+        let name = gpu.info.name.clone();
+        let max_seq = m.model.config.max_position_embeddings.min(4096);
+        match GpuModel::load(&m.dir, gpu, max_seq) {
+            Ok(rt) => {
+                eprintln!("ostquant: int4 runtime (WGSL kernels) on {name}");
+                return Ok(Box::new(rt));
+            }
+            Err(e) => eprintln!("ostquant: {e}; running the burn forward instead"),
+        }
+    }
+    Ok(Session::burn_decoder(&m.model))
+}
+
 fn chat(args: &ModelArgs, system: Option<String>, sampling: &SamplingArgs) -> Result<()> {
     let params = sampling.params()?;
-    let (m, _) = load(args)?;
+    let (m, dev) = load(args)?;
     let tok = &m.tokenizer;
     if !tok.has_chat_template() {
         bail!(
@@ -626,7 +651,7 @@ fn chat(args: &ModelArgs, system: Option<String>, sampling: &SamplingArgs) -> Re
         .map(|s| vec![ChatMessage::new("system", s)])
         .unwrap_or_default();
     let mut history = base.clone();
-    let mut session = Session::new(&m.model);
+    let mut session = Session::with_decoder(decoder(&m, args.device, &dev)?);
     let stop = stop_flag();
     eprintln!(
         "chat with {} — /reset clears, /quit or Ctrl-D leaves",

@@ -107,19 +107,80 @@ impl GenerationStats {
     }
 }
 
+/// What runs the model for a [`Session`]: the burn forward, or the GPU int4 runtime.
+pub trait Decoder {
+    /// Forget every position.
+    fn reset(&mut self);
+    /// Run `ids` after the positions seen so far; the logits of the last one.
+    fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
+    /// Positions the model can hold.
+    fn max_context(&self) -> usize;
+}
+
+/// The burn forward with its KV cache.
+struct BurnDecoder<'m> {
+    model: &'m Llama,
+    cache: KvCache,
+}
+
+impl Decoder for BurnDecoder<'_> {
+    fn reset(&mut self) {
+        self.cache = self.model.new_cache();
+    }
+    fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.model.forward_hidden(&[ids.to_vec()], &mut self.cache);
+        let [_, t, d] = h.dims();
+        let last = h.narrow(1, t - 1, 1).reshape([1, 1, d]);
+        self.model
+            .logits(last)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::other(format!("reading logits: {e:?}")))
+    }
+    fn max_context(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+}
+
+impl Decoder for crate::runtime::model::GpuModel {
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+    fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut last = Vec::new();
+        for &id in ids {
+            last = self.step(id)?;
+        }
+        Ok(last)
+    }
+    fn max_context(&self) -> usize {
+        self.max_seq()
+    }
+}
+
 /// A conversation with a model: keeps the KV cache between turns, so a prompt that extends
 /// the previous one only runs its new tokens.
 pub struct Session<'m> {
-    model: &'m Llama,
-    cache: KvCache,
+    decoder: Box<dyn Decoder + 'm>,
     tokens: Vec<u32>,
 }
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Llama) -> Self {
-        Session {
+        Self::with_decoder(Self::burn_decoder(model))
+    }
+
+    /// The burn forward as a decoder.
+    pub fn burn_decoder(model: &'m Llama) -> Box<dyn Decoder + 'm> {
+        Box::new(BurnDecoder {
             model,
             cache: model.new_cache(),
+        })
+    }
+
+    pub fn with_decoder(decoder: Box<dyn Decoder + 'm>) -> Self {
+        Session {
+            decoder,
             tokens: Vec::new(),
         }
     }
@@ -136,7 +197,7 @@ impl<'m> Session<'m> {
         if prompt.is_empty() {
             return Err(Error::other("the prompt is empty"));
         }
-        let max_ctx = self.model.config.max_position_embeddings;
+        let max_ctx = self.decoder.max_context();
         if prompt.len() >= max_ctx {
             return Err(Error::other(format!(
                 "the prompt has {} tokens, the model's context is {max_ctx}",
@@ -145,7 +206,7 @@ impl<'m> Session<'m> {
         }
         // Reuse the cache when the new prompt extends what it holds; else start over.
         if !(prompt.len() > self.tokens.len() && prompt.starts_with(&self.tokens)) {
-            self.cache = self.model.new_cache();
+            self.decoder.reset();
             self.tokens.clear();
         }
         let new = prompt[self.tokens.len()..].to_vec();
@@ -158,7 +219,7 @@ impl<'m> Session<'m> {
         let mut out = Vec::new();
 
         let t0 = Instant::now();
-        let mut logits = self.last_logits(&new)?;
+        let mut logits = self.decoder.last_logits(&new)?;
         self.tokens.extend_from_slice(&new);
         stats.prefill_secs = t0.elapsed().as_secs_f64();
 
@@ -177,22 +238,10 @@ impl<'m> Session<'m> {
             if out.len() == params.max_new_tokens {
                 break;
             }
-            logits = self.last_logits(&[id])?;
+            logits = self.decoder.last_logits(&[id])?;
             self.tokens.push(id);
         }
         stats.decode_secs = t1.elapsed().as_secs_f64();
         Ok((out, stats))
-    }
-
-    /// Run `ids` through the model and return the logits of the last position.
-    fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let h = self.model.forward_hidden(&[ids.to_vec()], &mut self.cache);
-        let [_, t, d] = h.dims();
-        let last = h.narrow(1, t - 1, 1).reshape([1, 1, d]);
-        self.model
-            .logits(last)
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| Error::other(format!("reading logits: {e:?}")))
     }
 }

@@ -199,6 +199,11 @@ impl GpuModel {
         })
     }
 
+    /// Positions the cache holds.
+    pub fn max_seq(&self) -> usize {
+        self.attn.max_seq
+    }
+
     /// Run one token at the next position and return its logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         let c = &self.config;
