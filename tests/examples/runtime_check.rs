@@ -34,6 +34,32 @@ fn main() {
         .into_data()
         .try_to_vec::<f32>()
         .unwrap();
+    // The same burn model fed one token at a time (its own KV cache): how much two float
+    // orders of the *same* computation disagree on this folder.
+    let v = m.model.config.vocab_size;
+    let mut cache = m.model.new_cache();
+    let (mut self_agree, mut self_worst) = (0, 0f32);
+    let argmax = |x: &[f32]| (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap();
+    for (i, &t) in ids.iter().enumerate() {
+        let got = m
+            .model
+            .forward(&[vec![t]], &mut cache)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let row = &want[i * v..(i + 1) * v];
+        self_agree += (argmax(&got) == argmax(row)) as usize;
+        let scale = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        self_worst = self_worst.max(
+            got.iter()
+                .zip(row)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale,
+        );
+    }
+    println!(
+        "burn token-by-token vs burn prefill: top-1 {self_agree}/{n}, largest relative logit difference {self_worst:.2e}"
+    );
     let gpu = Gpu::open(choice).unwrap();
     println!("device: {}", gpu.info.name);
     let mut rt = GpuModel::load(&dir, gpu, n + 1).unwrap();
