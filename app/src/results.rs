@@ -42,11 +42,13 @@ pub fn results(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| Path::new("results").join(format!("{}.json", name.to_lowercase())));
     let mut rows: Vec<RowResult> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
     for &m in &methods {
         let settings_bits: &[Bits] = if m == Method::Fp { &[Bits::FP] } else { &bits };
         for &b in settings_bits {
             if cached_only && !lab.is_cached(m, b, settings) {
                 eprintln!("ostquant: {m} {b}: not measured yet, skipped (--cached-only)");
+                skipped.push(format!("{m} {b}"));
                 continue;
             }
             eprintln!("ostquant: {m} {b}");
@@ -55,12 +57,14 @@ pub fn results(
             bar.finish_and_clear();
             rows.push(row);
             // Written after every row, so the files show the table as far as it got.
-            write_atomic(md, &markdown(&name, &rows, settings))?;
+            write_atomic(md, &markdown(&name, &rows, settings, &skipped))?;
             let list: Vec<_> = rows.iter().map(|r| r.to_json(settings.limit)).collect();
             write_atomic(&json, &serde_json::to_string_pretty(&list)?)?;
         }
     }
-    print!("{}", markdown(&name, &rows, settings));
+    let table = markdown(&name, &rows, settings, &skipped);
+    write_atomic(md, &table)?;
+    print!("{table}");
     eprintln!("ostquant: wrote {} and {}", md.display(), json.display());
     Ok(())
 }
@@ -97,7 +101,7 @@ fn short(t: TaskName) -> &'static str {
 }
 
 /// The table with a header that says exactly how it was measured.
-fn markdown(model: &str, rows: &[RowResult], s: &Settings) -> String {
+fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -> String {
     let mut out = String::new();
     let command: Vec<String> = std::env::args().skip(1).collect();
     let device = rows.first().map_or("", |r| r.device.as_str());
@@ -105,8 +109,16 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings) -> String {
     let _ = writeln!(
         out,
         "Written by `ostquant {}` on {device}. Rerun the same command to reproduce or extend it: \
-         every cell is cached under `~/.cache/ostquant/results`, so only missing cells are measured.\n",
-        command.join(" ")
+         every cell is cached under `~/.cache/ostquant/results`, so only missing cells are measured{}.\n",
+        command.join(" "),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (without `--cached-only`; not measured yet: {})",
+                skipped.join(", ")
+            )
+        }
     );
     let wiki = rows.first().map(|r| &r.wiki);
     let preset = CalibSettings::ostquant(Bits::FP, s.preset);
