@@ -9,7 +9,7 @@ use super::transforms::{LayerTransforms, Shapes, Transforms};
 use crate::error::Result;
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
 use crate::model::llama::{ForwardOptions, Layer, Llama, upload_t};
-use crate::quant::quantizer::QuantSpec;
+use crate::quant::quantizer::{QuantSpec, device_params};
 use crate::transform::fuse::fold_norms;
 use crate::transform::hadamard::RowHadamard;
 
@@ -282,18 +282,7 @@ fn fake_quant_columns(w_t: Tensor<2>, spec: &QuantSpec) -> Tensor<2> {
     let w = w_t.transpose();
     let lo = w.clone().min_dim(1).clamp_max(0.0).detach();
     let hi = w.clone().max_dim(1).clamp_min(0.0).detach();
-    let (scale, zero) = if spec.sym {
-        let s = hi
-            .clamp_min(1e-6)
-            .div_scalar(spec.qmax())
-            .max_pair(lo.div_scalar(spec.qmin()));
-        let z = s.zeros_like();
-        (s, z)
-    } else {
-        let s = (hi - lo.clone()).clamp_min(1e-6).div_scalar(spec.qmax());
-        let z = lo.neg().div(s.clone()).round();
-        (s, z)
-    };
+    let (scale, zero) = device_params(lo, hi, spec);
     let q = (w.clone().div(scale.clone()).round() + zero.clone())
         .clamp(spec.qmin(), spec.qmax())
         .sub(zero)

@@ -182,6 +182,27 @@ pub fn fake_quant_matrix(
         .collect()
 }
 
+/// Scale and (rounded, constant) zero point on the device of groups whose ranges are
+/// [lo, hi] (already forced to contain 0), as [`params`] computes them on the host.
+pub fn device_params(
+    lo: burn::tensor::Tensor<2>,
+    hi: burn::tensor::Tensor<2>,
+    spec: &QuantSpec,
+) -> (burn::tensor::Tensor<2>, burn::tensor::Tensor<2>) {
+    if spec.sym {
+        let s = hi
+            .clamp_min(1e-6)
+            .div_scalar(spec.qmax())
+            .max_pair(lo.div_scalar(spec.qmin()));
+        let z = s.zeros_like();
+        (s, z)
+    } else {
+        let s = (hi - lo.clone()).clamp_min(1e-6).div_scalar(spec.qmax());
+        let z = lo.neg().div(s.clone()).round().detach();
+        (s, z)
+    }
+}
+
 /// Fake-quantize a [rows, cols] tensor on the device, groups along each row (dynamic
 /// per-token quantization of activations).
 ///
@@ -199,18 +220,7 @@ pub fn fake_quant_tensor(x: burn::tensor::Tensor<2>, spec: &QuantSpec) -> burn::
     let g = x.clone().reshape([rows * cols / group, group]);
     let lo = g.clone().min_dim(1).clamp_max(0.0);
     let hi = g.clone().max_dim(1).clamp_min(0.0);
-    let (scale, zero) = if spec.sym {
-        let s = hi
-            .clamp_min(1e-6)
-            .div_scalar(spec.qmax())
-            .max_pair(lo.div_scalar(spec.qmin()));
-        let z = s.zeros_like();
-        (s, z)
-    } else {
-        let s = (hi - lo.clone()).clamp_min(1e-6).div_scalar(spec.qmax());
-        let z = lo.neg().div(s.clone()).round().detach();
-        (s, z)
-    };
+    let (scale, zero) = device_params(lo, hi, spec);
     let u = g.div(scale.clone());
     let rounded = u.clone().round();
     let q = (rounded.clone() + zero.clone())
