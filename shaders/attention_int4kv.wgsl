@@ -1,5 +1,6 @@
-// Decode attention of one new query position over an int4 KV cache (kv_quant.wgsl's layout),
-// with grouped-query heads: query head h reads KV head h / group.
+// Decode attention of one new query position over the KV cache (kv_quant.wgsl's layout: int4
+// codes, or f32 bits when `raw`), with grouped-query heads: query head h reads KV head
+// h / group.
 //
 // Layout: q f32 [nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 scales and zeros
 // [max_seq, nkv]; scores f32 [nq, max_seq] scratch; out f32 [nq, hd]. Positions 0..len-1.
@@ -16,8 +17,8 @@ struct Params {
     len: u32,
     max_seq: u32,
     scale: f32,
-    _pad0: u32,
-    _pad1: u32,
+    raw: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -37,24 +38,35 @@ fn code(word: u32, j: u32) -> f32 {
     return f32((word >> (4u * j)) & 0xFu);
 }
 
+// Element d of the key at cache slot `slot` (position · nkv + head).
+fn key(slot: u32, d: u32) -> f32 {
+    if (p.raw != 0u) {
+        return bitcast<f32>(k_codes[slot * p.hd + d]);
+    }
+    let word = k_codes[slot * (p.hd / 8u) + d / 8u];
+    return (code(word, d % 8u) - k_zeros[slot]) * k_scales[slot];
+}
+
+fn value(slot: u32, d: u32) -> f32 {
+    if (p.raw != 0u) {
+        return bitcast<f32>(v_codes[slot * p.hd + d]);
+    }
+    let word = v_codes[slot * (p.hd / 8u) + d / 8u];
+    return (code(word, d % 8u) - v_zeros[slot]) * v_scales[slot];
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let h = wid.x;
     let kv = h / (p.nq / p.nkv);
-    let words = p.hd / 8u;
     let row = h * p.max_seq;
     // (1) scores and their max
     var mx = -3.0e38;
     for (var s = t; s < p.len; s = s + 64u) {
         let slot = s * p.nkv + kv;
-        let sc = k_scales[slot];
-        let z = k_zeros[slot];
         var dot_qk = 0.0;
-        for (var w = 0u; w < words; w = w + 1u) {
-            let word = k_codes[slot * words + w];
-            for (var j = 0u; j < 8u; j = j + 1u) {
-                dot_qk = dot_qk + q[h * p.hd + 8u * w + j] * (code(word, j) - z) * sc;
-            }
+        for (var d = 0u; d < p.hd; d = d + 1u) {
+            dot_qk = dot_qk + q[h * p.hd + d] * key(slot, d);
         }
         let v = dot_qk * p.scale;
         scores[row + s] = v;
@@ -90,13 +102,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     // (3) weighted sum of the values
     for (var d = t; d < p.hd; d = d + 64u) {
-        let w = d / 8u;
-        let j = d % 8u;
         var acc = 0.0;
         for (var s = 0u; s < p.len; s = s + 1u) {
-            let slot = s * p.nkv + kv;
-            let word = v_codes[slot * words + w];
-            acc = acc + scores[row + s] * (code(word, j) - v_zeros[slot]) * v_scales[slot];
+            acc = acc + scores[row + s] * value(s * p.nkv + kv, d);
         }
         out[h * p.hd + d] = acc / total;
     }

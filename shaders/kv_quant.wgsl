@@ -3,7 +3,9 @@
 // forced to contain 0, z = round(−min/s), code = clamp(round(x/s) + z, 0, 15)).
 //
 // Layout: src f32 [heads, hd] (this position); codes u32 [max_seq, heads, hd/8], 8 codes per
-// word, dim 8w + j in bits 4j..4j+3; scales and zeros f32 [max_seq, heads].
+// word, dim 8w + j in bits 4j..4j+3; scales and zeros f32 [max_seq, heads]. With `raw` set
+// (a 16-bit KV cache) the position is stored unquantized: codes holds the f32 bits
+// [max_seq, heads, hd].
 // Workgroup plan: one workgroup per head, 64 threads; min/max by a shared-memory reduction,
 // then one thread per output word packs 8 codes.
 
@@ -11,7 +13,7 @@ struct Params {
     heads: u32,
     hd: u32,
     pos: u32,
-    _pad: u32,
+    raw: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,6 +29,13 @@ var<workgroup> hi: array<f32, 64>;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let h = wid.x;
     let base = h * p.hd;
+    if (p.raw != 0u) {
+        let slot = (p.pos * p.heads + h) * p.hd;
+        for (var i = t; i < p.hd; i = i + 64u) {
+            codes[slot + i] = bitcast<u32>(src[base + i]);
+        }
+        return;
+    }
     var mn = 0.0;
     var mx = 0.0;
     for (var i = t; i < p.hd; i = i + 64u) {

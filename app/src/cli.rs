@@ -15,32 +15,38 @@ use ostquant_core::calib::{Event, Init, Loss, Preset, Settings as CalibSettings}
 use ostquant_core::data::tasks::parse_task_list;
 use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
-use ostquant_core::eval::perplexity::{perplexity, text_windows};
+use ostquant_core::eval::perplexity::perplexity;
 use ostquant_core::eval::suite::{Lab, Settings};
 use ostquant_core::generate::{Decoder, SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
-use ostquant_core::model::checkpoint::LlamaWeights;
 use ostquant_core::model::import::import_gguf;
-use ostquant_core::model::llama::Llama;
-use ostquant_core::model::qformat::{self, Header};
+use ostquant_core::model::qformat;
 use ostquant_core::model::tokenizer::ChatMessage;
-use ostquant_core::model::tokenizer::Tokenizer;
-use ostquant_core::quant::method::{Bits, Calibration, Method, transform, weight_spec, with_bits};
-use ostquant_core::runtime::model::GpuModel;
+use ostquant_core::quant::method::{Bits, Method};
 
 #[derive(Parser)]
 #[command(
     name = "ostquant",
     version,
-    about = "Quantize LLaMA-family models to 4 bits with OSTQuant, and run them"
+    about = "Quantize LLaMA-family models to 4 bits with OSTQuant, and run them",
+    long_about = "Quantize LLaMA-family models to 4 bits with OSTQuant, and run them.\n\nWithout a command, opens the desktop app."
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Open the desktop app (the default without a command)
+    Gui {
+        /// A model folder or .gguf to open at start
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Compute device: auto, gpu, cpu or software
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+    },
     /// Download and verify the default model and data (no-op when done)
     Fetch,
     /// Convert a GGUF file into a Hugging Face model folder
@@ -118,15 +124,28 @@ enum Command {
         #[arg(long)]
         w_asym: bool,
     },
-    /// Benchmark the runtime's kernels: W4A16 GEMV time and achieved bandwidth on SmolLM2 and
-    /// LLaMA-2-7B / LLaMA-3-8B layer shapes, on a wgpu device (gpu, or software here)
+    /// Benchmark the runtime on a wgpu device: int4 and f16 GEMV bandwidth against the
+    /// device's read bandwidth, and decode speed of synthetic SmolLM2 / LLaMA-2-7B / LLaMA-3-8B
+    /// shaped models (int4 vs f16 weights) and of a model folder
     Bench {
         /// auto or gpu (a real GPU), or software (Mesa's Vulkan on the CPU)
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
-        /// Calls per shape
+        /// Calls per GEMV shape
         #[arg(long, default_value_t = 20)]
         iters: usize,
+        /// Also decode with this model folder (int4 or unquantized)
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Synthetic decode models: none, all, or a list of smollm2-135m, llama2-7b, llama3-8b
+        #[arg(long, default_value = "smollm2-135m")]
+        synthetic: String,
+        /// Tokens timed per decode run (after 4 warm-up tokens)
+        #[arg(long, default_value_t = 16)]
+        tokens: usize,
+        /// Also write the figures as JSON
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The results table: every method at every bit setting, written to a Markdown file and a
     /// JSON file; resumes from the cache, so rerunning it only measures what is missing
@@ -385,7 +404,11 @@ impl SamplingArgs {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    let Some(command) = cli.command else {
+        return crate::gui::run(None, DeviceChoice::Auto);
+    };
+    match command {
+        Command::Gui { model, device } => crate::gui::run(model, device),
         Command::Fetch => Ok(assets::fetch()?),
         Command::Import { gguf, out } => {
             let bar = progress_bar("importing tensors");
@@ -440,7 +463,23 @@ pub fn run() -> Result<()> {
             };
             quantize(&model, method, bits, &out, &calib, &s)
         }
-        Command::Bench { device, iters } => bench(device, iters),
+        Command::Bench {
+            device,
+            iters,
+            model,
+            synthetic,
+            tokens,
+            json,
+        } => bench(
+            &ostquant_core::runtime::bench::Options {
+                device,
+                iters: iters.max(1),
+                model,
+                synthetic,
+                tokens: tokens.max(1),
+            },
+            json.as_deref(),
+        ),
         Command::Results {
             model,
             methods,
@@ -613,28 +652,15 @@ fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) 
     Ok(())
 }
 
-/// The burn forward, or the GPU int4 runtime for an int4 folder on a wgpu device.
+/// The decoder `generate` and `chat` run, announced on stderr.
 fn decoder<'m>(
     m: &'m LoadedModel,
     choice: DeviceChoice,
     dev: &ComputeDevice,
 ) -> Result<Box<dyn Decoder + 'm>> {
-    // `auto` picked a wgpu device only when a real GPU exists.
-    let wants_gpu = matches!(choice, DeviceChoice::Gpu | DeviceChoice::Software)
-        || (choice == DeviceChoice::Auto && dev.description.starts_with("wgpu"));
-    if qformat::is_quantized(&m.dir) && wants_gpu {
-        let gpu = ostquant_core::runtime::Gpu::open(choice)?;
-        let name = gpu.info.name.clone();
-        let max_seq = m.model.config.max_position_embeddings.min(4096);
-        match GpuModel::load(&m.dir, gpu, max_seq) {
-            Ok(rt) => {
-                eprintln!("ostquant: int4 runtime (WGSL kernels) on {name}");
-                return Ok(Box::new(rt));
-            }
-            Err(e) => eprintln!("ostquant: {e}; running the burn forward instead"),
-        }
-    }
-    Ok(Session::burn_decoder(&m.model))
+    let (d, what) = ostquant_core::generate::decoder(m, choice, dev);
+    eprintln!("ostquant: {what}");
+    Ok(d)
 }
 
 fn chat(args: &ModelArgs, system: Option<String>, sampling: &SamplingArgs) -> Result<()> {
@@ -752,12 +778,7 @@ fn quantize(
     calib: &CalibArgs,
     s: &Settings,
 ) -> Result<()> {
-    if bits.w != 4 && bits.w < 16 {
-        bail!(
-            "the int4 folder stores 4-bit (or unquantized) weights; {bits} has {}-bit weights",
-            bits.w
-        );
-    }
+    Lab::check_export_bits(bits)?;
     let t0 = std::time::Instant::now();
     let mut lab = open_lab(args.model.as_deref(), args.device)?;
     let gpu = lab.device().description.starts_with("wgpu");
@@ -822,39 +843,11 @@ fn quantize(
         );
     }
     let (bar, mut prog) = stage_bar();
-    let (q, online) = lab.prepare(method, bits, s, learned.as_ref(), &mut prog)?;
-    bar.finish_and_clear();
-    if cancel.load(Ordering::SeqCst) {
-        bail!("cancelled; nothing was written");
-    }
-    let opts = with_bits(online, method, bits);
-    let header = Header {
-        format: qformat::FORMAT.into(),
-        version: 1,
-        method: method.name().into(),
-        bits: bits.to_string(),
-        weight: q
-            .grids
-            .as_ref()
-            .and(weight_spec(bits.w, s.w_group, s.w_asym)),
-        forward: (&opts).into(),
-        details: serde_json::json!({
-            "calibration": learned.as_ref().map(|l| &l.settings),
-            "losses": learned.as_ref().map(|l| &l.losses),
-            "gptq_windows": [s.calib_windows, s.calib_len],
-            "source": lab.dir(),
-            "device": lab.device().description,
-        }),
+    let bytes = match lab.export(method, bits, s, learned.as_ref(), out, &mut prog, &cancel) {
+        Err(ostquant_core::Error::Cancelled) => bail!("cancelled; nothing was written"),
+        other => other?,
     };
-    qformat::write(out, lab.dir(), &q.weights, q.grids.as_deref(), &header)?;
-    let bytes: u64 = std::fs::read_dir(out)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    bar.finish_and_clear();
     println!(
         "wrote {} ({method} {bits}, {:.1} MB) in {:.0} s",
         out.display(),
@@ -864,33 +857,11 @@ fn quantize(
     Ok(())
 }
 
-fn bench(device: DeviceChoice, iters: usize) -> Result<()> {
-    let gpu = ostquant_core::runtime::Gpu::open(device)?;
-    println!(
-        "device: {} ({:?}, {:?})",
-        gpu.info.name, gpu.info.backend, gpu.info.device_type
-    );
-    println!(
-        "W4A16 GEMV (int4 per-channel codes, f32 scales and vector), {iters} calls per shape:"
-    );
-    println!(
-        "{:>6} {:>6} {:>10} {:>10} {:>8}",
-        "out", "in", "MB read", "µs/call", "GB/s"
-    );
-    let figures = ostquant_core::runtime::bench::gemv(
-        &gpu,
-        &ostquant_core::runtime::bench::SHAPES,
-        iters.max(1),
-    )?;
-    for f in figures {
-        println!(
-            "{:>6} {:>6} {:>10.2} {:>10.1} {:>8.2}",
-            f.rows,
-            f.cols,
-            f.bytes as f64 / 1e6,
-            f.micros,
-            f.gb_per_s
-        );
+fn bench(o: &ostquant_core::runtime::bench::Options, json: Option<&Path>) -> Result<()> {
+    let report = ostquant_core::runtime::bench::run(o, &mut std::io::stdout())?;
+    if let Some(path) = json {
+        crate::results::write_atomic(path, &serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -977,13 +948,9 @@ fn inspect(
     bar.finish_and_clear();
     let dev = device::select(args.device)?;
     eprintln!("ostquant: inspecting {} ({method}) on {dev}", dir.display());
-    let weights = LlamaWeights::load(&dir)?;
-    let tok = Tokenizer::load(&dir, &weights.config)?;
-    let fp = Llama::new(&weights, &dev.device);
-    let wins = text_windows(&fp, &tok, &wiki_split()?.calibration, 512, Some(windows))?;
+    let lab = Lab::open(&dir, dev)?;
     let learned = match m.learned_settings(bits, preset) {
         Some(ls) => {
-            let lab = Lab::open(&dir, dev.clone())?;
             let bar = progress_bar("calibrating");
             let l = lab.learn(
                 m,
@@ -1001,20 +968,10 @@ fn inspect(
         }
         None => None,
     };
-    let calib = Calibration {
-        windows: &wins,
-        device: &dev.device,
-        learned: learned.as_ref(),
-    };
-    let (tw, opts) = transform(&weights, m, &calib)?;
-    drop(fp);
-    let mut model = Llama::new(&tw, &dev.device);
-    model.set_options(opts)?;
     let bar = progress_bar("inspecting");
-    let ins =
-        ostquant_core::analysis::inspect::inspect(&model, &tw, method, &wins, &mut |d, t| {
-            progress(&bar, d, t)
-        })?;
+    let ins = lab.inspect(m, learned.as_ref(), windows, &mut |d, t| {
+        progress(&bar, d, t)
+    })?;
     bar.finish_and_clear();
     let names = [
         "qkv_in",
@@ -1039,7 +996,7 @@ fn inspect(
         print!(" {n:>9}");
     }
     println!();
-    for layer in 0..tw.layers.len() {
+    for layer in 0..lab.weights().layers.len() {
         print!("{layer:>5}");
         for n in names {
             match ins.get(layer, n).and_then(|s| s.qsur) {
@@ -1059,8 +1016,7 @@ fn inspect(
     }
     println!();
     if let Some(path) = json {
-        std::fs::write(path, serde_json::to_string(&ins)?)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+        crate::results::write_atomic(path, &serde_json::to_string(&ins)?)?;
         eprintln!("ostquant: wrote {}", path.display());
     }
     Ok(())

@@ -1,7 +1,6 @@
-//! `ostquant`: the command-line face of the engine in `ostquant-core`.
+//! `ostquant`: the desktop app and the command line over the engine in `ostquant-core`.
 
-mod cli;
-mod results;
+use ostquant_app::cli;
 
 use std::process::ExitCode;
 

@@ -76,7 +76,8 @@ fn split_list<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Vec<T>> {
         .collect()
 }
 
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
+/// Write `text` to `path` through a temporary file, so a failed run leaves no half-written file.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;

@@ -158,6 +158,36 @@ impl Decoder for crate::runtime::model::GpuModel {
     }
 }
 
+/// The decoder for `m`: the GPU runtime (WGSL kernels) for an int4 folder when the choice
+/// means a wgpu device, else the burn forward on `dev`; with a sentence saying which and why.
+pub fn decoder<'m>(
+    m: &'m crate::model::LoadedModel,
+    choice: crate::device::DeviceChoice,
+    dev: &crate::device::ComputeDevice,
+) -> (Box<dyn Decoder + 'm>, String) {
+    use crate::device::DeviceChoice;
+    // `auto` picked a wgpu device only when a real GPU exists.
+    let wants_gpu = matches!(choice, DeviceChoice::Gpu | DeviceChoice::Software)
+        || (choice == DeviceChoice::Auto && dev.description.starts_with("wgpu"));
+    let mut why = String::new();
+    if crate::model::qformat::is_quantized(&m.dir) && wants_gpu {
+        let max_seq = m.model.config.max_position_embeddings.min(4096);
+        match crate::runtime::Gpu::open(choice)
+            .and_then(|gpu| crate::runtime::model::GpuModel::load(&m.dir, gpu, max_seq))
+        {
+            Ok(rt) => {
+                let what = format!("int4 runtime (WGSL kernels) on {}", rt.device_name());
+                return (Box::new(rt), what);
+            }
+            Err(e) => why = format!(" ({e})"),
+        }
+    }
+    (
+        Session::burn_decoder(&m.model),
+        format!("burn forward on {dev}{why}"),
+    )
+}
+
 /// A conversation with a model: keeps the KV cache between turns, so a prompt that extends
 /// the previous one only runs its new tokens.
 pub struct Session<'m> {

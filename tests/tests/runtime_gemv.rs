@@ -1,11 +1,12 @@
 //! The W4A16 GEMV kernel on the software Vulkan device against an f64 reference on the same
-//! packed codes, on odd and real LLaMA shapes, symmetric per channel and asymmetric in groups.
+//! packed codes, on odd and real LLaMA shapes, symmetric per channel and asymmetric in groups;
+//! the f16 GEMV against an f64 reference on the rounded weights.
 
 use ostquant_core::device::DeviceChoice;
 use ostquant_core::model::qformat::unpack;
 use ostquant_core::quant::quantizer::QuantSpec;
 use ostquant_core::runtime::Gpu;
-use ostquant_core::runtime::gemv::{Gemv, Int4Matrix};
+use ostquant_core::runtime::gemv::{Gemv, HalfMatrix, Int4Matrix, Linear};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -40,8 +41,9 @@ fn gemv_matches_the_f64_reference() {
                 .collect()
         });
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let m =
-            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
+        let m = Linear::Int4(
+            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap(),
+        );
         let got = gemv.run(&gpu, &m, &x).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         for r in 0..rows {
@@ -77,6 +79,52 @@ fn gemv_refuses_mismatched_inputs() {
         Int4Matrix::upload(&gpu, 2, 16, QuantSpec::asym(4), &[0; 4], &[1.0; 2], None).is_err(),
         "zeros"
     );
-    let m = Int4Matrix::upload(&gpu, 2, 16, spec, &[0; 4], &[1.0; 2], None).unwrap();
+    let m = Linear::Int4(Int4Matrix::upload(&gpu, 2, 16, spec, &[0; 4], &[1.0; 2], None).unwrap());
     assert!(Gemv::new(&gpu).run(&gpu, &m, &[0.0; 8]).is_err());
+    assert!(
+        HalfMatrix::upload(&gpu, 2, 12, &[0; 24]).is_err(),
+        "cols % 8"
+    );
+    assert!(HalfMatrix::upload(&gpu, 2, 16, &[0; 31]).is_err(), "values");
+}
+
+#[test]
+fn f16_gemv_matches_the_f64_reference() {
+    let gpu = gpu();
+    let gemv = Gemv::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(2);
+    for (rows, cols) in [
+        (576, 576),
+        (1536, 576),
+        (5, 1536),
+        (3, 8),
+        (9, 40),
+        (17, 4096),
+    ] {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.1..0.1))
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let m = Linear::Half(HalfMatrix::from_f32(&gpu, rows, cols, &w).unwrap());
+        let got = gemv.run(&gpu, &m, &x).unwrap();
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let rounded = |v: f32| half::f16::from_f32(v).to_f32() as f64;
+            let want: f64 = row
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| rounded(a) * b as f64)
+                .sum();
+            let scale: f64 = row
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            assert!(
+                (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
+                "{rows}×{cols} row {r}: {} vs {want}",
+                got[r]
+            );
+        }
+    }
 }

@@ -1,8 +1,10 @@
-//! The runtime's RMSNorm, SiLU·mul and RoPE kernels on the software Vulkan device against f64
-//! references, on real and odd shapes.
+//! The runtime's small kernels (RMSNorm, SiLU·mul, RoPE, residual add, activation fake
+//! quantization, Hadamard, KV cache and attention) on the software Vulkan device against f64
+//! or host references, on real and odd shapes.
 
 use ostquant_core::device::DeviceChoice;
 use ostquant_core::runtime::Gpu;
+use ostquant_core::runtime::kernel::record_all;
 use ostquant_core::runtime::ops::Ops;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -41,7 +43,8 @@ fn rms_norm_matches_f64() {
             gpu.output("y", rows * n),
         );
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        ops.rms_norm(&gpu, &mut enc, &xb, &wb, &y, rows, n, 1e-5);
+        ops.rms_norm(&gpu, &xb, &wb, &y, rows, n, 1e-5)
+            .record(&mut enc);
         let got = gpu.finish_f32(enc, &y, rows * n).unwrap();
         let mut want = Vec::new();
         for row in x.chunks(n) {
@@ -64,12 +67,12 @@ fn silu_mul_matches_f64() {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         ops.silu_mul(
             &gpu,
-            &mut enc,
             &gpu.storage("g", &g),
             &gpu.storage("u", &u),
             &out,
             len,
-        );
+        )
+        .record(&mut enc);
         let got = gpu.finish_f32(enc, &out, len).unwrap();
         let want: Vec<f64> = g
             .iter()
@@ -100,16 +103,9 @@ fn rope_matches_f64_at_far_positions() {
     let x = rand_vec(&mut rng, tokens * heads * hd, 1.0);
     let xb = gpu.storage("x", &x);
     let mut enc = gpu.device.create_command_encoder(&Default::default());
-    ops.rope(
-        &gpu,
-        &mut enc,
-        &xb,
-        &gpu.storage("cos", &cos),
-        &gpu.storage("sin", &sin),
-        tokens,
-        heads,
-        hd,
-    );
+    let (cb, sb) = (gpu.storage("cos", &cos), gpu.storage("sin", &sin));
+    ops.rope(&gpu, &xb, &cb, &sb, tokens, heads, hd)
+        .record(&mut enc);
     let got = gpu.finish_f32(enc, &xb, x.len()).unwrap();
     let half = hd / 2;
     let mut want = vec![0f64; x.len()];
@@ -146,7 +142,7 @@ fn online_hadamard_matches_the_host_transform() {
         let had = GpuHadamard::new(&gpu, n).unwrap();
         let (xb, out) = (gpu.storage("x", &x), gpu.output("out", rows * n));
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        had.record(&gpu, &mut enc, &xb, &out, rows);
+        record_all(&mut enc, &had.dispatches(&gpu, &xb, &out, rows));
         let got = gpu.finish_f32(enc, &out, rows * n).unwrap();
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         Hadamard::new(n).unwrap().apply_rows(&mut want);
@@ -166,30 +162,41 @@ fn fake_quant_heads(x: &[f32], hd: usize) -> Vec<f64> {
 }
 
 #[test]
-fn attention_over_the_int4_cache_matches_f64() {
-    use ostquant_core::runtime::attention::{Attention, Int4Cache};
+fn attention_over_the_int4_and_f32_caches_matches_f64() {
+    use ostquant_core::runtime::attention::{Attention, KvCache};
     let gpu = gpu();
     let mut rng = StdRng::seed_from_u64(5);
-    for (nq, nkv, hd, len) in [(9, 3, 64, 70), (4, 4, 128, 3), (32, 8, 128, 130)] {
+    let cases = [(9, 3, 64, 70), (4, 4, 128, 3), (32, 8, 128, 130)];
+    for ((nq, nkv, hd, len), int4) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
         let att = Attention::new(&gpu, nq, nkv, hd, 256);
         let (k, v) = (
-            Int4Cache::new(&gpu, 256, nkv, hd),
-            Int4Cache::new(&gpu, 256, nkv, hd),
+            KvCache::new(&gpu, 256, nkv, hd, int4),
+            KvCache::new(&gpu, 256, nkv, hd, int4),
         );
+        let stored = |x: &[f32]| -> Vec<f64> {
+            if int4 {
+                fake_quant_heads(x, hd)
+            } else {
+                x.iter().map(|&v| v as f64).collect()
+            }
+        };
         let mut ks = Vec::new();
         let mut vs = Vec::new();
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         for pos in 0..len {
             let kp = rand_vec(&mut rng, nkv * hd, 2.0);
             let vp = rand_vec(&mut rng, nkv * hd, 2.0);
-            att.append(&gpu, &mut enc, &gpu.storage("k", &kp), &k, pos);
-            att.append(&gpu, &mut enc, &gpu.storage("v", &vp), &v, pos);
-            ks.push(fake_quant_heads(&kp, hd));
-            vs.push(fake_quant_heads(&vp, hd));
+            att.append(&gpu, &gpu.storage("k", &kp), &k, pos)
+                .record(&mut enc);
+            att.append(&gpu, &gpu.storage("v", &vp), &v, pos)
+                .record(&mut enc);
+            ks.push(stored(&kp));
+            vs.push(stored(&vp));
         }
         let q = rand_vec(&mut rng, nq * hd, 1.0);
         let out = gpu.output("out", nq * hd);
-        att.attend(&gpu, &mut enc, &gpu.storage("q", &q), &k, &v, &out, len);
+        att.attend(&gpu, &gpu.storage("q", &q), &k, &v, &out, len)
+            .record(&mut enc);
         let got = gpu.finish_f32(enc, &out, nq * hd).unwrap();
         let mut want = vec![0f64; nq * hd];
         for h in 0..nq {
@@ -213,7 +220,68 @@ fn attention_over_the_int4_cache_matches_f64() {
             &got,
             &want,
             1e-4,
-            &format!("attention nq {nq} nkv {nkv} hd {hd} len {len}"),
+            &format!("attention nq {nq} nkv {nkv} hd {hd} len {len} int4 {int4}"),
         );
+    }
+}
+
+#[test]
+fn residual_add_matches_f64() {
+    let gpu = gpu();
+    let ops = Ops::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(8);
+    for len in [576, 4096, 3, 70001] {
+        let (x, y) = (rand_vec(&mut rng, len, 2.0), rand_vec(&mut rng, len, 2.0));
+        let yb = gpu.storage("y", &y);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        ops.add(&gpu, &gpu.storage("x", &x), &yb, len)
+            .record(&mut enc);
+        let got = gpu.finish_f32(enc, &yb, len).unwrap();
+        let want: Vec<f64> = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| a as f64 + b as f64)
+            .collect();
+        close(&got, &want, 1e-6, &format!("add {len}"));
+    }
+}
+
+/// Per-group asymmetric fake quantization against the host quantizer the burn forward uses.
+#[test]
+fn activation_quantization_matches_the_host_quantizer() {
+    use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_group};
+    let gpu = gpu();
+    let ops = Ops::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(9);
+    for (len, group, bits) in [(576, 576, 4), (576, 64, 4), (1536, 1536, 8), (4096, 128, 4)] {
+        let mut x = rand_vec(&mut rng, len, 3.0);
+        x[5] = 40.0; // an outlier widens its group's range
+        let xb = gpu.storage("x", &x);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        ops.act_quant(&gpu, &xb, len, group, bits).record(&mut enc);
+        let got = gpu.finish_f32(enc, &xb, len).unwrap();
+        let mut want = x.clone();
+        let spec = QuantSpec::asym(bits);
+        for g in want.chunks_mut(group) {
+            fake_quant_group(g, &spec, 1.0);
+        }
+        // f32 rounding may put a value exactly between two levels on one side only: allow a
+        // rare one-step difference, never more.
+        let mut off = 0;
+        for (c, (g, w)) in got.chunks(group).zip(want.chunks(group)).enumerate() {
+            let x_g = &x[c * group..(c + 1) * group];
+            let range =
+                x_g.iter().fold(0f32, |m, &v| m.max(v)) - x_g.iter().fold(0f32, |m, &v| m.min(v));
+            let step = range / ((1u32 << bits) - 1) as f32;
+            for (a, b) in g.iter().zip(w) {
+                let d = (a - b).abs();
+                assert!(
+                    d <= step * 1.01 + 1e-6,
+                    "act quant {len}/{group}/{bits}: {a} vs {b}"
+                );
+                off += (d > 1e-5 * step.max(1e-6)) as usize;
+            }
+        }
+        assert!(off * 1000 <= len, "{off} of {len} values one level off");
     }
 }

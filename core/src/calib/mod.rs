@@ -150,7 +150,8 @@ impl Settings {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Refuse sizes and rates no calibration can run with.
+    pub fn validate(&self) -> Result<()> {
         if self.steps == 0 || self.batch == 0 || self.samples == 0 || self.seq_len < 2 {
             return Err(Error::other(
                 "calibration needs at least one step, one sample and two tokens per window",
@@ -293,7 +294,7 @@ impl<'a> Calibrator<'a> {
         device: &Device,
         resume: Option<Checkpoint>,
     ) -> Result<Self> {
-        settings.check()?;
+        settings.validate()?;
         if windows.is_empty() {
             return Err(Error::other("no calibration windows"));
         }

@@ -13,6 +13,7 @@ use super::zeroshot::{self, TaskScores};
 use super::{cache_get, cache_path, cache_put};
 use std::sync::atomic::AtomicBool;
 
+use crate::analysis::inspect::{Inspection, inspect};
 use crate::assets;
 use crate::calib::{
     Event, Learned, Preset, Settings as CalibSettings, Store, checkpoint_path, learn_resumable,
@@ -23,6 +24,7 @@ use crate::device::ComputeDevice;
 use crate::error::Result;
 use crate::model::checkpoint::LlamaWeights;
 use crate::model::llama::{ForwardOptions, Llama};
+use crate::model::qformat::{self, Header};
 use crate::model::tokenizer::Tokenizer;
 use crate::quant::method::{
     Bits, Calibration, Method, Quantized, quantize_weights, transform, weight_spec, with_bits,
@@ -374,6 +376,109 @@ impl Lab {
             progress("quantizing weights", d, t)
         })?;
         Ok((q, online))
+    }
+
+    /// QSUR, spectra and channel maxima of every quantized input and weight after `method`'s
+    /// transforms (`Method::Fp`: none), from `windows` windows of 512 tokens (fewer when the
+    /// model's context is shorter) of the Wikipedia calibration half. Learned methods need
+    /// `learned`.
+    pub fn inspect(
+        &self,
+        method: Method,
+        learned: Option<&Learned>,
+        windows: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Inspection> {
+        let ctx = self.weights.config.max_position_embeddings.min(512);
+        let wins = text_windows(
+            &self.fp,
+            &self.tok,
+            &self.wiki.calibration,
+            ctx,
+            Some(windows),
+        )?;
+        let calib = Calibration {
+            windows: &wins,
+            device: &self.device.device,
+            learned,
+        };
+        let (tw, opts) = transform(&self.weights, method, &calib)?;
+        let mut model = Llama::new(&tw, &self.device.device);
+        model.set_options(opts)?;
+        let name = if method == Method::Fp {
+            "none"
+        } else {
+            method.name()
+        };
+        inspect(&model, &tw, name, &wins, progress)
+    }
+
+    /// Quantize `method` at `bits` (weights by the method's quantizer, online transforms and
+    /// activation/KV quantizers as the header says) and write the int4 model folder `out`
+    /// atomically. Learned methods need `learned`. Returns the folder's size in bytes.
+    pub fn export(
+        &mut self,
+        method: Method,
+        bits: Bits,
+        s: &Settings,
+        learned: Option<&Learned>,
+        out: &Path,
+        progress: &mut Progress,
+        cancel: &AtomicBool,
+    ) -> Result<u64> {
+        Self::check_export_bits(bits)?;
+        let (q, online) = self.prepare(method, bits, s, learned, progress)?;
+        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::error::Error::Cancelled);
+        }
+        let opts = with_bits(online, method, bits);
+        let header = Header {
+            format: qformat::FORMAT.into(),
+            version: 1,
+            method: method.name().into(),
+            bits: bits.to_string(),
+            weight: q
+                .grids
+                .as_ref()
+                .and(weight_spec(bits.w, s.w_group, s.w_asym)),
+            forward: (&opts).into(),
+            details: serde_json::json!({
+                "calibration": learned.map(|l| &l.settings),
+                "losses": learned.map(|l| &l.losses),
+                "gptq_windows": [s.calib_windows, s.calib_len],
+                "source": self.dir,
+                "device": self.device.description,
+            }),
+        };
+        qformat::write(out, &self.dir, &q.weights, q.grids.as_deref(), &header)?;
+        Ok(std::fs::read_dir(out)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0))
+    }
+
+    /// Whether the int4 folder can hold `bits`' weights (4-bit, or unquantized).
+    pub fn check_export_bits(bits: Bits) -> Result<()> {
+        if bits.w != 4 && bits.w < 16 {
+            return Err(crate::error::Error::other(format!(
+                "the int4 folder stores 4-bit (or unquantized) weights; {bits} has {}-bit weights",
+                bits.w
+            )));
+        }
+        Ok(())
+    }
+
+    /// The full-precision model.
+    pub fn fp(&self) -> &Llama {
+        &self.fp
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
     }
 
     pub fn weights(&self) -> &LlamaWeights {

@@ -52,6 +52,11 @@ pub struct LlamaWeights {
     pub lm_head: Option<HostTensor>,
 }
 
+/// How many tensors of each dtype the model folder `dir` stores (for the overview).
+pub fn stored_dtypes(dir: &Path) -> Result<BTreeMap<String, usize>> {
+    Shards::open(dir)?.dtype_counts()
+}
+
 /// Hugging Face tensor names of one layer, in [`LayerWeights`] field order.
 pub fn layer_tensor_names(i: usize) -> [String; 9] {
     let p = format!("model.layers.{i}");
@@ -233,6 +238,19 @@ impl Shards {
             files.push((path, map));
         }
         Ok(Shards { files, index })
+    }
+
+    /// How many tensors of each dtype the shards hold, e.g. {"BF16": 272}.
+    fn dtype_counts(&self) -> Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for (path, map) in &self.files {
+            let st = SafeTensors::deserialize(map)
+                .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+            for (_, t) in st.tensors() {
+                *counts.entry(format!("{:?}", t.dtype())).or_default() += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// Read a linear weight `….weight` of `shape` stored as int4 codes (`….qweight`, `….scales`

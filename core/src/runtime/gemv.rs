@@ -1,21 +1,43 @@
-//! W4A16 GEMV (shaders/gemv_w4a16.wgsl): one int4 weight matrix on the GPU times an f32 vector.
+//! Decode GEMVs: y = W·x for one weight matrix on the GPU and an f32 vector, with W int4
+//! (shaders/gemv_w4a16.wgsl, the model folder's packing) or f16 (shaders/gemv_f16.wgsl).
 
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::kernel::Kernel;
+use super::kernel::{Dispatch, Kernel};
 use crate::error::{Error, Result};
 use crate::quant::quantizer::QuantSpec;
 
-const SHADER: &str = include_str!("../../../shaders/gemv_w4a16.wgsl");
-/// Workgroups per grid row; larger row counts use a second grid dimension.
+/// Workgroups per grid row; more use a second grid dimension.
 const GRID_X: u32 = 32768;
+/// Rows per workgroup in both kernels (8 teams of 32 lanes).
+const ROWS_PER_GROUP: u32 = 8;
+
+/// Copy `rows` rows of `row_words` u32 each into rows padded to a whole number of vec4s.
+fn pad_rows(words: &[u32], rows: usize, row_words: usize) -> (Vec<u32>, usize) {
+    let stride = row_words.div_ceil(4);
+    if stride * 4 == row_words {
+        return (words.to_vec(), stride);
+    }
+    let mut out = vec![0u32; rows * stride * 4];
+    for (r, row) in words.chunks_exact(row_words).enumerate() {
+        out[r * stride * 4..r * stride * 4 + row_words].copy_from_slice(row);
+    }
+    (out, stride)
+}
+
+fn grid(rows: usize) -> (u32, u32, u32) {
+    let groups = (rows as u32).div_ceil(ROWS_PER_GROUP);
+    let gx = groups.min(GRID_X);
+    (gx, groups.div_ceil(gx), 1)
+}
 
 /// An int4 matrix [rows, cols] on the GPU, in the model folder's packing.
 pub struct Int4Matrix {
     pub rows: usize,
     pub cols: usize,
     pub spec: QuantSpec,
+    stride: usize,
     words: wgpu::Buffer,
     scales: wgpu::Buffer,
     zeros: wgpu::Buffer,
@@ -48,89 +70,186 @@ impl Int4Matrix {
                 "int4 matrix {rows}×{cols} (group {group}): codes, scales or zeros do not match the shape"
             )));
         }
+        let (padded, stride) = pad_rows(words, rows, cols / 8);
         Ok(Int4Matrix {
             rows,
             cols,
             spec,
-            words: gpu.storage("int4 words", words),
+            stride,
+            words: gpu.storage("int4 words", &padded),
             scales: gpu.storage("int4 scales", scales),
             zeros: gpu.storage("int4 zeros", zeros.unwrap_or(&[])),
         })
+    }
+
+    /// Bytes one GEMV reads from this matrix: codes, scales and zeros.
+    pub fn bytes(&self) -> usize {
+        let groups = self.rows * (self.cols / self.spec.group.unwrap_or(self.cols));
+        self.rows * self.cols / 2 + groups * 4 * (1 + !self.spec.sym as usize)
+    }
+}
+
+/// An f16 matrix [rows, cols] on the GPU (two halves per u32, rows padded to vec4s).
+pub struct HalfMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    stride: usize,
+    words: wgpu::Buffer,
+}
+
+impl HalfMatrix {
+    /// Upload f16 bit patterns, row-major [rows, cols], cols divisible by 8.
+    pub fn upload(gpu: &Gpu, rows: usize, cols: usize, halves: &[u16]) -> Result<Self> {
+        if !cols.is_multiple_of(8) || halves.len() != rows * cols {
+            return Err(Error::other(format!(
+                "f16 matrix {rows}×{cols}: {} values, or columns not divisible by 8",
+                halves.len()
+            )));
+        }
+        let words: Vec<u32> = halves
+            .chunks_exact(2)
+            .map(|h| h[0] as u32 | (h[1] as u32) << 16)
+            .collect();
+        let (padded, stride) = pad_rows(&words, rows, cols / 2);
+        Ok(HalfMatrix {
+            rows,
+            cols,
+            stride,
+            words: gpu.storage("f16 weight", &padded),
+        })
+    }
+
+    /// Round f32 values to f16 and upload them.
+    pub fn from_f32(gpu: &Gpu, rows: usize, cols: usize, w: &[f32]) -> Result<Self> {
+        let halves: Vec<u16> = w
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        Self::upload(gpu, rows, cols, &halves)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * 2
+    }
+}
+
+/// A linear layer's weight on the GPU.
+pub enum Linear {
+    Int4(Int4Matrix),
+    Half(HalfMatrix),
+}
+
+impl Linear {
+    pub fn rows(&self) -> usize {
+        match self {
+            Linear::Int4(m) => m.rows,
+            Linear::Half(m) => m.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Linear::Int4(m) => m.cols,
+            Linear::Half(m) => m.cols,
+        }
+    }
+
+    /// Bytes one GEMV reads from the weight.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Int4(m) => m.bytes(),
+            Linear::Half(m) => m.bytes(),
+        }
     }
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+struct Int4Params {
     rows: u32,
     cols: u32,
     group: u32,
     qmin: f32,
     has_zeros: u32,
     grid_x: u32,
-    _pad: [u32; 2],
+    stride: u32,
+    _pad: u32,
 }
 
-/// The compiled GEMV kernel.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct HalfParams {
+    rows: u32,
+    cols: u32,
+    grid_x: u32,
+    stride: u32,
+}
+
+/// The compiled GEMV kernels.
 pub struct Gemv {
-    kernel: Kernel,
+    int4: Kernel,
+    half: Kernel,
 }
 
 impl Gemv {
     pub fn new(gpu: &Gpu) -> Self {
         Gemv {
-            kernel: Kernel::new(gpu, "gemv_w4a16", SHADER),
+            int4: Kernel::new(
+                gpu,
+                "gemv_w4a16",
+                include_str!("../../../shaders/gemv_w4a16.wgsl"),
+            ),
+            half: Kernel::new(
+                gpu,
+                "gemv_f16",
+                include_str!("../../../shaders/gemv_f16.wgsl"),
+            ),
         }
     }
 
-    /// Record y = W·x into `enc` (x: `cols` f32, y: `rows` f32, both on the GPU).
-    pub fn record(
-        &self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        w: &Int4Matrix,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-    ) {
-        let rows = w.rows as u32;
-        let grid_x = rows.min(GRID_X);
-        let params = Params {
-            rows,
-            cols: w.cols as u32,
-            group: w.spec.group.unwrap_or(w.cols) as u32,
-            qmin: w.spec.qmin(),
-            has_zeros: (!w.spec.sym) as u32,
-            grid_x,
-            _pad: [0; 2],
-        };
-        self.kernel.record(
-            gpu,
-            enc,
-            &params,
-            &[&w.words, &w.scales, &w.zeros, x, y],
-            (grid_x, rows.div_ceil(grid_x), 1),
-        );
+    /// The launch of y = W·x (x: `cols` f32, y: `rows` f32, both on the GPU).
+    pub fn dispatch(&self, gpu: &Gpu, w: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
+        let g = grid(w.rows());
+        match w {
+            Linear::Int4(m) => {
+                let params = Int4Params {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    group: m.spec.group.unwrap_or(m.cols) as u32,
+                    qmin: m.spec.qmin(),
+                    has_zeros: (!m.spec.sym) as u32,
+                    grid_x: g.0,
+                    stride: m.stride as u32,
+                    _pad: 0,
+                };
+                self.int4
+                    .dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
+            }
+            Linear::Half(m) => {
+                let params = HalfParams {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    grid_x: g.0,
+                    stride: m.stride as u32,
+                };
+                self.half.dispatch(gpu, &params, &[&m.words, x, y], g)
+            }
+        }
     }
 
     /// y = W·x, from and to the host (for tests and benchmarks of a single call).
-    pub fn run(&self, gpu: &Gpu, w: &Int4Matrix, x: &[f32]) -> Result<Vec<f32>> {
-        if x.len() != w.cols {
+    pub fn run(&self, gpu: &Gpu, w: &Linear, x: &[f32]) -> Result<Vec<f32>> {
+        if x.len() != w.cols() {
             return Err(Error::other(format!(
                 "GEMV: x has {} values, the matrix {} columns",
                 x.len(),
-                w.cols
+                w.cols()
             )));
         }
         let xb = gpu.storage("x", x);
-        let y = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("y"),
-            size: (w.rows * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
+        let y = gpu.output("y", w.rows());
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.record(gpu, &mut enc, w, &xb, &y);
-        gpu.queue.submit([enc.finish()]);
-        gpu.read_f32(&y, w.rows)
+        self.dispatch(gpu, w, &xb, &y).record(&mut enc);
+        gpu.finish_f32(enc, &y, w.rows())
     }
 }

@@ -4,7 +4,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::kernel::Kernel;
+use super::kernel::{Dispatch, Kernel};
 use crate::error::Result;
 use crate::transform::hadamard::Hadamard;
 
@@ -51,15 +51,15 @@ impl GpuHadamard {
         })
     }
 
-    /// Record out = H·x for `rows` rows; `x` is used as scratch (its contents are destroyed).
-    pub fn record(
+    /// The launches of out = H·x for `rows` rows, in order; `x` is used as scratch (its
+    /// contents are destroyed).
+    pub fn dispatches(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
         x: &wgpu::Buffer,
         out: &wgpu::Buffer,
         rows: usize,
-    ) {
+    ) -> Vec<Dispatch> {
         let (n, k) = (self.n, self.k);
         let p = n / k;
         let mut params = Params {
@@ -74,14 +74,16 @@ impl GpuHadamard {
         };
         let g = grid(rows * n / 2);
         params.grid_x = g.0;
+        let mut out_d = Vec::new();
         let mut stride = 1;
         while stride < p {
             params.stride = stride as u32;
-            self.butterfly.record(gpu, enc, &params, &[x], g);
+            out_d.push(self.butterfly.dispatch(gpu, &params, &[x], g));
             stride *= 2;
         }
         let g = grid(rows * n);
         params.grid_x = g.0;
-        self.mix.record(gpu, enc, &params, &[x, &self.hk, out], g);
+        out_d.push(self.mix.dispatch(gpu, &params, &[x, &self.hk, out], g));
+        out_d
     }
 }

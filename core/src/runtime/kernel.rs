@@ -1,5 +1,10 @@
 //! A compiled WGSL compute kernel and the one way the runtime dispatches it: a uniform block
 //! of parameters at binding 0, then storage buffers at bindings 1, 2, … in order.
+//!
+//! A [`Dispatch`] binds a kernel to its buffers and parameters once; the decode loop builds all
+//! of a token's dispatches at load time and replays them every step in one compute pass, so a
+//! token costs a handful of small parameter writes on the host instead of hundreds of bind
+//! groups and uniform buffers.
 
 use burn::tensor::wgpu::wgpu;
 
@@ -8,6 +13,14 @@ use super::Gpu;
 pub struct Kernel {
     name: &'static str,
     pipeline: wgpu::ComputePipeline,
+}
+
+/// One kernel launch, bound and ready to record (any number of times).
+pub struct Dispatch {
+    pipeline: wgpu::ComputePipeline,
+    bind: wgpu::BindGroup,
+    params: wgpu::Buffer,
+    groups: (u32, u32, u32),
 }
 
 impl Kernel {
@@ -37,23 +50,22 @@ impl Kernel {
         Kernel { name, pipeline }
     }
 
-    /// Record one dispatch of `groups` workgroups with `params` (a `#[repr(C)]` Pod struct,
-    /// padded to 16 bytes) and `buffers` bound in order from binding 1.
-    pub fn record<P: bytemuck::Pod>(
+    /// Bind `params` (a `#[repr(C)]` Pod struct, padded to 16 bytes) and `buffers` (bindings 1,
+    /// 2, …) for a launch of `groups` workgroups.
+    pub fn dispatch<P: bytemuck::Pod>(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
         params: &P,
         buffers: &[&wgpu::Buffer],
         groups: (u32, u32, u32),
-    ) {
+    ) -> Dispatch {
         use wgpu::util::DeviceExt;
         let uniform = gpu
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(self.name),
                 contents: bytemuck::bytes_of(params),
-                usage: wgpu::BufferUsages::UNIFORM,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             });
         let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(&uniform)
             .chain(buffers.iter().copied())
@@ -68,9 +80,45 @@ impl Kernel {
             layout: &self.pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = enc.begin_compute_pass(&Default::default());
+        Dispatch {
+            pipeline: self.pipeline.clone(),
+            bind,
+            params: uniform,
+            groups,
+        }
+    }
+}
+
+impl Dispatch {
+    /// Replace the parameters (same type as at creation) for the launches recorded from now on.
+    pub fn set_params<P: bytemuck::Pod>(&self, gpu: &Gpu, params: &P) {
+        gpu.queue
+            .write_buffer(&self.params, 0, bytemuck::bytes_of(params));
+    }
+
+    /// Add this launch to an open compute pass (wgpu orders the pass's launches by their
+    /// buffer reads and writes).
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        pass.set_bind_group(0, &self.bind, &[]);
+        let (x, y, z) = self.groups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// Record this launch in a compute pass of its own.
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder) {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        self.encode(&mut pass);
+    }
+}
+
+/// Record `dispatches` in order in one compute pass.
+pub fn record_all<'a>(
+    enc: &mut wgpu::CommandEncoder,
+    dispatches: impl IntoIterator<Item = &'a Dispatch>,
+) {
+    let mut pass = enc.begin_compute_pass(&Default::default());
+    for d in dispatches {
+        d.encode(&mut pass);
     }
 }

@@ -1,8 +1,6 @@
 //! The wgpu inference engine for int4 model folders: hand-written WGSL kernels (shaders/)
 //! driven directly through wgpu, on the same wgpu version burn uses.
 //!
-//! This first part holds the device context and the decode GEMV; the rest of the decode loop
-//! (norms, RoPE, attention over the int4 KV cache, sampling) follows.
 
 pub mod attention;
 pub mod bench;
@@ -22,6 +20,8 @@ pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
+    /// Bytes of the storage buffers created through [`Gpu::storage`] and [`Gpu::output`].
+    allocated: std::sync::atomic::AtomicUsize,
 }
 
 impl Gpu {
@@ -50,11 +50,13 @@ impl Gpu {
             device,
             queue,
             info,
+            allocated: Default::default(),
         })
     }
 
     /// An empty f32 storage buffer of `n` values that kernels write and the host can read.
     pub fn output(&self, label: &str, n: usize) -> wgpu::Buffer {
+        self.count(n.max(1) * 4);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (n.max(1) * 4) as u64,
@@ -82,6 +84,7 @@ impl Gpu {
         // wgpu rejects empty bindings: keep at least one element.
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let zero = [0u8; 4];
+        self.count(bytes.len().max(4));
         self.device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
@@ -90,6 +93,16 @@ impl Gpu {
                     | wgpu::BufferUsages::COPY_DST
                     | wgpu::BufferUsages::COPY_SRC,
             })
+    }
+
+    fn count(&self, bytes: usize) {
+        self.allocated
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes of GPU memory this context has allocated for weights, caches and scratch.
+    pub fn allocated_bytes(&self) -> usize {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Copy `n` f32 values of `buf` back to the host (waits for the queue).

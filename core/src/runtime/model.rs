@@ -1,32 +1,51 @@
-//! The decode loop on the GPU for int4 model folders: every kernel of the forward recorded into
-//! one command buffer per token, logits read back at the end.
+//! The decode loop on the GPU: every kernel of one token's forward recorded into one command
+//! buffer, logits read back at the end.
 //!
-//! Supported so far: folders with 4-bit weights and a 4-bit KV cache (W4A4KV4, W4A16KV4, …);
-//! activations are fake-quantized on the GPU exactly where the folder's header says.
+//! Runs int4 model folders (4-bit weights; a 4-bit asymmetric or 16-bit KV cache; activations
+//! fake-quantized on the GPU exactly where the folder's header says), unquantized models with
+//! f16 weights, and synthetic models of any LLaMA shape for the benchmarks.
 
 use std::path::Path;
 
 use burn::tensor::wgpu::wgpu;
+use rand::{Rng, SeedableRng};
 use safetensors::{Dtype, SafeTensors};
 
 use super::Gpu;
-use super::attention::{Attention, Int4Cache};
-use super::gemv::{Gemv, Int4Matrix};
+use super::attention::{Attention, KvCache};
+use super::gemv::{Gemv, HalfMatrix, Int4Matrix, Linear};
 use super::hadamard::GpuHadamard;
+use super::kernel::{Dispatch, record_all};
 use super::ops::Ops;
 use crate::error::{Error, Result};
-use crate::model::checkpoint::layer_tensor_names;
+use crate::model::checkpoint::{LlamaWeights, layer_tensor_names};
 use crate::model::config::LlamaConfig;
-use crate::model::qformat::{self, Header};
+use crate::model::qformat::{self, ForwardSpec};
 use crate::quant::quantizer::QuantSpec;
 
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
     ffn_norm: wgpu::Buffer,
     /// q, k, v, o, gate, up, down
-    linears: Vec<Int4Matrix>,
-    k_cache: Int4Cache,
-    v_cache: Int4Cache,
+    linears: Vec<Linear>,
+    k_cache: KvCache,
+    v_cache: KvCache,
+}
+
+/// One layer's weights on their way to the GPU: norms and the seven linears.
+struct LayerParts {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    linears: Vec<Linear>,
+}
+
+/// The weights of a synthetic benchmark model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticWeights {
+    /// 4-bit symmetric codes, one scale per output channel.
+    Int4,
+    /// f16.
+    Half,
 }
 
 /// Scratch buffers of one decode step.
@@ -42,28 +61,40 @@ struct Scratch {
     up: wgpu::Buffer,
     m: wgpu::Buffer,
     m_h: wgpu::Buffer,
-    qk_tmp: wgpu::Buffer,
+    q_h: wgpu::Buffer,
+    k_h: wgpu::Buffer,
     cos: wgpu::Buffer,
     sin: wgpu::Buffer,
     logits: wgpu::Buffer,
 }
 
+/// One launch of a token's forward; the attention launches move with the position.
+enum Launch {
+    Fixed(Dispatch),
+    Append { d: Dispatch, layer: usize, v: bool },
+    Attend { d: Dispatch, layer: usize },
+}
+
+impl Launch {
+    fn dispatch(&self) -> &Dispatch {
+        match self {
+            Launch::Fixed(d) | Launch::Append { d, .. } | Launch::Attend { d, .. } => d,
+        }
+    }
+}
+
 pub struct GpuModel {
     pub config: LlamaConfig,
-    pub header: Header,
+    pub forward: ForwardSpec,
     gpu: Gpu,
     embed: Vec<f32>,
     layers: Vec<GpuLayer>,
-    norm: wgpu::Buffer,
-    lm_head: wgpu::Buffer,
-    ops: Ops,
-    gemv: Gemv,
+    lm_head: Linear,
     attn: Attention,
-    down_h: Option<GpuHadamard>,
-    qk_h: Option<GpuHadamard>,
-    act: Option<QuantSpec>,
     s: Scratch,
     inv_freq: Vec<f64>,
+    /// Every launch of one token, in order, bound once at load time.
+    plan: Vec<Launch>,
     /// Positions in the cache.
     pub len: usize,
 }
@@ -79,6 +110,11 @@ fn tensor_f32(st: &SafeTensors, path: &Path, name: &str) -> Result<(Vec<usize>, 
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
+        Dtype::BF16 => t
+            .data()
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         other => {
             return Err(Error::format(
                 path,
@@ -90,17 +126,21 @@ fn tensor_f32(st: &SafeTensors, path: &Path, name: &str) -> Result<(Vec<usize>, 
 }
 
 impl GpuModel {
-    /// Load the int4 folder `dir` onto `gpu`, with room for `max_seq` positions.
+    /// Load the model folder `dir` onto `gpu`, with room for `max_seq` positions: an int4
+    /// folder as its packed codes, any other model with f16 weights and a 16-bit KV cache.
     pub fn load(dir: &Path, gpu: Gpu, max_seq: usize) -> Result<Self> {
+        if !qformat::is_quantized(dir) {
+            return Self::from_weights(&LlamaWeights::load(dir)?, gpu, max_seq);
+        }
         let header = qformat::read_header(dir)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let wspec = header.weight.filter(|w| w.bits == 4);
-        let kv_ok = header.forward.kv.is_some_and(|k| k.bits == 4 && !k.sym);
+        let kv_ok = header.forward.kv.is_none_or(|k| k.bits == 4 && !k.sym);
         let (Some(wspec), true) = (wspec, kv_ok) else {
             return Err(Error::unsupported(
                 dir.join(qformat::HEADER),
                 format!(
-                    "the GPU runtime runs 4-bit weights with a 4-bit KV cache so far; this folder is {}",
+                    "the GPU runtime runs 4-bit weights with a 4-bit asymmetric or 16-bit KV cache; this folder is {}",
                     header.bits
                 ),
             ));
@@ -109,16 +149,8 @@ impl GpuModel {
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
-        let c = &config;
-        let (d, hd, nq, nkv, dff) = (
-            c.hidden_size,
-            c.head_dim(),
-            c.num_attention_heads,
-            c.n_kv_heads(),
-            c.intermediate_size,
-        );
         let mut layers = Vec::new();
-        for i in 0..c.num_hidden_layers {
+        for i in 0..config.num_hidden_layers {
             let names = layer_tensor_names(i);
             let mut linears = Vec::new();
             for k in [1, 2, 3, 4, 6, 7, 8] {
@@ -134,28 +166,198 @@ impl GpuModel {
                 } else {
                     Some(tensor_f32(&st, &path, &format!("{base}.zeros"))?.1)
                 };
-                linears.push(
+                let m =
                     Int4Matrix::upload(&gpu, rows, cols, wspec, &words, &scales, zeros.as_deref())
-                        .map_err(|e| Error::format(&path, format!("{base}: {e}")))?,
-                );
+                        .map_err(|e| Error::format(&path, format!("{base}: {e}")))?;
+                linears.push(Linear::Int4(m));
             }
-            layers.push(GpuLayer {
-                attn_norm: gpu.storage("attn norm", &tensor_f32(&st, &path, &names[0])?.1),
-                ffn_norm: gpu.storage("ffn norm", &tensor_f32(&st, &path, &names[5])?.1),
+            layers.push(LayerParts {
+                attn_norm: tensor_f32(&st, &path, &names[0])?.1,
+                ffn_norm: tensor_f32(&st, &path, &names[5])?.1,
                 linears,
-                k_cache: Int4Cache::new(&gpu, max_seq, nkv, hd),
-                v_cache: Int4Cache::new(&gpu, max_seq, nkv, hd),
             });
         }
         let (_, embed) = tensor_f32(&st, &path, "model.embed_tokens.weight")?;
-        let head_name = if c.tie_word_embeddings {
+        let head_name = if config.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
         };
-        let lm_head = gpu.storage("lm_head", &tensor_f32(&st, &path, head_name)?.1);
-        let norm = gpu.storage("norm", &tensor_f32(&st, &path, "model.norm.weight")?.1);
-        let f = &header.forward;
+        let (_, head) = tensor_f32(&st, &path, head_name)?;
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let lm_head = Linear::Half(
+            HalfMatrix::from_f32(&gpu, v, d, &head)
+                .map_err(|e| Error::format(&path, e.to_string()))?,
+        );
+        let (_, norm) = tensor_f32(&st, &path, "model.norm.weight")?;
+        Self::assemble(
+            config,
+            header.forward,
+            gpu,
+            max_seq,
+            layers,
+            embed,
+            norm,
+            lm_head,
+        )
+    }
+
+    /// An unquantized model on the GPU: f16 weights, 16-bit (f32) KV cache.
+    pub fn from_weights(w: &LlamaWeights, gpu: Gpu, max_seq: usize) -> Result<Self> {
+        let half = |t: &crate::model::checkpoint::HostTensor| {
+            HalfMatrix::from_f32(&gpu, t.shape[0], t.shape[1], &t.data).map(Linear::Half)
+        };
+        let mut layers = Vec::new();
+        for l in &w.layers {
+            let linears = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                .into_iter()
+                .map(half)
+                .collect::<Result<Vec<_>>>()?;
+            layers.push(LayerParts {
+                attn_norm: l.attn_norm.data.clone(),
+                ffn_norm: l.ffn_norm.data.clone(),
+                linears,
+            });
+        }
+        let lm_head = half(w.lm_head.as_ref().unwrap_or(&w.embed))?;
+        let forward = ForwardSpec {
+            down_hadamard: false,
+            qk_hadamard: false,
+            act: None,
+            kv: None,
+        };
+        Self::assemble(
+            w.config.clone(),
+            forward,
+            gpu,
+            max_seq,
+            layers,
+            w.embed.data.clone(),
+            w.norm.data.clone(),
+            lm_head,
+        )
+    }
+
+    /// A model of `config`'s shapes with random weights (int4 or f16 linears, an f16 head, a
+    /// 4-bit KV cache when `kv4`), for decode benchmarks at shapes too large to download.
+    pub fn synthetic(
+        config: LlamaConfig,
+        weights: SyntheticWeights,
+        kv4: bool,
+        gpu: Gpu,
+        max_seq: usize,
+    ) -> Result<Self> {
+        let c = &config;
+        let (d, dff) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim(),
+            c.n_kv_heads() * c.head_dim(),
+        );
+        let shapes = [
+            (q, d),
+            (kv, d),
+            (kv, d),
+            (d, q),
+            (dff, d),
+            (dff, d),
+            (d, dff),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // Random bits once per shape, reused by every layer: the GPU reads each layer's own
+        // copy, so the memory traffic is that of a real model.
+        let host: Vec<Vec<u32>> = shapes
+            .iter()
+            .map(|&(r, k)| {
+                let words = match weights {
+                    SyntheticWeights::Int4 => r * k / 8,
+                    SyntheticWeights::Half => r * k / 2,
+                };
+                // Halves with small exponents only: finite values below 1.
+                (0..words)
+                    .map(|_| rng.random::<u32>() & 0x37FF_37FF)
+                    .collect()
+            })
+            .collect();
+        let mut layers = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            let mut linears = Vec::new();
+            for (&(r, k), words) in shapes.iter().zip(&host) {
+                linears.push(match weights {
+                    SyntheticWeights::Int4 => Linear::Int4(Int4Matrix::upload(
+                        &gpu,
+                        r,
+                        k,
+                        QuantSpec::sym(4),
+                        words,
+                        &vec![0.01; r],
+                        None,
+                    )?),
+                    SyntheticWeights::Half => {
+                        Linear::Half(HalfMatrix::upload(&gpu, r, k, bytemuck::cast_slice(words))?)
+                    }
+                });
+            }
+            layers.push(LayerParts {
+                attn_norm: vec![1.0; d],
+                ffn_norm: vec![1.0; d],
+                linears,
+            });
+        }
+        let head: Vec<u16> = (0..c.vocab_size * d)
+            .map(|i| 0x2000 | (i % 1021) as u16)
+            .collect();
+        let lm_head = Linear::Half(HalfMatrix::upload(&gpu, c.vocab_size, d, &head)?);
+        let embed = (0..c.vocab_size * d)
+            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        let forward = ForwardSpec {
+            down_hadamard: false,
+            qk_hadamard: false,
+            act: None,
+            kv: kv4.then(|| QuantSpec::asym(4)),
+        };
+        Self::assemble(
+            config,
+            forward,
+            gpu,
+            max_seq,
+            layers,
+            embed,
+            vec![1.0; d],
+            lm_head,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: LlamaConfig,
+        forward: ForwardSpec,
+        gpu: Gpu,
+        max_seq: usize,
+        parts: Vec<LayerParts>,
+        embed: Vec<f32>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Result<Self> {
+        let c = &config;
+        let (d, hd, nq, nkv, dff) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.n_kv_heads(),
+            c.intermediate_size,
+        );
+        let kv4 = forward.kv.is_some();
+        let layers: Vec<GpuLayer> = parts
+            .into_iter()
+            .map(|p| GpuLayer {
+                attn_norm: gpu.storage("attn norm", &p.attn_norm),
+                ffn_norm: gpu.storage("ffn norm", &p.ffn_norm),
+                linears: p.linears,
+                k_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
+                v_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
+            })
+            .collect();
         let s = Scratch {
             h: gpu.output("h", d),
             n: gpu.output("n", d),
@@ -168,35 +370,156 @@ impl GpuModel {
             up: gpu.output("up", dff),
             m: gpu.output("m", dff),
             m_h: gpu.output("m_h", dff),
-            qk_tmp: gpu.output("qk_tmp", nq * hd),
+            q_h: gpu.output("q_h", nq * hd),
+            k_h: gpu.output("k_h", nkv * hd),
             cos: gpu.output("cos", hd / 2),
             sin: gpu.output("sin", hd / 2),
             logits: gpu.output("logits", c.vocab_size),
         };
+        let attn = Attention::new(&gpu, nq, nkv, hd, max_seq);
+        let plan = Self::plan(
+            &gpu,
+            c,
+            &forward,
+            &layers,
+            &gpu.storage("norm", &norm),
+            &lm_head,
+            &attn,
+            &s,
+        )?;
         Ok(GpuModel {
-            ops: Ops::new(&gpu),
-            gemv: Gemv::new(&gpu),
-            attn: Attention::new(&gpu, nq, nkv, hd, max_seq),
-            down_h: f
-                .down_hadamard
-                .then(|| GpuHadamard::new(&gpu, dff))
-                .transpose()?,
-            qk_h: f
-                .qk_hadamard
-                .then(|| GpuHadamard::new(&gpu, hd))
-                .transpose()?,
-            act: f.act,
             inv_freq: c.rope_inv_freq(),
             config,
-            header,
+            forward,
             embed,
             layers,
-            norm,
             lm_head,
+            attn,
             s,
+            plan,
             gpu,
             len: 0,
         })
+    }
+
+    /// Bind every launch of one token's forward, in order.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        gpu: &Gpu,
+        c: &LlamaConfig,
+        f: &ForwardSpec,
+        layers: &[GpuLayer],
+        norm: &wgpu::Buffer,
+        lm_head: &Linear,
+        attn: &Attention,
+        s: &Scratch,
+    ) -> Result<Vec<Launch>> {
+        let (d, hd, nq, nkv, dff) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.n_kv_heads(),
+            c.intermediate_size,
+        );
+        let eps = c.rms_norm_eps as f32;
+        let (ops, gemv) = (Ops::new(gpu), Gemv::new(gpu));
+        let down_h = f
+            .down_hadamard
+            .then(|| GpuHadamard::new(gpu, dff))
+            .transpose()?;
+        let qk_h = f
+            .qk_hadamard
+            .then(|| GpuHadamard::new(gpu, hd))
+            .transpose()?;
+        let mut plan: Vec<Launch> = Vec::new();
+        let fixed = Launch::Fixed;
+        // Activation fake quantization at a linear's input, where the folder was made with it.
+        let act = |x: &wgpu::Buffer, len: usize, group: usize| {
+            f.act
+                .map(|a| fixed(ops.act_quant(gpu, x, len, group, a.bits)))
+        };
+        for (layer, l) in layers.iter().enumerate() {
+            let [wq, wk, wv, wo, wg, wu, wd] = [0, 1, 2, 3, 4, 5, 6].map(|j| &l.linears[j]);
+            plan.push(fixed(ops.rms_norm(
+                gpu,
+                &s.h,
+                &l.attn_norm,
+                &s.n,
+                1,
+                d,
+                eps,
+            )));
+            plan.extend(act(&s.n, d, d));
+            plan.push(fixed(gemv.dispatch(gpu, wq, &s.n, &s.q)));
+            plan.push(fixed(gemv.dispatch(gpu, wk, &s.n, &s.k)));
+            plan.push(fixed(gemv.dispatch(gpu, wv, &s.n, &s.v)));
+            plan.push(fixed(ops.rope(gpu, &s.q, &s.cos, &s.sin, 1, nq, hd)));
+            plan.push(fixed(ops.rope(gpu, &s.k, &s.cos, &s.sin, 1, nkv, hd)));
+            let (q, k) = match &qk_h {
+                Some(h) => {
+                    plan.extend(h.dispatches(gpu, &s.q, &s.q_h, nq).into_iter().map(fixed));
+                    plan.extend(h.dispatches(gpu, &s.k, &s.k_h, nkv).into_iter().map(fixed));
+                    (&s.q_h, &s.k_h)
+                }
+                None => (&s.q, &s.k),
+            };
+            let d_k = attn.append(gpu, k, &l.k_cache, 0);
+            let d_v = attn.append(gpu, &s.v, &l.v_cache, 0);
+            let d_a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, 1);
+            plan.push(Launch::Append {
+                d: d_k,
+                layer,
+                v: false,
+            });
+            plan.push(Launch::Append {
+                d: d_v,
+                layer,
+                v: true,
+            });
+            plan.push(Launch::Attend { d: d_a, layer });
+            plan.extend(act(&s.a, nq * hd, hd));
+            plan.push(fixed(gemv.dispatch(gpu, wo, &s.a, &s.o)));
+            plan.push(fixed(ops.add(gpu, &s.o, &s.h, d)));
+            plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, 1, d, eps)));
+            plan.extend(act(&s.n, d, d));
+            plan.push(fixed(gemv.dispatch(gpu, wg, &s.n, &s.gate)));
+            plan.push(fixed(gemv.dispatch(gpu, wu, &s.n, &s.up)));
+            plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, dff)));
+            let m = match &down_h {
+                Some(h) => {
+                    plan.extend(h.dispatches(gpu, &s.m, &s.m_h, 1).into_iter().map(fixed));
+                    &s.m_h
+                }
+                None => &s.m,
+            };
+            plan.extend(act(m, dff, dff));
+            plan.push(fixed(gemv.dispatch(gpu, wd, m, &s.o)));
+            plan.push(fixed(ops.add(gpu, &s.o, &s.h, d)));
+        }
+        plan.push(fixed(ops.rms_norm(gpu, &s.h, norm, &s.n, 1, d, eps)));
+        plan.push(fixed(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)));
+        Ok(plan)
+    }
+
+    /// Bytes of weights one decode step reads: every linear and the head.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let linears: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| &l.linears)
+            .map(Linear::bytes)
+            .sum();
+        linears + self.lm_head.bytes()
+    }
+
+    /// GPU memory allocated for the model: weights, caches, scratch.
+    pub fn gpu_bytes(&self) -> usize {
+        self.gpu.allocated_bytes()
+    }
+
+    /// Name of the adapter the model runs on.
+    pub fn device_name(&self) -> &str {
+        &self.gpu.info.name
     }
 
     /// Positions the cache holds.
@@ -207,13 +530,7 @@ impl GpuModel {
     /// Run one token at the next position and return its logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (d, hd, nq, nkv, dff) = (
-            c.hidden_size,
-            c.head_dim(),
-            c.num_attention_heads,
-            c.n_kv_heads(),
-            c.intermediate_size,
-        );
+        let d = c.hidden_size;
         let pos = self.len;
         if pos >= self.attn.max_seq {
             return Err(Error::other("the context is full"));
@@ -224,7 +541,7 @@ impl GpuModel {
                 "token {token} is outside the vocabulary"
             )));
         }
-        let (gpu, s, ops) = (&self.gpu, &self.s, &self.ops);
+        let (gpu, s) = (&self.gpu, &self.s);
         gpu.queue.write_buffer(
             &s.h,
             0,
@@ -242,61 +559,22 @@ impl GpuModel {
             .write_buffer(&s.cos, 0, bytemuck::cast_slice(&cos));
         gpu.queue
             .write_buffer(&s.sin, 0, bytemuck::cast_slice(&sin));
-        let eps = c.rms_norm_eps as f32;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        let act = |enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, len: usize, group: usize| {
-            if let Some(a) = self.act {
-                ops.act_quant(gpu, enc, x, len, group, a.bits);
-            }
-        };
-        for l in &self.layers {
-            let [wq, wk, wv, wo, wg, wu, wd] = [0, 1, 2, 3, 4, 5, 6].map(|i| &l.linears[i]);
-            ops.rms_norm(gpu, &mut enc, &s.h, &l.attn_norm, &s.n, 1, d, eps);
-            act(&mut enc, &s.n, d, d);
-            self.gemv.record(gpu, &mut enc, wq, &s.n, &s.q);
-            self.gemv.record(gpu, &mut enc, wk, &s.n, &s.k);
-            self.gemv.record(gpu, &mut enc, wv, &s.n, &s.v);
-            ops.rope(gpu, &mut enc, &s.q, &s.cos, &s.sin, 1, nq, hd);
-            ops.rope(gpu, &mut enc, &s.k, &s.cos, &s.sin, 1, nkv, hd);
-            if let Some(h) = &self.qk_h {
-                h.record(gpu, &mut enc, &s.q, &s.qk_tmp, nq);
-                enc.copy_buffer_to_buffer(&s.qk_tmp, 0, &s.q, 0, (nq * hd * 4) as u64);
-                h.record(gpu, &mut enc, &s.k, &s.qk_tmp, nkv);
-                enc.copy_buffer_to_buffer(&s.qk_tmp, 0, &s.k, 0, (nkv * hd * 4) as u64);
-            }
-            self.attn.append(gpu, &mut enc, &s.k, &l.k_cache, pos);
-            self.attn.append(gpu, &mut enc, &s.v, &l.v_cache, pos);
-            self.attn
-                .attend(gpu, &mut enc, &s.q, &l.k_cache, &l.v_cache, &s.a, pos + 1);
-            act(&mut enc, &s.a, nq * hd, hd);
-            self.gemv.record(gpu, &mut enc, wo, &s.a, &s.o);
-            ops.add(gpu, &mut enc, &s.o, &s.h, d);
-            ops.rms_norm(gpu, &mut enc, &s.h, &l.ffn_norm, &s.n, 1, d, eps);
-            act(&mut enc, &s.n, d, d);
-            self.gemv.record(gpu, &mut enc, wg, &s.n, &s.gate);
-            self.gemv.record(gpu, &mut enc, wu, &s.n, &s.up);
-            ops.silu_mul(gpu, &mut enc, &s.gate, &s.up, &s.m, dff);
-            let m = match &self.down_h {
-                Some(h) => {
-                    h.record(gpu, &mut enc, &s.m, &s.m_h, 1);
-                    &s.m_h
+        for launch in &self.plan {
+            match launch {
+                Launch::Fixed(_) => {}
+                Launch::Append { d, layer, v } => {
+                    let l = &self.layers[*layer];
+                    let cache = if *v { &l.v_cache } else { &l.k_cache };
+                    self.attn.set_append_pos(gpu, d, cache, pos);
                 }
-                None => &s.m,
-            };
-            act(&mut enc, m, dff, dff);
-            self.gemv.record(gpu, &mut enc, wd, m, &s.o);
-            ops.add(gpu, &mut enc, &s.o, &s.h, d);
+                Launch::Attend { d, layer } => {
+                    self.attn
+                        .set_attend_len(gpu, d, &self.layers[*layer].k_cache, pos + 1);
+                }
+            }
         }
-        ops.rms_norm(gpu, &mut enc, &s.h, &self.norm, &s.n, 1, d, eps);
-        ops.gemv_f32(
-            gpu,
-            &mut enc,
-            &self.lm_head,
-            &s.n,
-            &s.logits,
-            c.vocab_size,
-            d,
-        );
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        record_all(&mut enc, self.plan.iter().map(Launch::dispatch));
         let logits = gpu.finish_f32(enc, &s.logits, c.vocab_size)?;
         self.len += 1;
         Ok(logits)

@@ -3,7 +3,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::kernel::Kernel;
+use super::kernel::{Dispatch, Kernel};
 
 const MAX_GROUPS: u32 = 65535;
 
@@ -37,7 +37,6 @@ pub struct Ops {
     silu_mul: Kernel,
     rope: Kernel,
     act_quant: Kernel,
-    gemv_f32: Kernel,
     add: Kernel,
 }
 
@@ -60,11 +59,6 @@ impl Ops {
                 "act_quant",
                 include_str!("../../../shaders/act_quant.wgsl"),
             ),
-            gemv_f32: Kernel::new(
-                gpu,
-                "gemv_f32",
-                include_str!("../../../shaders/gemv_f32.wgsl"),
-            ),
             add: Kernel::new(gpu, "add", include_str!("../../../shaders/add.wgsl")),
         }
     }
@@ -73,12 +67,11 @@ impl Ops {
     pub fn act_quant(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
         x: &wgpu::Buffer,
         len: usize,
         group: usize,
         bits: u32,
-    ) {
+    ) -> Dispatch {
         let groups = (len / group) as u32;
         let g = grid(groups);
         let p = NormParams {
@@ -87,46 +80,11 @@ impl Ops {
             eps: ((1u32 << bits) - 1) as f32,
             grid_x: g.0,
         };
-        self.act_quant.record(gpu, enc, &p, &[x], g);
-    }
-
-    /// y = W·x for an f32 weight [rows, cols] (cols divisible by 4).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv_f32(
-        &self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        w: &wgpu::Buffer,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        rows: usize,
-        cols: usize,
-    ) {
-        let gx = (rows as u32).min(32768);
-        let p = Four {
-            a: rows as u32,
-            b: cols as u32,
-            c: gx,
-            d: 0,
-        };
-        self.gemv_f32.record(
-            gpu,
-            enc,
-            &p,
-            &[w, x, y],
-            (gx, (rows as u32).div_ceil(gx), 1),
-        );
+        self.act_quant.dispatch(gpu, &p, &[x], g)
     }
 
     /// y += x over `len` values.
-    pub fn add(
-        &self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        len: usize,
-    ) {
+    pub fn add(&self, gpu: &Gpu, x: &wgpu::Buffer, y: &wgpu::Buffer, len: usize) -> Dispatch {
         let g = grid((len as u32).div_ceil(256));
         let p = Four {
             a: len as u32,
@@ -134,7 +92,7 @@ impl Ops {
             c: 0,
             d: 0,
         };
-        self.add.record(gpu, enc, &p, &[x, y], g);
+        self.add.dispatch(gpu, &p, &[x, y], g)
     }
 
     /// y = RMSNorm(x)·w for each of `rows` rows of length `n`.
@@ -142,14 +100,13 @@ impl Ops {
     pub fn rms_norm(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
         x: &wgpu::Buffer,
         w: &wgpu::Buffer,
         y: &wgpu::Buffer,
         rows: usize,
         n: usize,
         eps: f32,
-    ) {
+    ) -> Dispatch {
         let g = grid(rows as u32);
         let p = NormParams {
             rows: rows as u32,
@@ -157,19 +114,18 @@ impl Ops {
             eps,
             grid_x: g.0,
         };
-        self.rms_norm.record(gpu, enc, &p, &[x, w, y], g);
+        self.rms_norm.dispatch(gpu, &p, &[x, w, y], g)
     }
 
     /// out = SiLU(gate)·up over `len` elements.
     pub fn silu_mul(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
         gate: &wgpu::Buffer,
         up: &wgpu::Buffer,
         out: &wgpu::Buffer,
         len: usize,
-    ) {
+    ) -> Dispatch {
         let g = grid((len as u32).div_ceil(256));
         let p = Four {
             a: len as u32,
@@ -177,7 +133,7 @@ impl Ops {
             c: 0,
             d: 0,
         };
-        self.silu_mul.record(gpu, enc, &p, &[gate, up, out], g);
+        self.silu_mul.dispatch(gpu, &p, &[gate, up, out], g)
     }
 
     /// RoPE in place on x [tokens, heads, hd] with cos/sin tables [tokens, hd/2].
@@ -185,14 +141,13 @@ impl Ops {
     pub fn rope(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
         x: &wgpu::Buffer,
         cos: &wgpu::Buffer,
         sin: &wgpu::Buffer,
         tokens: usize,
         heads: usize,
         hd: usize,
-    ) {
+    ) -> Dispatch {
         let pairs = (tokens * heads * hd / 2) as u32;
         let g = grid(pairs.div_ceil(64));
         let p = Four {
@@ -201,6 +156,6 @@ impl Ops {
             c: (hd / 2) as u32,
             d: g.0,
         };
-        self.rope.record(gpu, enc, &p, &[x, cos, sin], g);
+        self.rope.dispatch(gpu, &p, &[x, cos, sin], g)
     }
 }

@@ -1,0 +1,495 @@
+//! Calibration panel: learn OSTQuant's (or SpinQuant-style) transforms with a live loss curve,
+//! cancel and resume, then export the quantized model folder.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+use ostquant_core::calib::{Event, Learned, Loss, Preset, Settings as CalibSettings};
+use ostquant_core::eval::suite::Settings;
+use ostquant_core::quant::method::{Bits, Method};
+use serde::{Deserialize, Serialize};
+
+use super::app::{LearnedRun, Shared};
+use super::jobs::{Job, finish};
+
+/// Learned methods, in the order offered.
+const LEARNED: [Method; 6] = [
+    Method::Ostquant,
+    Method::Spinquant,
+    Method::OstquantNoWomi,
+    Method::OstquantCe,
+    Method::OstquantRot,
+    Method::OstquantScale,
+];
+pub const BITS: [&str; 3] = ["W4A4KV4", "W4A4KV16", "W4A16KV16"];
+const LOSSES: [&str; 5] = ["kl-top", "kl-top:100", "kl", "ce", "mse"];
+
+/// The calibration form (persisted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Form {
+    pub method: Method,
+    pub bits: String,
+    pub preset: Preset,
+    pub steps: usize,
+    pub batch: usize,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub lr_rot: f64,
+    pub lr_scale: f64,
+    pub loss: String,
+    /// Start over instead of resuming from the checkpoint.
+    pub fresh: bool,
+    /// The method and bits of the export section.
+    pub export_method: Method,
+    pub export_bits: String,
+}
+
+impl Default for Form {
+    fn default() -> Self {
+        let mut f = Form {
+            method: Method::Ostquant,
+            bits: BITS[0].into(),
+            preset: Preset::Cpu,
+            steps: 0,
+            batch: 0,
+            samples: 0,
+            seq_len: 0,
+            lr_rot: 0.0,
+            lr_scale: 0.0,
+            loss: String::new(),
+            fresh: false,
+            export_method: Method::Ostquant,
+            export_bits: BITS[0].into(),
+        };
+        f.reset();
+        f
+    }
+}
+
+impl Form {
+    /// Fill the sizes, rates and loss with the method's preset at the chosen bits.
+    pub fn reset(&mut self) {
+        let bits: Bits = self.bits.parse().unwrap_or(Bits { w: 4, a: 4, kv: 4 });
+        if let Some(s) = self.method.learned_settings(bits, self.preset) {
+            self.steps = s.steps;
+            self.batch = s.batch;
+            self.samples = s.samples;
+            self.seq_len = s.seq_len;
+            self.lr_rot = s.lr_rot;
+            self.lr_scale = s.lr_scale;
+            self.loss = match s.loss {
+                Loss::KlTop(1000) => "kl-top".into(),
+                other => other.name().replace("kl-top", "kl-top:"),
+            };
+        }
+    }
+
+    /// The settings this form asks for.
+    pub fn settings(&self) -> Result<(Bits, CalibSettings), String> {
+        let bits: Bits = self.bits.parse()?;
+        let base = self
+            .method
+            .learned_settings(bits, self.preset)
+            .ok_or_else(|| format!("{} learns nothing", self.method.name()))?;
+        let s = CalibSettings {
+            steps: self.steps,
+            batch: self.batch,
+            samples: self.samples,
+            seq_len: self.seq_len,
+            lr_rot: self.lr_rot,
+            lr_scale: self.lr_scale,
+            loss: Loss::parse(&self.loss)?,
+            ..base
+        };
+        s.validate().map_err(|e| e.to_string())?;
+        Ok((bits, s))
+    }
+}
+
+/// One step of the live curve.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPoint {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+    pub seconds: f64,
+}
+
+pub struct Panel {
+    pub form: Form,
+    job: Option<Job<Event, Learned>>,
+    export: Option<Job<(), (PathBuf, u64)>>,
+    picking: Option<Job<(), Option<PathBuf>>>,
+    /// A folder chosen in the dialog, exported on the next frame.
+    pending_export: Option<PathBuf>,
+    /// The curve of the current (or last) calibration.
+    pub points: Vec<StepPoint>,
+    /// Steps already done when the run started (resumed from a checkpoint).
+    pub resumed_from: usize,
+    /// Mean frame time while the calibration runs (ms), for the UI's own health.
+    pub frame_ms: Option<f64>,
+}
+
+impl Panel {
+    pub fn new(form: Form) -> Self {
+        Panel {
+            form,
+            job: None,
+            export: None,
+            picking: None,
+            pending_export: None,
+            points: Vec::new(),
+            resumed_from: 0,
+            frame_ms: None,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    pub fn poll(&mut self, shared: &mut Shared) {
+        let points = &mut self.points;
+        let resumed = &mut self.resumed_from;
+        if let Some(job) = self.job.as_mut()
+            && let Some(r) = job.poll(|e| match e {
+                Event::Started { start, .. } => *resumed = start,
+                Event::Step {
+                    step,
+                    steps,
+                    loss,
+                    seconds,
+                    ..
+                } => points.push(StepPoint {
+                    step,
+                    steps,
+                    loss,
+                    seconds,
+                }),
+            })
+        {
+            let cancelled = job.is_cancelling();
+            self.job = None;
+            match r {
+                Err(_) if cancelled => {
+                    shared.notice = Some(
+                        "calibration cancelled; its checkpoint is kept: Start resumes it".into(),
+                    );
+                }
+                r => {
+                    if let Some(l) = finish(r, &mut shared.error) {
+                        let bits = self.form.bits.parse().unwrap_or(Bits::FP);
+                        shared.notice = Some(format!(
+                            "{} learned at {bits}: loss {:.4} → {:.4}; the inspector can now show it",
+                            self.form.method.name(),
+                            l.losses.first().copied().unwrap_or(f64::NAN),
+                            l.losses.last().copied().unwrap_or(f64::NAN),
+                        ));
+                        shared.learned = Some(LearnedRun {
+                            method: self.form.method,
+                            bits,
+                            learned: Arc::new(l),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(r) = self.export.as_mut().and_then(|j| j.poll(|_| {})) {
+            self.export = None;
+            if let Some((out, bytes)) = finish(r, &mut shared.error) {
+                shared.notice = Some(format!(
+                    "wrote {} ({:.1} MB): chat with it in the Chat panel",
+                    out.display(),
+                    bytes as f64 / 1e6
+                ));
+            }
+        }
+        if let Some(r) = self.picking.as_mut().and_then(|j| j.poll(|_| {})) {
+            self.picking = None;
+            if let Some(Some(out)) = finish(r, &mut shared.error) {
+                self.pending_export = Some(out);
+            }
+        }
+    }
+
+    /// Start (or resume) the calibration the form describes.
+    pub fn start(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let Some(m) = &shared.model else { return };
+        let (_, settings) = match self.form.settings() {
+            Ok(s) => s,
+            Err(e) => {
+                shared.error = Some(format!("calibration settings: {e}"));
+                return;
+            }
+        };
+        let (lab, method, fresh) = (m.lab.clone(), self.form.method, self.form.fresh);
+        self.points.clear();
+        self.resumed_from = 0;
+        self.frame_ms = None;
+        self.job = Some(Job::spawn(
+            ctx,
+            format!("calibrating {}", method.name()),
+            move |r| {
+                let lab = lab
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
+                Ok(lab.learn(
+                    method,
+                    &settings,
+                    fresh,
+                    &mut |e| r.event(e.clone()),
+                    &r.cancel,
+                )?)
+            },
+        ));
+    }
+
+    pub fn cancel(&self) {
+        if let Some(j) = &self.job {
+            j.cancel();
+        }
+    }
+
+    /// Quantize with the export section's method and bits and write the folder `out`.
+    pub fn export_to(&mut self, ctx: &egui::Context, shared: &mut Shared, out: PathBuf) {
+        let Some(m) = &shared.model else { return };
+        let method = self.form.export_method;
+        let bits: Bits = match self.form.export_bits.parse() {
+            Ok(b) => b,
+            Err(e) => {
+                shared.error = Some(e);
+                return;
+            }
+        };
+        let learned = match (&shared.learned, method.is_learned()) {
+            (Some(l), true) if l.method == method && l.bits == bits => Some(l.learned.clone()),
+            (_, true) => {
+                shared.error = Some(format!(
+                    "calibrate {} at {bits} first (above), then export",
+                    method.name()
+                ));
+                return;
+            }
+            _ => None,
+        };
+        let lab = m.lab.clone();
+        self.export = Some(Job::spawn(
+            ctx,
+            format!("exporting {}", out.display()),
+            move |r| {
+                let mut lab = lab
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
+                let s = Settings::default();
+                let bytes = lab.export(
+                    method,
+                    bits,
+                    &s,
+                    learned.as_deref(),
+                    &out,
+                    &mut |w, d, t| r.progress(w, d, t),
+                    &r.cancel,
+                )?;
+                Ok((out, bytes))
+            },
+        ));
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if shared.model.is_none() {
+            ui.label("Open a model to calibrate it.");
+            return;
+        }
+        let ctx = ui.ctx().clone();
+        if let Some(out) = self.pending_export.take() {
+            self.export_to(&ctx, shared, out);
+        }
+        let running = self.job.is_some();
+        ui.heading("Learn the transforms");
+        ui.add_enabled_ui(!running, |ui| self.form_ui(ui));
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(!running, egui::Button::new("Start"))
+                .on_hover_text("Resumes from the saved checkpoint of the same settings unless 'start over' is ticked")
+                .clicked()
+            {
+                self.start(&ctx, shared);
+            }
+            if ui.add_enabled(running, egui::Button::new("Cancel")).clicked() {
+                self.cancel();
+            }
+        });
+        if let Some(j) = &self.job {
+            j.show(ui);
+            let dt = ui.input(|i| i.unstable_dt) as f64 * 1e3;
+            self.frame_ms = Some(match self.frame_ms {
+                Some(m) => 0.95 * m + 0.05 * dt,
+                None => dt,
+            });
+        }
+        if let Some(p) = self.points.last() {
+            let mean =
+                self.points.iter().map(|p| p.seconds).sum::<f64>() / self.points.len() as f64;
+            let eta = mean * p.steps.saturating_sub(p.step) as f64;
+            ui.label(format!(
+                "step {}/{} · loss {:.4} · {:.1} s/step · ETA {:.0} s{}",
+                p.step,
+                p.steps,
+                p.loss,
+                mean,
+                eta,
+                self.frame_ms
+                    .map(|f| format!(" · UI frame {f:.1} ms"))
+                    .unwrap_or_default()
+            ));
+        } else if self.resumed_from > 0 {
+            ui.label(format!("resumed at step {}", self.resumed_from));
+        }
+        let curve: PlotPoints = self
+            .points
+            .iter()
+            .map(|p| [p.step as f64, p.loss])
+            .collect();
+        Plot::new("loss")
+            .legend(Legend::default())
+            .height((ui.available_height() - 90.0).max(120.0))
+            .x_axis_label("step")
+            .y_axis_label("loss")
+            .show(ui, |p| p.line(Line::new("calibration loss", curve)));
+        ui.separator();
+        self.export_ui(ui, shared);
+    }
+
+    fn form_ui(&mut self, ui: &mut egui::Ui) {
+        let f = &mut self.form;
+        let mut changed = false;
+        egui::Grid::new("calib form").num_columns(4).show(ui, |ui| {
+            ui.label("Method");
+            egui::ComboBox::from_id_salt("calib method")
+                .selected_text(f.method.name())
+                .show_ui(ui, |ui| {
+                    for m in LEARNED {
+                        changed |= ui.selectable_value(&mut f.method, m, m.name()).changed();
+                    }
+                });
+            ui.label("Bits");
+            egui::ComboBox::from_id_salt("calib bits")
+                .selected_text(f.bits.clone())
+                .show_ui(ui, |ui| {
+                    for b in BITS {
+                        changed |= ui.selectable_value(&mut f.bits, b.to_string(), b).changed();
+                    }
+                });
+            ui.end_row();
+            ui.label("Preset");
+            ui.horizontal(|ui| {
+                changed |= ui
+                    .selectable_value(&mut f.preset, Preset::Cpu, "cpu")
+                    .changed();
+                changed |= ui
+                    .selectable_value(&mut f.preset, Preset::Paper, "paper")
+                    .changed();
+            });
+            ui.label("Loss");
+            egui::ComboBox::from_id_salt("calib loss")
+                .selected_text(f.loss.clone())
+                .show_ui(ui, |ui| {
+                    for l in LOSSES {
+                        ui.selectable_value(&mut f.loss, l.to_string(), l);
+                    }
+                });
+            ui.end_row();
+            ui.label("Steps");
+            ui.add(egui::DragValue::new(&mut f.steps).range(1..=10_000));
+            ui.label("Windows per step");
+            ui.add(egui::DragValue::new(&mut f.batch).range(1..=64));
+            ui.end_row();
+            ui.label("Calibration windows");
+            ui.add(egui::DragValue::new(&mut f.samples).range(1..=1024));
+            ui.label("Tokens per window");
+            ui.add(egui::DragValue::new(&mut f.seq_len).range(16..=4096));
+            ui.end_row();
+            ui.label("LR rotations");
+            ui.add(
+                egui::DragValue::new(&mut f.lr_rot)
+                    .speed(1e-4)
+                    .max_decimals(5),
+            );
+            ui.label("LR scales");
+            ui.add(
+                egui::DragValue::new(&mut f.lr_scale)
+                    .speed(1e-4)
+                    .max_decimals(5),
+            );
+            ui.end_row();
+        });
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut f.fresh, "start over (ignore the checkpoint)");
+            if ui.button("Reset to preset").clicked() {
+                changed = true;
+            }
+        });
+        if changed {
+            f.reset();
+        }
+    }
+
+    fn export_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        ui.heading("Export the quantized model");
+        let f = &mut self.form;
+        ui.horizontal(|ui| {
+            ui.label("Method");
+            egui::ComboBox::from_id_salt("export method")
+                .selected_text(f.export_method.name())
+                .show_ui(ui, |ui| {
+                    for m in Method::ALL.into_iter().filter(|m| *m != Method::Fp) {
+                        ui.selectable_value(&mut f.export_method, m, m.name());
+                    }
+                });
+            ui.label("Bits");
+            egui::ComboBox::from_id_salt("export bits")
+                .selected_text(f.export_bits.clone())
+                .show_ui(ui, |ui| {
+                    for b in BITS {
+                        ui.selectable_value(&mut f.export_bits, b.to_string(), b);
+                    }
+                });
+            let idle = self.export.is_none() && self.picking.is_none() && self.job.is_none();
+            if ui
+                .add_enabled(idle, egui::Button::new("Export int4 folder…"))
+                .on_hover_text("Learned methods use the transforms calibrated above")
+                .clicked()
+            {
+                let name = format!(
+                    "{}-{}",
+                    f.export_method.name(),
+                    f.export_bits.to_lowercase()
+                );
+                self.picking = Some(Job::spawn(ui.ctx(), "choosing a folder", move |_| {
+                    let picked = pollster::block_on(
+                        rfd::AsyncFileDialog::new()
+                            .set_title("Write the quantized model folder")
+                            .set_file_name(name)
+                            .save_file(),
+                    );
+                    Ok(picked.map(|f| f.path().to_path_buf()))
+                }));
+            }
+        });
+        if let Some(j) = &self.export {
+            j.show(ui);
+            if ui.button("Cancel export").clicked() {
+                j.cancel();
+            }
+        }
+        if let Some(l) = &shared.learned {
+            ui.weak(format!(
+                "learned in this window: {} at {}",
+                l.method.name(),
+                l.bits
+            ));
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Chat panel: a multi-turn conversation with the model's chat template, streamed token by
+//! token, with the FP model, a quantized (int4) folder, or both side by side on the same
+//! prompt. Sampling controls, Stop, and tokens/s per reply.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ostquant_core::device;
+use ostquant_core::generate::{self, GenerationStats, SamplingParams, Session};
+use ostquant_core::model::LoadedModel;
+use ostquant_core::model::tokenizer::{ChatMessage, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use super::app::Shared;
+use super::jobs::{Job, Reporter, finish};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    Fp,
+    Quantized,
+    SideBySide,
+}
+
+/// Sampling and mode (persisted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Form {
+    pub mode: Mode,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub system: String,
+}
+
+impl Default for Form {
+    fn default() -> Self {
+        Form {
+            mode: Mode::Fp,
+            temperature: 0.0,
+            top_p: 0.9,
+            max_new_tokens: 128,
+            seed: 0,
+            system: String::new(),
+        }
+    }
+}
+
+/// One exchange: the user's message and each model's reply.
+#[derive(Debug, Clone, Default)]
+pub struct Turn {
+    pub user: String,
+    /// Replies of the FP model (0) and of the quantized model (1).
+    pub replies: [Option<Reply>; 2],
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub text: String,
+    pub done: bool,
+    pub tokens_per_sec: Option<f64>,
+}
+
+/// A quantized folder opened for chat.
+struct QuantizedModel {
+    dir: PathBuf,
+    model: Arc<Mutex<LoadedModel>>,
+}
+
+type Answer = Job<String, GenerationStats>;
+
+pub struct Panel {
+    pub form: Form,
+    pub turns: Vec<Turn>,
+    pub input: String,
+    quantized: Option<QuantizedModel>,
+    loading: Option<Job<(), QuantizedModel>>,
+    picking: Option<Job<(), Option<PathBuf>>>,
+    /// A folder chosen in the dialog, opened on the next frame.
+    pending_open: Option<PathBuf>,
+    /// The FP and quantized answers being streamed.
+    answers: [Option<Answer>; 2],
+}
+
+impl Panel {
+    pub fn new(form: Form) -> Self {
+        Panel {
+            form,
+            turns: Vec::new(),
+            input: String::new(),
+            quantized: None,
+            loading: None,
+            picking: None,
+            pending_open: None,
+            answers: [None, None],
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.turns.clear();
+        self.answers = [None, None];
+    }
+
+    pub fn is_answering(&self) -> bool {
+        self.answers.iter().any(Option::is_some)
+    }
+
+    pub fn has_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
+
+    pub fn poll(&mut self, shared: &mut Shared) {
+        for side in 0..2 {
+            let Some(job) = self.answers[side].as_mut() else {
+                continue;
+            };
+            let Some(turn) = self.turns.last_mut() else {
+                continue;
+            };
+            let reply = turn.replies[side].get_or_insert_with(Default::default);
+            if let Some(r) = job.poll(|piece| reply.text.push_str(&piece)) {
+                reply.done = true;
+                self.answers[side] = None;
+                if let Some(stats) = finish(r, &mut shared.error) {
+                    reply.tokens_per_sec = Some(stats.decode_tokens_per_sec());
+                }
+            }
+        }
+        if let Some(r) = self.loading.as_mut().and_then(|j| j.poll(|_| {})) {
+            self.loading = None;
+            if let Some(q) = finish(r, &mut shared.error) {
+                shared.notice = Some(format!("chat: quantized model {}", q.dir.display()));
+                self.quantized = Some(q);
+                if self.form.mode == Mode::Fp {
+                    self.form.mode = Mode::SideBySide;
+                }
+            }
+        }
+        if let Some(r) = self.picking.as_mut().and_then(|j| j.poll(|_| {})) {
+            self.picking = None;
+            if let Some(Some(dir)) = finish(r, &mut shared.error) {
+                self.pending_open = Some(dir);
+            }
+        }
+    }
+
+    /// Open the int4 (or any) model folder `dir` as the chat's quantized model.
+    pub fn open_quantized(&mut self, ctx: &egui::Context, shared: &Shared, dir: PathBuf) {
+        let choice = shared.device;
+        self.loading = Some(Job::spawn(
+            ctx,
+            format!("loading {}", dir.display()),
+            move |_| {
+                let dev = device::select(choice)?;
+                let model = LoadedModel::load(&dir, &dev.device)?;
+                Ok(QuantizedModel {
+                    dir,
+                    model: Arc::new(Mutex::new(model)),
+                })
+            },
+        ));
+    }
+
+    /// Send `text` as the next user message to the models the mode names.
+    pub fn send(&mut self, ctx: &egui::Context, shared: &mut Shared, text: String) {
+        let Some(m) = &shared.model else { return };
+        let text = text.trim().to_string();
+        if text.is_empty() || self.is_answering() {
+            return;
+        }
+        let sides: &[usize] = match (self.form.mode, &self.quantized) {
+            (Mode::Fp, _) => &[0],
+            (_, None) => {
+                shared.error =
+                    Some("open a quantized model folder first (Open int4 folder…)".into());
+                return;
+            }
+            (Mode::Quantized, Some(_)) => &[1],
+            (Mode::SideBySide, Some(_)) => &[0, 1],
+        };
+        self.turns.push(Turn {
+            user: text,
+            replies: [None, None],
+        });
+        let params = SamplingParams {
+            temperature: self.form.temperature,
+            top_p: self.form.top_p,
+            seed: self.form.seed,
+            max_new_tokens: self.form.max_new_tokens,
+        };
+        for &side in sides {
+            let history = self.history(side);
+            let title = if side == 0 {
+                "FP model"
+            } else {
+                "quantized model"
+            };
+            self.turns.last_mut().expect("pushed above").replies[side] = Some(Reply::default());
+            let job = if side == 0 {
+                let lab = m.lab.clone();
+                Job::spawn(ctx, title, move |r| {
+                    let lab = lab
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
+                    answer(lab.tokenizer(), Session::new(lab.fp()), &history, params, r)
+                })
+            } else {
+                let (q, choice) = (
+                    self.quantized
+                        .as_ref()
+                        .expect("checked above")
+                        .model
+                        .clone(),
+                    shared.device,
+                );
+                Job::spawn(ctx, title, move |r| {
+                    let q = q
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
+                    let dev = device::select(choice)?;
+                    let (decoder, _) = generate::decoder(&q, choice, &dev);
+                    answer(
+                        &q.tokenizer,
+                        Session::with_decoder(decoder),
+                        &history,
+                        params,
+                        r,
+                    )
+                })
+            };
+            self.answers[side] = Some(job);
+        }
+    }
+
+    /// The conversation as `side`'s model saw it, ending with the newest user message.
+    fn history(&self, side: usize) -> Vec<ChatMessage> {
+        let mut h = Vec::new();
+        if !self.form.system.trim().is_empty() {
+            h.push(ChatMessage::new("system", self.form.system.trim()));
+        }
+        for t in &self.turns {
+            h.push(ChatMessage::new("user", t.user.clone()));
+            if let Some(r) = &t.replies[side] {
+                h.push(ChatMessage::new("assistant", r.text.clone()));
+            }
+        }
+        h
+    }
+
+    pub fn stop(&self) {
+        for j in self.answers.iter().flatten() {
+            j.cancel();
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if shared.model.is_none() {
+            ui.label("Open a model to chat with it.");
+            return;
+        }
+        let ctx = ui.ctx().clone();
+        if let Some(dir) = self.pending_open.take() {
+            self.open_quantized(&ctx, shared, dir);
+        }
+        self.controls(ui, &ctx);
+        if let Some(j) = &self.loading {
+            j.show(ui);
+        }
+        ui.separator();
+        let input_h = 70.0;
+        let side_by_side = self.form.mode == Mode::SideBySide;
+        egui::ScrollArea::vertical()
+            .id_salt("chat log")
+            .stick_to_bottom(true)
+            .auto_shrink(false)
+            .max_height(ui.available_height() - input_h)
+            .show(ui, |ui| {
+                for t in &self.turns {
+                    ui.label(egui::RichText::new(format!("you: {}", t.user)).strong());
+                    let show = |ui: &mut egui::Ui, name: &str, r: &Option<Reply>| {
+                        if let Some(r) = r {
+                            let speed = r
+                                .tokens_per_sec
+                                .map(|s| format!("  [{s:.1} tok/s]"))
+                                .unwrap_or_default();
+                            let cursor = if r.done { "" } else { " _" };
+                            ui.label(format!("{name}: {}{cursor}{speed}", r.text));
+                        }
+                    };
+                    if side_by_side {
+                        ui.columns(2, |c| {
+                            show(&mut c[0], "FP", &t.replies[0]);
+                            show(&mut c[1], "int4", &t.replies[1]);
+                        });
+                    } else {
+                        show(ui, "FP", &t.replies[0]);
+                        show(ui, "int4", &t.replies[1]);
+                    }
+                    ui.add_space(6.0);
+                }
+            });
+        ui.horizontal(|ui| {
+            let answering = self.is_answering();
+            let edit = ui.add_sized(
+                [ui.available_width() - 150.0, 40.0],
+                egui::TextEdit::multiline(&mut self.input)
+                    .hint_text("Message (Enter sends, Shift+Enter: new line)"),
+            );
+            let enter = edit.has_focus()
+                && ui.input(|i| i.key_pressed(egui::Key::Enter) && !i.modifiers.shift);
+            if (ui
+                .add_enabled(!answering, egui::Button::new("Send"))
+                .clicked()
+                || enter)
+                && !answering
+            {
+                let text = std::mem::take(&mut self.input);
+                self.send(&ctx, shared, text);
+            }
+            if ui
+                .add_enabled(answering, egui::Button::new("Stop"))
+                .clicked()
+            {
+                self.stop();
+            }
+            if ui
+                .add_enabled(!answering, egui::Button::new("Clear"))
+                .clicked()
+            {
+                self.turns.clear();
+            }
+        });
+    }
+
+    fn controls(&mut self, ui: &mut egui::Ui, ctx: &egui::Context) {
+        let f = &mut self.form;
+        ui.horizontal_wrapped(|ui| {
+            ui.label("Model");
+            ui.selectable_value(&mut f.mode, Mode::Fp, "FP");
+            ui.add_enabled_ui(self.quantized.is_some(), |ui| {
+                ui.selectable_value(&mut f.mode, Mode::Quantized, "int4");
+                ui.selectable_value(&mut f.mode, Mode::SideBySide, "side by side");
+            });
+            if ui
+                .add_enabled(
+                    self.loading.is_none() && self.picking.is_none(),
+                    egui::Button::new("Open int4 folder…"),
+                )
+                .on_hover_text("A folder written by Export or `ostquant quantize`")
+                .clicked()
+            {
+                self.picking = Some(Job::spawn(ctx, "choosing a folder", |_| {
+                    let picked = pollster::block_on(
+                        rfd::AsyncFileDialog::new()
+                            .set_title("Open a quantized model folder")
+                            .pick_folder(),
+                    );
+                    Ok(picked.map(|f| f.path().to_path_buf()))
+                }));
+            }
+            if let Some(q) = &self.quantized {
+                ui.weak(q.dir.display().to_string());
+            }
+        });
+        ui.horizontal_wrapped(|ui| {
+            ui.label("temperature");
+            ui.add(
+                egui::DragValue::new(&mut f.temperature)
+                    .range(0.0..=2.0)
+                    .speed(0.05),
+            );
+            ui.label("top-p");
+            ui.add(
+                egui::DragValue::new(&mut f.top_p)
+                    .range(0.05..=1.0)
+                    .speed(0.01),
+            );
+            ui.label("max tokens");
+            ui.add(egui::DragValue::new(&mut f.max_new_tokens).range(1..=4096));
+            ui.label("seed");
+            ui.add(egui::DragValue::new(&mut f.seed));
+            ui.label("system");
+            ui.add(egui::TextEdit::singleline(&mut f.system).desired_width(200.0));
+        });
+    }
+}
+
+/// Generate one reply to `history`, streaming pieces to the UI; Stop ends it early.
+fn answer(
+    tok: &Tokenizer,
+    mut session: Session<'_>,
+    history: &[ChatMessage],
+    params: SamplingParams,
+    r: &Reporter<String, GenerationStats>,
+) -> anyhow::Result<GenerationStats> {
+    let prompt = if tok.has_chat_template() {
+        tok.render_chat(history, true)?
+    } else {
+        // No template: continue the last message as plain text.
+        history
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default()
+    };
+    let ids = tok.encode_with_bos(&prompt)?;
+    let (_, stats) = session.generate(tok, &ids, params, &mut |piece| {
+        r.event(piece.to_string());
+        !r.cancelled()
+    })?;
+    Ok(stats)
+}

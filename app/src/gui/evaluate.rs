@@ -1,0 +1,283 @@
+//! Evaluation panel: Wikipedia perplexity, KL and top-1 agreement to the FP model, and the
+//! zero-shot tasks, for FP and the chosen methods at one bit setting, as a table and bar
+//! charts. Results come from (and go to) the same cache as `ostquant eval` and `results`.
+
+use egui_plot::{Bar, BarChart, Legend, Plot};
+use ostquant_core::data::tasks::TaskName;
+use ostquant_core::eval::suite::{RowResult, Settings};
+use ostquant_core::quant::method::{Bits, Method};
+use serde::{Deserialize, Serialize};
+
+use super::app::Shared;
+use super::calibrate::BITS;
+use super::jobs::{Job, finish};
+use super::style::{AFTER, BEFORE};
+
+/// The evaluation form (persisted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Form {
+    pub methods: Vec<Method>,
+    pub bits: String,
+    /// Perplexity windows of 512 tokens.
+    pub windows: usize,
+    pub zeroshot: bool,
+    /// Items per zero-shot task (the first N in file order, spread evenly).
+    pub limit: usize,
+}
+
+impl Default for Form {
+    fn default() -> Self {
+        Form {
+            methods: vec![Method::Fp, Method::Rtn, Method::Quarot],
+            bits: BITS[0].into(),
+            windows: 4,
+            zeroshot: false,
+            limit: 20,
+        }
+    }
+}
+
+impl Form {
+    fn settings(&self) -> Settings {
+        Settings {
+            windows: Some(self.windows),
+            tasks: if self.zeroshot {
+                TaskName::ALL.to_vec()
+            } else {
+                Vec::new()
+            },
+            limit: Some(self.limit),
+            ..Settings::default()
+        }
+    }
+}
+
+pub struct Panel {
+    pub form: Form,
+    job: Option<Job<RowResult, ()>>,
+    pub rows: Vec<RowResult>,
+}
+
+impl Panel {
+    pub fn new(form: Form) -> Self {
+        Panel {
+            form,
+            job: None,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.rows.clear();
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    pub fn poll(&mut self, shared: &mut Shared) {
+        let rows = &mut self.rows;
+        if let Some(r) = self.job.as_mut().and_then(|j| {
+            j.poll(|row| {
+                rows.retain(|r| (r.method, r.bits) != (row.method, row.bits));
+                rows.push(row)
+            })
+        }) {
+            self.job = None;
+            if finish(r, &mut shared.error).is_some() {
+                shared.notice = Some(format!("evaluated {} rows", self.rows.len()));
+            }
+        }
+    }
+
+    pub fn start(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let Some(m) = &shared.model else { return };
+        let bits: Bits = match self.form.bits.parse() {
+            Ok(b) => b,
+            Err(e) => {
+                shared.error = Some(e);
+                return;
+            }
+        };
+        let (lab, methods, settings) = (
+            m.lab.clone(),
+            self.form.methods.clone(),
+            self.form.settings(),
+        );
+        self.job = Some(Job::spawn(ctx, "evaluating", move |r| {
+            let mut lab = lab
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
+            for m in methods {
+                if r.cancelled() {
+                    break;
+                }
+                let row = lab.evaluate(m, bits, &settings, &mut |what, d, t| {
+                    r.progress(&format!("{} · {what}", m.name()), d, t)
+                })?;
+                r.event(row);
+            }
+            Ok(())
+        }));
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if shared.model.is_none() {
+            ui.label("Open a model to evaluate it.");
+            return;
+        }
+        let ctx = ui.ctx().clone();
+        let running = self.job.is_some();
+        ui.add_enabled_ui(!running, |ui| {
+            let f = &mut self.form;
+            ui.horizontal_wrapped(|ui| {
+                ui.label("Methods");
+                for m in Method::ALL {
+                    let mut on = f.methods.contains(&m);
+                    if ui.checkbox(&mut on, m.name()).changed() {
+                        f.methods.retain(|x| *x != m);
+                        if on {
+                            f.methods.push(m);
+                            f.methods
+                                .sort_by_key(|x| Method::ALL.iter().position(|y| y == x));
+                        }
+                    }
+                }
+            });
+            ui.horizontal(|ui| {
+                ui.label("Bits");
+                egui::ComboBox::from_id_salt("eval bits")
+                    .selected_text(f.bits.clone())
+                    .show_ui(ui, |ui| {
+                        for b in BITS {
+                            ui.selectable_value(&mut f.bits, b.to_string(), b);
+                        }
+                    });
+                ui.label("perplexity windows (512 tokens)");
+                ui.add(egui::DragValue::new(&mut f.windows).range(1..=1000));
+                ui.checkbox(&mut f.zeroshot, "nine zero-shot tasks, items per task:");
+                ui.add_enabled(
+                    f.zeroshot,
+                    egui::DragValue::new(&mut f.limit).range(1..=100_000),
+                );
+            });
+        });
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(!running, egui::Button::new("Evaluate"))
+                .clicked()
+            {
+                self.start(&ctx, shared);
+            }
+            if let Some(j) = &self.job
+                && ui.button("Stop after this row").clicked()
+            {
+                j.cancel();
+            }
+        });
+        ui.weak("Learned methods calibrate with their preset first (or reuse its checkpoint); results are cached, so a rerun is instant.");
+        if let Some(j) = &self.job {
+            j.show(ui);
+        }
+        if self.rows.is_empty() {
+            return;
+        }
+        self.table(ui);
+        self.charts(ui);
+    }
+
+    fn table(&self, ui: &mut egui::Ui) {
+        let tasks: Vec<TaskName> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.zeroshot.iter().map(|t| t.task))
+            .fold(Vec::new(), |mut v, t| {
+                if !v.contains(&t) {
+                    v.push(t);
+                }
+                v
+            });
+        egui::ScrollArea::horizontal().show(ui, |ui| {
+            egui::Grid::new("eval table").striped(true).show(ui, |ui| {
+                for h in [
+                    "method",
+                    "bits",
+                    "wiki ppl",
+                    "KL to FP",
+                    "top-1 agree",
+                    "0-shot avg",
+                ] {
+                    ui.strong(h);
+                }
+                for t in &tasks {
+                    ui.strong(t.name());
+                }
+                ui.end_row();
+                for r in &self.rows {
+                    ui.label(r.method.name());
+                    ui.label(r.bits.to_string());
+                    ui.label(format!("{:.3}", r.wiki.ppl));
+                    ui.label(r.wiki.kl.map_or("–".into(), |k| format!("{k:.4}")));
+                    ui.label(
+                        r.wiki
+                            .top1
+                            .map_or("–".into(), |t| format!("{:.1}%", 100.0 * t)),
+                    );
+                    ui.label(r.zeroshot_avg().map_or("–".into(), |a| format!("{a:.2}")));
+                    for t in &tasks {
+                        let s = r.zeroshot.iter().find(|s| s.task == *t);
+                        ui.label(s.map_or("–".into(), |s| format!("{:.1}", s.percent())));
+                    }
+                    ui.end_row();
+                }
+            });
+        });
+    }
+
+    fn charts(&self, ui: &mut egui::Ui) {
+        let bars = |f: &dyn Fn(&RowResult) -> Option<f64>| -> Vec<Bar> {
+            self.rows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    f(r).map(|v| {
+                        Bar::new(i as f64, v)
+                            .name(format!("{} {}", r.method.name(), r.bits))
+                            .fill(if r.method == Method::Fp {
+                                BEFORE
+                            } else {
+                                AFTER
+                            })
+                    })
+                })
+                .collect()
+        };
+        let labels: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| r.method.name().to_string())
+            .collect();
+        let h = (ui.available_height() - 10.0).max(120.0);
+        ui.columns(2, |cols| {
+            let l1 = labels.clone();
+            Plot::new("ppl bars")
+                .legend(Legend::default())
+                .height(h)
+                .y_axis_label("Wikipedia perplexity (lower is better)")
+                .x_axis_formatter(move |m, _| l1.get(m.value as usize).cloned().unwrap_or_default())
+                .show(&mut cols[0], |p| {
+                    p.bar_chart(BarChart::new("perplexity", bars(&|r| Some(r.wiki.ppl))))
+                });
+            let l2 = labels.clone();
+            Plot::new("zeroshot bars")
+                .legend(Legend::default())
+                .height(h)
+                .y_axis_label("zero-shot average % (higher is better)")
+                .x_axis_formatter(move |m, _| l2.get(m.value as usize).cloned().unwrap_or_default())
+                .show(&mut cols[1], |p| {
+                    p.bar_chart(BarChart::new("0-shot avg", bars(&|r| r.zeroshot_avg())))
+                });
+        });
+    }
+}

@@ -1,0 +1,260 @@
+//! Layer inspector: QSUR of every quantized input and weight per layer, before and after a
+//! transform, as a coloured table; a click shows that tensor's eigenvalue spectrum and
+//! per-channel max |x|, before and after.
+
+use std::sync::Arc;
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+use ostquant_core::analysis::inspect::{Inspection, TensorStats};
+use ostquant_core::calib::Learned;
+use ostquant_core::quant::method::Method;
+
+use super::app::Shared;
+use super::jobs::{Job, finish};
+use super::style::{AFTER, BEFORE, qsur_colour};
+
+/// Columns of the table: the four quantized activations, then the seven weights.
+const COLUMNS: [&str; 11] = [
+    "qkv_in",
+    "o_in",
+    "upgate_in",
+    "down_in",
+    "q",
+    "k",
+    "v",
+    "o",
+    "gate",
+    "up",
+    "down",
+];
+
+/// Transforms the inspector offers without calibration.
+const FIXED: [Method; 2] = [Method::Quarot, Method::SmoothQuant];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    Before,
+    After,
+    Gain,
+}
+
+pub struct Panel {
+    /// The transform compared with "none"; `None` means the window's learned transforms.
+    pub method: Option<Method>,
+    pub windows: usize,
+    pub show: Show,
+    job: Option<Job<(), (Inspection, Inspection)>>,
+    pub before: Option<Inspection>,
+    pub after: Option<Inspection>,
+    pub selected: Option<(usize, String)>,
+}
+
+impl Default for Panel {
+    fn default() -> Self {
+        Panel {
+            method: Some(Method::Quarot),
+            windows: 4,
+            show: Show::After,
+            job: None,
+            before: None,
+            after: None,
+            selected: None,
+        }
+    }
+}
+
+impl Panel {
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    pub fn poll(&mut self, shared: &mut Shared) {
+        if let Some(r) = self.job.as_mut().and_then(|j| j.poll(|_| {})) {
+            self.job = None;
+            if let Some((b, a)) = finish(r, &mut shared.error) {
+                shared.notice = Some(format!(
+                    "inspected {} and {} over {} tokens",
+                    b.method, a.method, b.tokens
+                ));
+                self.before = Some(b);
+                self.after = Some(a);
+            }
+        }
+    }
+
+    /// Start measuring "none" and the chosen transform.
+    pub fn start(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let Some(m) = &shared.model else { return };
+        let (method, learned): (Method, Option<Arc<Learned>>) = match self.method {
+            Some(m) => (m, None),
+            None => {
+                match &shared.learned {
+                    Some(l) => (l.method, Some(l.learned.clone())),
+                    None => {
+                        shared.error = Some("calibrate first (Calibrate panel), then inspect the learned transforms".into());
+                        return;
+                    }
+                }
+            }
+        };
+        let lab = m.lab.clone();
+        let windows = self.windows;
+        self.job = Some(Job::spawn(ctx, "inspecting", move |r| {
+            let lab = lab
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
+            let before = lab.inspect(Method::Fp, None, windows, &mut |d, t| {
+                r.progress("none", d, t)
+            })?;
+            let after = lab.inspect(method, learned.as_deref(), windows, &mut |d, t| {
+                r.progress(method.name(), d, t)
+            })?;
+            Ok((before, after))
+        }));
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if shared.model.is_none() {
+            ui.label("Open a model to inspect its layers.");
+            return;
+        }
+        let ctx = ui.ctx().clone();
+        ui.horizontal(|ui| {
+            ui.label("Transform");
+            let name = |m: Option<Method>| match m {
+                Some(m) => m.name().to_string(),
+                None => "learned (this window)".into(),
+            };
+            egui::ComboBox::from_id_salt("inspect method")
+                .selected_text(name(self.method))
+                .show_ui(ui, |ui| {
+                    for m in FIXED {
+                        ui.selectable_value(&mut self.method, Some(m), m.name());
+                    }
+                    if shared.learned.is_some() {
+                        ui.selectable_value(&mut self.method, None, name(None));
+                    }
+                });
+            ui.label("windows of 512 tokens");
+            ui.add(egui::DragValue::new(&mut self.windows).range(1..=64));
+            if ui
+                .add_enabled(self.job.is_none(), egui::Button::new("Inspect"))
+                .clicked()
+            {
+                self.start(&ctx, shared);
+            }
+        });
+        if let Some(j) = &self.job {
+            j.show(ui);
+        }
+        let (Some(before), Some(after)) = (&self.before, &self.after) else {
+            ui.label(
+                "QSUR (quantization space utilization rate, SPEC §1.3) says how much of the \
+                 quantization grid a tensor's distribution fills: higher is better. Press Inspect \
+                 to measure every layer before and after the transform.",
+            );
+            return;
+        };
+        ui.horizontal(|ui| {
+            ui.label("Show");
+            ui.selectable_value(&mut self.show, Show::Before, "none");
+            ui.selectable_value(&mut self.show, Show::After, after.method.as_str());
+            ui.selectable_value(&mut self.show, Show::Gain, "gain (after - before)");
+        });
+        ui.weak("Cells: per-dimension QSUR ratio (0–1). Red = poor use of the 4-bit grid, green = good; click a cell for its spectrum.");
+        let value = |s: &TensorStats| s.qsur.map(|q| q.rel);
+        let layers = before.stats.iter().map(|s| s.layer + 1).max().unwrap_or(0);
+        egui::ScrollArea::vertical()
+            .id_salt("qsur table")
+            .max_height(ui.available_height() * 0.5)
+            .show(ui, |ui| {
+                egui::Grid::new("qsur").striped(true).show(ui, |ui| {
+                    ui.strong("layer");
+                    for c in COLUMNS {
+                        ui.strong(c);
+                    }
+                    ui.end_row();
+                    for layer in 0..layers {
+                        ui.label(layer.to_string());
+                        for c in COLUMNS {
+                            let (b, a) = (
+                                before.get(layer, c).and_then(value),
+                                after.get(layer, c).and_then(value),
+                            );
+                            let shown = match self.show {
+                                Show::Before => b,
+                                Show::After => a,
+                                Show::Gain => a.zip(b).map(|(a, b)| a - b),
+                            };
+                            let (text, fill) = match (shown, self.show) {
+                                (None, _) => ("–".to_string(), ui.visuals().faint_bg_color),
+                                (Some(v), Show::Gain) => {
+                                    (format!("{v:+.3}"), qsur_colour(0.5 + v * 2.5))
+                                }
+                                (Some(v), _) => (format!("{v:.3}"), qsur_colour(v / 0.6)),
+                            };
+                            let selected = self.selected.as_ref() == Some(&(layer, c.to_string()));
+                            let button = egui::Button::new(
+                                egui::RichText::new(text)
+                                    .color(egui::Color32::BLACK)
+                                    .monospace(),
+                            )
+                            .fill(fill)
+                            .selected(selected);
+                            if ui.add(button).clicked() {
+                                self.selected = Some((layer, c.to_string()));
+                            }
+                        }
+                        ui.end_row();
+                    }
+                });
+            });
+        if let Some((layer, name)) = &self.selected
+            && let (Some(b), Some(a)) = (before.get(*layer, name), after.get(*layer, name))
+        {
+            detail(ui, b, a, &after.method);
+        }
+    }
+}
+
+/// Spectrum and channel maxima of one tensor, before and after.
+fn detail(ui: &mut egui::Ui, b: &TensorStats, a: &TensorStats, method: &str) {
+    let kind = if b.is_weight {
+        "weight rows"
+    } else {
+        "input activations"
+    };
+    ui.strong(format!(
+        "layer {} · {} ({kind}, {} dims)",
+        b.layer, b.name, b.dim
+    ));
+    let log_points = |v: &[f64]| -> PlotPoints {
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| [i as f64, x.max(1e-30).log10()])
+            .collect()
+    };
+    let points =
+        |v: &[f64]| -> PlotPoints { v.iter().enumerate().map(|(i, &x)| [i as f64, x]).collect() };
+    let h = (ui.available_height() - 30.0).max(120.0);
+    ui.columns(2, |cols| {
+        Plot::new("spectrum")
+            .legend(Legend::default())
+            .height(h)
+            .x_axis_label("eigenvalue index (sorted)")
+            .y_axis_label("log10 eigenvalue")
+            .show(&mut cols[0], |p| {
+                p.line(Line::new("none", log_points(&b.eigenvalues)).color(BEFORE));
+                p.line(Line::new(method, log_points(&a.eigenvalues)).color(AFTER));
+            });
+        Plot::new("channels")
+            .legend(Legend::default())
+            .height(h)
+            .x_axis_label("channel")
+            .y_axis_label("max |x|")
+            .show(&mut cols[1], |p| {
+                p.line(Line::new("none", points(&b.max_abs)).color(BEFORE));
+                p.line(Line::new(method, points(&a.max_abs)).color(AFTER));
+            });
+    });
+}

@@ -1,0 +1,154 @@
+//! Model overview: architecture, size, dtype, quantization, and which device does what.
+
+use std::collections::BTreeMap;
+
+use ostquant_core::eval::suite::Lab;
+use ostquant_core::model::checkpoint::stored_dtypes;
+use ostquant_core::model::config::LlamaConfig;
+use ostquant_core::model::qformat::{self, Header};
+
+use super::app::Shared;
+
+/// What the overview shows, gathered once when the model opens.
+pub struct Overview {
+    pub config: LlamaConfig,
+    pub params: usize,
+    pub disk_bytes: u64,
+    pub dtypes: BTreeMap<String, usize>,
+    pub quantization: Option<Header>,
+    pub compute: String,
+    pub adapters: Vec<String>,
+}
+
+impl Overview {
+    pub fn of(lab: &Lab) -> anyhow::Result<Self> {
+        let dir = lab.dir();
+        let config = lab.weights().config.clone();
+        let disk_bytes = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let quantization = if qformat::is_quantized(dir) {
+            Some(qformat::read_header(dir)?)
+        } else {
+            None
+        };
+        Ok(Overview {
+            params: config.n_params(),
+            config,
+            disk_bytes,
+            dtypes: stored_dtypes(dir)?,
+            quantization,
+            compute: lab.device().description.clone(),
+            adapters: ostquant_core::device::adapters()
+                .iter()
+                .map(|a| format!("{} ({:?}, {:?})", a.name, a.backend, a.device_type))
+                .collect(),
+        })
+    }
+}
+
+fn row(ui: &mut egui::Ui, key: &str, value: impl Into<egui::WidgetText>) {
+    ui.label(key);
+    ui.label(value);
+    ui.end_row();
+}
+
+pub fn ui(ui: &mut egui::Ui, shared: &Shared, renderer: &str) {
+    let Some(m) = &shared.model else {
+        ui.heading("No model open");
+        ui.label(
+            "Open a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a GGUF \
+             file from the bar above, or the default SmolLM2-135M-Instruct.",
+        );
+        devices(ui, None, renderer);
+        return;
+    };
+    let o = &m.overview;
+    let c = &o.config;
+    ui.heading(
+        m.dir
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+    );
+    egui::Grid::new("overview")
+        .num_columns(2)
+        .striped(true)
+        .show(ui, |ui| {
+            row(ui, "Folder", m.dir.display().to_string());
+            row(ui, "Architecture", c.architectures.join(", "));
+            let params = if o.params >= 10_000_000 {
+                format!("{:.1} M", o.params as f64 / 1e6)
+            } else {
+                format!("{}", o.params)
+            };
+            row(ui, "Parameters", params);
+            row(ui, "Layers", c.num_hidden_layers.to_string());
+            row(
+                ui,
+                "Hidden / MLP",
+                format!("{} / {}", c.hidden_size, c.intermediate_size),
+            );
+            row(
+                ui,
+                "Heads (query / KV × dim)",
+                format!(
+                    "{} / {} × {}",
+                    c.num_attention_heads,
+                    c.n_kv_heads(),
+                    c.head_dim()
+                ),
+            );
+            row(ui, "Vocabulary", c.vocab_size.to_string());
+            row(ui, "Context", c.max_position_embeddings.to_string());
+            row(ui, "Tied embeddings", c.tie_word_embeddings.to_string());
+            let dtypes: Vec<String> = o.dtypes.iter().map(|(d, n)| format!("{d} ×{n}")).collect();
+            row(ui, "Stored tensors", dtypes.join(", "));
+            row(
+                ui,
+                "Size on disk",
+                format!("{:.1} MB", o.disk_bytes as f64 / 1e6),
+            );
+            match &o.quantization {
+                Some(h) => row(
+                    ui,
+                    "Quantization",
+                    format!(
+                        "{} {} (int4 folder; Hadamard down {}, Q/K {})",
+                        h.method, h.bits, h.forward.down_hadamard, h.forward.qk_hadamard
+                    ),
+                ),
+                None => row(ui, "Quantization", "none (full precision)"),
+            }
+        });
+    devices(ui, Some(&o.compute), renderer);
+    if o.adapters.is_empty() {
+        ui.weak("No wgpu adapter was found: the compute runs on the CPU backend.");
+    } else {
+        ui.label(format!("wgpu adapters: {}", o.adapters.join("; ")));
+    }
+}
+
+fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str) {
+    ui.add_space(8.0);
+    ui.heading("Devices");
+    egui::Grid::new("devices").num_columns(2).show(ui, |ui| {
+        row(ui, "Window", renderer.to_string());
+        row(
+            ui,
+            "Calibration, evaluation, chat (FP)",
+            compute
+                .unwrap_or("chosen when a model opens (--device auto)")
+                .to_string(),
+        );
+        row(
+            ui,
+            "Chat with an int4 folder",
+            "the WGSL int4 runtime on a GPU; the burn forward otherwise",
+        );
+    });
+}

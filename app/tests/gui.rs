@@ -1,0 +1,201 @@
+//! The desktop app driven through its real state with egui_kittest, on a tiny generated model
+//! (CPU backend): open it, fill the QSUR table, start and cancel a calibration, chat and see
+//! tokens arrive. Then every panel rendered on the software Vulkan device and saved as PNG
+//! (in $OSTQUANT_SCREENSHOTS, else target/…/screenshots), checked not to be blank.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use ostquant_app::gui::{OstquantApp, Tab};
+use ostquant_core::device::DeviceChoice;
+use ostquant_tests::write_tiny_model;
+
+fn harness(wgpu: bool) -> Harness<'static, OstquantApp> {
+    let app = OstquantApp::new(None, DeviceChoice::Cpu);
+    let b = Harness::builder().with_size([1280.0, 820.0]);
+    let b = if wgpu { b.wgpu() } else { b };
+    b.build_ui_state(|ui, app: &mut OstquantApp| app.ui(ui), app)
+}
+
+/// Step frames until `done` holds (the engine works on background threads meanwhile).
+fn wait(h: &mut Harness<'static, OstquantApp>, what: &str, done: impl Fn(&OstquantApp) -> bool) {
+    let t0 = Instant::now();
+    while !done(h.state()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "timed out waiting for {what}; error: {:?}",
+            h.state().shared.error
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+    h.step();
+}
+
+fn open(h: &mut Harness<'static, OstquantApp>, dir: &Path) {
+    let ctx = h.ctx.clone();
+    h.state_mut().open_model(&ctx, Some(dir.to_path_buf()));
+    wait(h, "the model to open", |a| !a.is_loading());
+    assert!(
+        h.state().shared.model.is_some(),
+        "open failed: {:?}",
+        h.state().shared.error
+    );
+}
+
+fn tiny(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("tiny-model");
+    write_tiny_model(&dir, 3);
+    dir
+}
+
+#[test]
+fn open_inspect_calibrate_cancel_and_chat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let mut h = harness(false);
+    h.step();
+    open(&mut h, &dir);
+    // The overview names the architecture's numbers.
+    h.get_by_label("Parameters");
+
+    // Inspector: QuaRot against none, every layer's QSUR in the table.
+    h.get_by_label("Inspector").click();
+    h.step();
+    h.state_mut().inspector.windows = 1;
+    h.get_by_label("Inspect").click();
+    h.step();
+    wait(&mut h, "the inspection", |a| !a.inspector.is_running());
+    let app = h.state();
+    assert!(app.shared.error.is_none(), "{:?}", app.shared.error);
+    let (before, after) = (
+        app.inspector.before.as_ref().unwrap(),
+        app.inspector.after.as_ref().unwrap(),
+    );
+    assert_eq!(after.method, "quarot");
+    assert!(
+        before
+            .stats
+            .iter()
+            .any(|s| s.name == "down_in" && s.qsur.is_some())
+    );
+    h.get_by_label("upgate_in");
+    // Selecting a cell shows its spectrum and channel maxima.
+    h.state_mut().inspector.selected = Some((0, "down_in".into()));
+    h.step();
+    h.get_by_label_contains("layer 0 · down_in");
+
+    // Calibration: start a (small) run, see a step arrive, cancel it.
+    h.get_by_label("Calibrate").click();
+    h.step();
+    {
+        let f = &mut h.state_mut().calibrate.form;
+        f.steps = 50;
+        f.samples = 2;
+        f.seq_len = 16;
+        f.fresh = true;
+    }
+    h.get_by_label("Start").click();
+    h.step();
+    wait(&mut h, "a calibration step", |a| {
+        !a.calibrate.points.is_empty() || !a.calibrate.is_running()
+    });
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
+    assert!(h.state().calibrate.points[0].loss.is_finite());
+    h.get_by_label("Cancel").click();
+    h.step();
+    wait(&mut h, "the cancellation", |a| !a.calibrate.is_running());
+    let notice = h.state().shared.notice.clone().unwrap_or_default();
+    assert!(notice.contains("cancelled"), "{notice}");
+
+    // Chat: send a message, tokens stream in. A random tiny model writes arbitrary bytes, which
+    // no font draws: tofu boxes instead of the harness's panic on missing glyphs.
+    h.ctx
+        .set_missing_glyph_policy(egui::MissingGlyphPolicy::Tofu);
+    h.get_by_label("Chat").click();
+    h.step();
+    h.state_mut().chat.form.max_new_tokens = 8;
+    h.state_mut().chat.input = "Hello".into();
+    h.get_by_label("Send").click();
+    h.step();
+    wait(&mut h, "the reply", |a| !a.chat.is_answering());
+    let app = h.state();
+    assert!(app.shared.error.is_none(), "{:?}", app.shared.error);
+    let reply = app.chat.turns[0].replies[0].as_ref().unwrap();
+    assert!(
+        reply.done && !reply.text.is_empty(),
+        "no tokens arrived: {reply:?}"
+    );
+}
+
+#[test]
+fn a_bad_folder_is_a_message_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("not-a-model");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("config.json"), "{ not json").unwrap();
+    let mut h = harness(false);
+    let ctx = h.ctx.clone();
+    h.state_mut().open_model(&ctx, Some(bad.clone()));
+    wait(&mut h, "the failure", |a| !a.is_loading());
+    let err = h.state().shared.error.clone().expect("an error message");
+    assert!(err.contains("config.json"), "{err}");
+    assert!(h.state().shared.model.is_none());
+    h.get_by_label_contains("Error:");
+}
+
+/// Every panel rendered through wgpu on the software Vulkan device, saved as PNG.
+#[test]
+fn screenshots_of_every_panel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let out = std::env::var_os("OSTQUANT_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots"));
+    std::fs::create_dir_all(&out).unwrap();
+    let mut h = harness(true);
+    open(&mut h, &dir);
+    h.state_mut().inspector.windows = 1;
+    let ctx = h.ctx.clone();
+    let app = h.state_mut();
+    app.tab = Tab::Inspector;
+    app.inspector.start(&ctx, &mut app.shared);
+    wait(&mut h, "the inspection", |a| !a.inspector.is_running());
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
+    h.state_mut().inspector.selected = Some((1, "down_in".into()));
+    for tab in [
+        Tab::Overview,
+        Tab::Inspector,
+        Tab::Calibrate,
+        Tab::Evaluate,
+        Tab::Chat,
+    ] {
+        h.state_mut().tab = tab;
+        h.step();
+        h.step();
+        let image = h.render().expect("render on the software Vulkan device");
+        let path = out.join(format!("{tab:?}.png").to_lowercase());
+        image.save(&path).unwrap();
+        // Not blank: many distinct colours, not one flat background.
+        let mut colours: Vec<[u8; 4]> = image.pixels().map(|p| p.0).collect();
+        colours.sort_unstable();
+        colours.dedup();
+        assert!(
+            colours.len() > 20,
+            "{}: only {} colours",
+            path.display(),
+            colours.len()
+        );
+        eprintln!("wrote {}", path.display());
+    }
+}
