@@ -199,3 +199,72 @@ fn screenshots_of_every_panel() {
         eprintln!("wrote {}", path.display());
     }
 }
+
+/// The real binary opens its window on a virtual X display (Xvfb, installed by assets/setup)
+/// and draws through wgpu on the software Vulkan device: a screenshot of the root window shows
+/// the app, not a blank screen.
+#[test]
+fn window_opens_under_xvfb() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let out = std::env::var_os("OSTQUANT_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots"));
+    std::fs::create_dir_all(&out).unwrap();
+    let display = format!(":{}", 90 + std::process::id() % 100);
+    let mut xvfb = Command::new("Xvfb")
+        .args([
+            display.as_str(),
+            "-screen",
+            "0",
+            "1280x800x24",
+            "-nolisten",
+            "tcp",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("Xvfb (apt-get install xvfb; assets/setup installs it)");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut app = Command::new(env!("CARGO_BIN_EXE_ostquant"))
+        .args(["gui", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .env("DISPLAY", &display)
+        .env("XDG_DATA_HOME", tmp.path()) // a fresh settings file
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ostquant gui");
+    let shot = out.join("window.png");
+    let t0 = Instant::now();
+    let mut colours = 0;
+    // Poll until the window has drawn the opened model (or give up after a minute).
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_secs(2));
+        let ok = Command::new("import")
+            .args(["-display", display.as_str(), "-window", "root"])
+            .arg(&shot)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok && let Ok(img) = image::open(&shot) {
+            let mut c: Vec<[u8; 4]> = img.to_rgba8().pixels().map(|p| p.0).collect();
+            c.sort_unstable();
+            c.dedup();
+            colours = c.len();
+            if colours > 20 && t0.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+    }
+    let _ = app.kill();
+    let _ = xvfb.kill();
+    let stderr = app
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+    let _ = xvfb.wait();
+    assert!(
+        colours > 20,
+        "{}: the window looks blank ({colours} colours); app stderr: {stderr:?}",
+        shot.display()
+    );
+    eprintln!("wrote {}", shot.display());
+}

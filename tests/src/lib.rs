@@ -371,3 +371,16 @@ pub fn reference_forward(w: &LlamaWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let head = w.lm_head.as_ref().unwrap_or(&w.embed);
     xs.iter().map(|x| matvec(head, &rms(x, &w.norm))).collect()
 }
+
+/// The wgpu device the runtime tests run on: the software Vulkan device (lavapipe) unless
+/// `OSTQUANT_TEST_DEVICE=gpu` asks for a real GPU (to check the kernels on one when lent).
+pub fn test_gpu() -> ostquant_core::runtime::Gpu {
+    use ostquant_core::device::DeviceChoice;
+    let choice = match std::env::var("OSTQUANT_TEST_DEVICE").as_deref() {
+        Ok("gpu") => DeviceChoice::Gpu,
+        _ => DeviceChoice::Software,
+    };
+    ostquant_core::runtime::Gpu::open(choice).unwrap_or_else(|e| {
+        panic!("{e}: the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup")
+    })
+}

@@ -2,7 +2,6 @@
 //! packed codes, on odd and real LLaMA shapes, symmetric per channel and asymmetric in groups;
 //! the f16 GEMV against an f64 reference on the rounded weights.
 
-use ostquant_core::device::DeviceChoice;
 use ostquant_core::model::qformat::unpack;
 use ostquant_core::quant::quantizer::QuantSpec;
 use ostquant_core::runtime::Gpu;
@@ -11,9 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Gpu {
-    Gpu::open(DeviceChoice::Software).expect(
-        "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
-    )
+    ostquant_tests::test_gpu()
 }
 
 #[test]
@@ -28,6 +25,8 @@ fn gemv_matches_the_f64_reference() {
         (7, 4096, QuantSpec::sym(4).with_group(64)),
         (13, 11008, QuantSpec::asym(4)),
         (3, 8, QuantSpec::sym(4)),
+        (5, 48, QuantSpec::asym(4).with_group(16)),
+        (9, 40, QuantSpec::sym(4)),
     ];
     for (rows, cols, spec) in cases {
         let groups = cols / spec.group.unwrap_or(cols);

@@ -3,12 +3,10 @@
 //! folders at W4A4KV4 and W4A16KV16, and the unquantized folder on the f16 path.
 
 use burn::tensor::Device;
-use ostquant_core::device::DeviceChoice;
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::qformat::{self, Header};
 use ostquant_core::quant::method::{Calibration, Method, quantize_weights_rtn, transform};
 use ostquant_core::quant::quantizer::QuantSpec;
-use ostquant_core::runtime::Gpu;
 use ostquant_core::runtime::model::GpuModel;
 use ostquant_tests::write_tiny_model;
 
@@ -89,7 +87,7 @@ fn check(edit: Option<fn(&mut ostquant_core::model::config::LlamaConfig)>) {
     h8.forward.kv = Some(QuantSpec::asym(8));
     let out8 = tmp.path().join("q8");
     qformat::write(&out8, &src, &tw, Some(&grids), &h8).unwrap();
-    let gpu = Gpu::open(DeviceChoice::Software).unwrap();
+    let gpu = ostquant_tests::test_gpu();
     let err = GpuModel::load(&out8, gpu, 8).err().unwrap().to_string();
     assert!(
         err.contains("quantization.json") && err.contains("KV cache"),
@@ -110,7 +108,7 @@ fn compare(dir: &std::path::Path, what: &str) {
         .into_data()
         .try_to_vec::<f32>()
         .unwrap();
-    let gpu = Gpu::open(DeviceChoice::Software).expect("software Vulkan device: run assets/setup");
+    let gpu = ostquant_tests::test_gpu();
     let mut rt = GpuModel::load(dir, gpu, 64).unwrap();
     let v = rt.config.vocab_size;
     let (mut agree, mut worst) = (0, 0f32);

@@ -2,7 +2,6 @@
 //! quantization, Hadamard, KV cache and attention) on the software Vulkan device against f64
 //! or host references, on real and odd shapes.
 
-use ostquant_core::device::DeviceChoice;
 use ostquant_core::runtime::Gpu;
 use ostquant_core::runtime::kernel::record_all;
 use ostquant_core::runtime::ops::Ops;
@@ -10,9 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Gpu {
-    Gpu::open(DeviceChoice::Software).expect(
-        "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
-    )
+    ostquant_tests::test_gpu()
 }
 
 fn rand_vec(rng: &mut StdRng, n: usize, r: f32) -> Vec<f32> {

@@ -416,6 +416,7 @@ impl Lab {
     /// Quantize `method` at `bits` (weights by the method's quantizer, online transforms and
     /// activation/KV quantizers as the header says) and write the int4 model folder `out`
     /// atomically. Learned methods need `learned`. Returns the folder's size in bytes.
+    #[allow(clippy::too_many_arguments)]
     pub fn export(
         &mut self,
         method: Method,

@@ -10,8 +10,10 @@ use crate::quant::quantizer::QuantSpec;
 
 /// Workgroups per grid row; more use a second grid dimension.
 const GRID_X: u32 = 32768;
-/// Rows per workgroup in both kernels (8 teams of 32 lanes).
-const ROWS_PER_GROUP: u32 = 8;
+/// Rows per workgroup: the f16 kernel's 8 teams of 32 lanes take one row each, the int4
+/// kernel's take four (see the shaders' workgroup plans).
+const HALF_ROWS: u32 = 8;
+const INT4_ROWS: u32 = 32;
 
 /// Copy `rows` rows of `row_words` u32 each into rows padded to a whole number of vec4s.
 fn pad_rows(words: &[u32], rows: usize, row_words: usize) -> (Vec<u32>, usize) {
@@ -26,8 +28,8 @@ fn pad_rows(words: &[u32], rows: usize, row_words: usize) -> (Vec<u32>, usize) {
     (out, stride)
 }
 
-fn grid(rows: usize) -> (u32, u32, u32) {
-    let groups = (rows as u32).div_ceil(ROWS_PER_GROUP);
+fn grid(rows: usize, per_group: u32) -> (u32, u32, u32) {
+    let groups = (rows as u32).div_ceil(per_group);
     let gx = groups.min(GRID_X);
     (gx, groups.div_ceil(gx), 1)
 }
@@ -209,9 +211,9 @@ impl Gemv {
 
     /// The launch of y = W·x (x: `cols` f32, y: `rows` f32, both on the GPU).
     pub fn dispatch(&self, gpu: &Gpu, w: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
-        let g = grid(w.rows());
         match w {
             Linear::Int4(m) => {
+                let g = grid(m.rows, INT4_ROWS);
                 let params = Int4Params {
                     rows: m.rows as u32,
                     cols: m.cols as u32,
@@ -226,6 +228,7 @@ impl Gemv {
                     .dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
             }
             Linear::Half(m) => {
+                let g = grid(m.rows, HALF_ROWS);
                 let params = HalfParams {
                     rows: m.rows as u32,
                     cols: m.cols as u32,
