@@ -15,7 +15,7 @@ use ostquant_core::calib::{Event, Init, Loss, Preset, Settings as CalibSettings}
 use ostquant_core::data::tasks::parse_task_list;
 use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
-use ostquant_core::eval::perplexity::perplexity;
+use ostquant_core::eval::perplexity::{perplexity, score_decoder, text_windows};
 use ostquant_core::eval::suite::{Lab, Settings};
 use ostquant_core::generate::{Decoder, SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
@@ -743,6 +743,28 @@ fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Resu
     };
     let (m, dev) = load(args)?;
     let bar = progress_bar("perplexity");
+    // An int4 folder on a wgpu device is scored through the runtime's kernels, and compared
+    // with the burn forward of the same folder position by position.
+    let (mut decoder, what) = ostquant_core::generate::decoder(&m, args.device, &dev);
+    if what.starts_with("int4 runtime") {
+        eprintln!("ostquant: scoring through the {what}");
+        let wins = text_windows(&m.model, &m.tokenizer, &body, ctx, windows)?;
+        let r = score_decoder(decoder.as_mut(), Some(&m.model), &wins, &mut |d, t| {
+            progress(&bar, d, t)
+        })?;
+        bar.finish_and_clear();
+        println!(
+            "{name}: perplexity {:.3} (ctx {}, {} windows, {} tokens scored, {what}); against the burn forward of the same folder: KL {:.5}, top-1 agreement {:.2}%",
+            r.ppl,
+            r.ctx,
+            r.windows,
+            r.tokens_scored,
+            r.kl.unwrap_or(f64::NAN),
+            100.0 * r.top1.unwrap_or(f64::NAN)
+        );
+        return Ok(());
+    }
+    drop(decoder);
     let r = perplexity(&m.model, &m.tokenizer, &body, ctx, windows, &mut |d, t| {
         progress(&bar, d, t)
     })?;

@@ -379,6 +379,41 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
         "{}",
         String::from_utf8_lossy(&ppl.stderr)
     );
+    // The same perplexity through the WGSL runtime on the software Vulkan device, compared
+    // position by position with the burn forward of the folder.
+    let rt = ostquant(&[
+        "ppl",
+        "--model",
+        s(&out),
+        "--device",
+        "software",
+        "--windows",
+        "1",
+        "--ctx",
+        "32",
+    ]);
+    let rt_out = String::from_utf8_lossy(&rt.stdout).into_owned();
+    assert!(
+        rt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rt.stderr)
+    );
+    let number_after = |text: &str, key: &str| -> f64 {
+        let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key} in {text}")) + key.len()..];
+        rest.trim_start()
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let burn_ppl = number_after(&String::from_utf8_lossy(&ppl.stdout), "perplexity");
+    let rt_ppl = number_after(&rt_out, "perplexity");
+    assert!(
+        rt_out.contains("int4 runtime") && (rt_ppl - burn_ppl).abs() <= 1e-3 * burn_ppl,
+        "runtime {rt_ppl} vs burn {burn_ppl}: {rt_out}"
+    );
+    assert!(number_after(&rt_out, "top-1 agreement") >= 95.0, "{rt_out}");
     // Options that a method without calibration cannot use are refused.
     let err = fails(&[
         "quantize",
@@ -405,8 +440,18 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
 }
 
 #[test]
-fn bench_prints_gemv_bandwidth_on_the_software_device() {
-    let out = ostquant(&["bench", "--device", "software", "--iters", "1"]);
+fn bench_prints_gemv_bandwidth_and_decode_speed_on_the_software_device() {
+    let out = ostquant(&[
+        "bench",
+        "--device",
+        "software",
+        "--iters",
+        "1",
+        "--synthetic",
+        "smollm2-135m",
+        "--tokens",
+        "1",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -421,5 +466,12 @@ fn bench_prints_gemv_bandwidth_on_the_software_device() {
         .lines()
         .filter(|l| l.trim_start().starts_with(char::is_numeric))
         .count();
-    assert_eq!(rows, 7, "{stdout}");
+    // Seven shapes, int4 and f16 each; every figure checked against the f64 reference.
+    assert_eq!(rows, 14, "{stdout}");
+    let decode: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("smollm2-135m"))
+        .collect();
+    assert_eq!(decode.len(), 2, "{stdout}");
+    assert!(stdout.contains("int4 / f16 decode speed"), "{stdout}");
 }

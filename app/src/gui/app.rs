@@ -277,6 +277,11 @@ impl OstquantApp {
         self.poll(&ctx);
         self.inspector.poll(&mut self.shared);
         self.calibrate.poll(&mut self.shared);
+        if std::mem::take(&mut self.calibrate.finished) && !self.inspector.is_running() {
+            // Show what was learned: QSUR of the learned transforms against none.
+            self.inspector.method = None;
+            self.inspector.start(&ctx, &mut self.shared);
+        }
         self.evaluate.poll(&mut self.shared);
         self.chat.poll(&mut self.shared);
         egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));

@@ -130,6 +130,8 @@ pub struct Panel {
     pub resumed_from: usize,
     /// Mean frame time while the calibration runs (ms), for the UI's own health.
     pub frame_ms: Option<f64>,
+    /// Set when a calibration has just finished (the window then inspects its transforms).
+    pub finished: bool,
 }
 
 impl Panel {
@@ -143,6 +145,7 @@ impl Panel {
             points: Vec::new(),
             resumed_from: 0,
             frame_ms: None,
+            finished: false,
         }
     }
 
@@ -182,7 +185,7 @@ impl Panel {
                     if let Some(l) = finish(r, &mut shared.error) {
                         let bits = self.form.bits.parse().unwrap_or(Bits::FP);
                         shared.notice = Some(format!(
-                            "{} learned at {bits}: loss {:.4} → {:.4}; the inspector can now show it",
+                            "{} learned at {bits}: loss {:.4} → {:.4}; the inspector is measuring its QSUR",
                             self.form.method.name(),
                             l.losses.first().copied().unwrap_or(f64::NAN),
                             l.losses.last().copied().unwrap_or(f64::NAN),
@@ -192,6 +195,7 @@ impl Panel {
                             bits,
                             learned: Arc::new(l),
                         });
+                        self.finished = true;
                     }
                 }
             }

@@ -207,3 +207,75 @@ fn window_scores(
     }
     Ok(())
 }
+
+/// Score `windows` through a token-by-token decoder (the GPU runtime's real kernels): the same
+/// negative log-likelihood as [`score_windows`], position by position, in f64. With
+/// `reference` (the burn forward of the same folder), also the KL and top-1 agreement of the
+/// decoder's next-token distribution against it: how far the kernels are from the reference.
+pub fn score_decoder(
+    decoder: &mut dyn crate::generate::Decoder,
+    reference: Option<&Llama>,
+    windows: &[Vec<u32>],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TextScores> {
+    let t0 = std::time::Instant::now();
+    let mut acc = Sums::default();
+    let log_softmax = |x: &[f32]| -> Vec<f64> {
+        let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        x.iter().map(|&v| v as f64 - z).collect()
+    };
+    let argmax = |x: &[f64]| {
+        (0..x.len())
+            .max_by(|&a, &b| x[a].total_cmp(&x[b]))
+            .unwrap_or(0)
+    };
+    for (i, w) in windows.iter().enumerate() {
+        decoder.reset();
+        let reference_logits = match reference {
+            Some(r) => {
+                let logits = r.forward(&[w.to_vec()], &mut r.new_cache());
+                Some(
+                    logits
+                        .into_data()
+                        .try_to_vec::<f32>()
+                        .map_err(|e| Error::other(format!("reading logits: {e:?}")))?,
+                )
+            }
+            None => None,
+        };
+        for (pos, pair) in w.windows(2).enumerate() {
+            let logp = log_softmax(&decoder.last_logits(&pair[..1])?);
+            acc.nll -= logp[pair[1] as usize];
+            if let Some(all) = &reference_logits {
+                let v = logp.len();
+                let logp_ref = log_softmax(&all[pos * v..(pos + 1) * v]);
+                acc.kl += logp_ref
+                    .iter()
+                    .zip(&logp)
+                    .map(|(r, q)| r.exp() * (r - q))
+                    .sum::<f64>();
+                acc.agree += (argmax(&logp_ref) == argmax(&logp)) as usize;
+            }
+            acc.count += 1;
+        }
+        progress(i + 1, windows.len());
+    }
+    let n = acc.count.max(1) as f64;
+    let mean_nll = acc.nll / n;
+    if !mean_nll.is_finite() {
+        return Err(Error::other(
+            "the decoder produced non-finite log-probabilities",
+        ));
+    }
+    Ok(TextScores {
+        ppl: mean_nll.exp(),
+        mean_nll,
+        kl: reference.map(|_| acc.kl / n),
+        top1: reference.map(|_| acc.agree as f64 / n),
+        tokens_scored: acc.count,
+        windows: windows.len(),
+        ctx: windows.first().map_or(0, Vec::len),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
