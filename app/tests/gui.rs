@@ -274,3 +274,71 @@ fn window_opens_under_xvfb() {
     );
     eprintln!("wrote {}", shot.display());
 }
+
+/// The chat answers the same prompt with the FP model and an int4 folder side by side.
+#[test]
+fn chat_side_by_side_with_an_int4_folder() {
+    use burn::tensor::Device;
+    use ostquant_app::gui::chat::Mode;
+    use ostquant_core::model::qformat::{self, Header};
+    use ostquant_core::quant::method::{Calibration, Method, quantize_weights_rtn, transform};
+    use ostquant_core::quant::quantizer::QuantSpec;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    // An RTN-quantized QuaRot W4A16KV16 folder of the same model.
+    let w = ostquant_core::model::checkpoint::LlamaWeights::load(&dir).unwrap();
+    let calib = Calibration {
+        windows: &[],
+        device: &Device::flex(),
+        learned: None,
+    };
+    let (mut tw, online) = transform(&w, Method::Quarot, &calib).unwrap();
+    let spec = QuantSpec::sym(4);
+    let grids = quantize_weights_rtn(&mut tw, &spec);
+    let header = Header {
+        format: qformat::FORMAT.into(),
+        version: 1,
+        method: "quarot".into(),
+        bits: "W4A16KV16".into(),
+        weight: Some(spec),
+        forward: (&online).into(),
+        details: serde_json::Value::Null,
+    };
+    let qdir = tmp.path().join("tiny-int4");
+    qformat::write(&qdir, &dir, &tw, Some(&grids), &header).unwrap();
+
+    let mut h = harness(false);
+    open(&mut h, &dir);
+    h.ctx
+        .set_missing_glyph_policy(egui::MissingGlyphPolicy::Tofu);
+    h.state_mut().tab = Tab::Chat;
+    let ctx = h.ctx.clone();
+    let app = h.state_mut();
+    app.chat.open_quantized(&ctx, &app.shared, qdir);
+    wait(&mut h, "the int4 folder", |a| {
+        a.chat.has_quantized() || a.shared.error.is_some()
+    });
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
+    assert_eq!(
+        h.state().chat.form.mode,
+        Mode::SideBySide,
+        "opening an int4 folder switches to side by side"
+    );
+    h.state_mut().chat.form.max_new_tokens = 6;
+    h.state_mut().chat.input = "Hi".into();
+    h.get_by_label("Send").click();
+    h.step();
+    wait(&mut h, "both replies", |a| !a.chat.is_answering());
+    let app = h.state();
+    assert!(app.shared.error.is_none(), "{:?}", app.shared.error);
+    for (side, r) in app.chat.turns[0].replies.iter().enumerate() {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|| panic!("no reply on side {side}"));
+        assert!(r.done && !r.text.is_empty(), "side {side}: {r:?}");
+    }
+}

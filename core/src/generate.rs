@@ -158,34 +158,58 @@ impl Decoder for crate::runtime::model::GpuModel {
     }
 }
 
-/// The decoder for `m`: the GPU runtime (WGSL kernels) for an int4 folder when the choice
-/// means a wgpu device, else the burn forward on `dev`; with a sentence saying which and why.
+/// The GPU runtime (WGSL kernels) for `m` when it is an int4 folder and the choice means a wgpu
+/// device (`auto` only when `dev` is a real GPU); `None` when the runtime does not apply.
+pub fn gpu_runtime(
+    m: &crate::model::LoadedModel,
+    choice: crate::device::DeviceChoice,
+    dev: &crate::device::ComputeDevice,
+) -> Option<Result<crate::runtime::model::GpuModel>> {
+    use crate::device::DeviceChoice;
+    let wants_gpu = matches!(choice, DeviceChoice::Gpu | DeviceChoice::Software)
+        || (choice == DeviceChoice::Auto && dev.description.starts_with("wgpu"));
+    if !(crate::model::qformat::is_quantized(&m.dir) && wants_gpu) {
+        return None;
+    }
+    let max_seq = m.model.config.max_position_embeddings.min(4096);
+    Some(
+        crate::runtime::Gpu::open(choice)
+            .and_then(|gpu| crate::runtime::model::GpuModel::load(&m.dir, gpu, max_seq)),
+    )
+}
+
+/// The decoder for `m`: [`gpu_runtime`] where it applies and loads, else the burn forward on
+/// `dev`; with a sentence saying which and why.
 pub fn decoder<'m>(
     m: &'m crate::model::LoadedModel,
     choice: crate::device::DeviceChoice,
     dev: &crate::device::ComputeDevice,
 ) -> (Box<dyn Decoder + 'm>, String) {
-    use crate::device::DeviceChoice;
-    // `auto` picked a wgpu device only when a real GPU exists.
-    let wants_gpu = matches!(choice, DeviceChoice::Gpu | DeviceChoice::Software)
-        || (choice == DeviceChoice::Auto && dev.description.starts_with("wgpu"));
-    let mut why = String::new();
-    if crate::model::qformat::is_quantized(&m.dir) && wants_gpu {
-        let max_seq = m.model.config.max_position_embeddings.min(4096);
-        match crate::runtime::Gpu::open(choice)
-            .and_then(|gpu| crate::runtime::model::GpuModel::load(&m.dir, gpu, max_seq))
-        {
-            Ok(rt) => {
-                let what = format!("int4 runtime (WGSL kernels) on {}", rt.device_name());
-                return (Box::new(rt), what);
-            }
-            Err(e) => why = format!(" ({e})"),
+    let why = match gpu_runtime(m, choice, dev) {
+        Some(Ok(rt)) => {
+            let what = format!("int4 runtime (WGSL kernels) on {}", rt.device_name());
+            return (Box::new(rt), what);
         }
-    }
+        Some(Err(e)) => format!(" ({e})"),
+        None => String::new(),
+    };
     (
         Session::burn_decoder(&m.model),
         format!("burn forward on {dev}{why}"),
     )
+}
+
+/// A decoder borrowed for one session (e.g. a GPU model kept loaded between chat turns).
+impl<D: Decoder + ?Sized> Decoder for &mut D {
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        (**self).last_logits(ids)
+    }
+    fn max_context(&self) -> usize {
+        (**self).max_context()
+    }
 }
 
 /// A conversation with a model: keeps the KV cache between turns, so a prompt that extends

@@ -9,6 +9,7 @@ use ostquant_core::device;
 use ostquant_core::generate::{self, GenerationStats, SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::tokenizer::{ChatMessage, Tokenizer};
+use ostquant_core::runtime::model::GpuModel;
 use serde::{Deserialize, Serialize};
 
 use super::app::Shared;
@@ -65,6 +66,10 @@ pub struct Reply {
 struct QuantizedModel {
     dir: PathBuf,
     model: Arc<Mutex<LoadedModel>>,
+    /// The WGSL runtime, loaded once and kept between messages, when the device allows it.
+    runtime: Option<Arc<Mutex<GpuModel>>>,
+    /// What answers for this model (the runtime's adapter, or the burn forward).
+    what: String,
 }
 
 type Answer = Job<String, GenerationStats>;
@@ -129,7 +134,11 @@ impl Panel {
         if let Some(r) = self.loading.as_mut().and_then(|j| j.poll(|_| {})) {
             self.loading = None;
             if let Some(q) = finish(r, &mut shared.error) {
-                shared.notice = Some(format!("chat: quantized model {}", q.dir.display()));
+                shared.notice = Some(format!(
+                    "chat: quantized model {} ({})",
+                    q.dir.display(),
+                    q.what
+                ));
                 self.quantized = Some(q);
                 if self.form.mode == Mode::Fp {
                     self.form.mode = Mode::SideBySide;
@@ -153,9 +162,19 @@ impl Panel {
             move |_| {
                 let dev = device::select(choice)?;
                 let model = LoadedModel::load(&dir, &dev.device)?;
+                let (runtime, what) = match generate::gpu_runtime(&model, choice, &dev) {
+                    Some(Ok(rt)) => {
+                        let what = format!("int4 runtime on {}", rt.device_name());
+                        (Some(Arc::new(Mutex::new(rt))), what)
+                    }
+                    Some(Err(e)) => (None, format!("burn forward on {dev} ({e})")),
+                    None => (None, format!("burn forward on {dev}")),
+                };
                 Ok(QuantizedModel {
                     dir,
                     model: Arc::new(Mutex::new(model)),
+                    runtime,
+                    what,
                 })
             },
         ));
@@ -205,27 +224,19 @@ impl Panel {
                     answer(lab.tokenizer(), Session::new(lab.fp()), &history, params, r)
                 })
             } else {
-                let (q, choice) = (
-                    self.quantized
-                        .as_ref()
-                        .expect("checked above")
-                        .model
-                        .clone(),
-                    shared.device,
-                );
+                let q = self.quantized.as_ref().expect("checked above");
+                let (model, runtime) = (q.model.clone(), q.runtime.clone());
+                let unavailable = || anyhow::anyhow!("the model is unavailable");
                 Job::spawn(ctx, title, move |r| {
-                    let q = q
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
-                    let dev = device::select(choice)?;
-                    let (decoder, _) = generate::decoder(&q, choice, &dev);
-                    answer(
-                        &q.tokenizer,
-                        Session::with_decoder(decoder),
-                        &history,
-                        params,
-                        r,
-                    )
+                    let m = model.lock().map_err(|_| unavailable())?;
+                    match runtime {
+                        Some(rt) => {
+                            let mut rt = rt.lock().map_err(|_| unavailable())?;
+                            let session = Session::with_decoder(Box::new(&mut *rt));
+                            answer(&m.tokenizer, session, &history, params, r)
+                        }
+                        None => answer(&m.tokenizer, Session::new(&m.model), &history, params, r),
+                    }
                 })
             };
             self.answers[side] = Some(job);
@@ -359,7 +370,7 @@ impl Panel {
                 }));
             }
             if let Some(q) = &self.quantized {
-                ui.weak(q.dir.display().to_string());
+                ui.weak(format!("{} · {}", q.dir.display(), q.what));
             }
         });
         ui.horizontal_wrapped(|ui| {

@@ -4,7 +4,7 @@
 
 mod app;
 mod calibrate;
-mod chat;
+pub mod chat;
 mod evaluate;
 mod inspector;
 mod jobs;
