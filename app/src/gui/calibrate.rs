@@ -351,6 +351,12 @@ impl Panel {
         } else if self.resumed_from > 0 {
             ui.label(format!("resumed at step {}", self.resumed_from));
         }
+        if self.points.is_empty() && self.job.is_none() {
+            ui.weak(
+                "The loss of every step is plotted here while a calibration runs; a checkpoint \
+                 is saved every 5 steps, so Cancel loses little and Start resumes.",
+            );
+        }
         let curve: PlotPoints = self
             .points
             .iter()
