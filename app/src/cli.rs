@@ -995,19 +995,7 @@ fn inspect(
         progress(&bar, d, t)
     })?;
     bar.finish_and_clear();
-    let names = [
-        "qkv_in",
-        "o_in",
-        "upgate_in",
-        "down_in",
-        "q",
-        "k",
-        "v",
-        "o",
-        "gate",
-        "up",
-        "down",
-    ];
+    let names = ostquant_core::analysis::inspect::TENSOR_NAMES;
     println!(
         "QSUR per dimension (1 = ideal; '-' where a weight has fewer rows than columns) of {} after '{method}', {} calibration tokens",
         dir.display(),

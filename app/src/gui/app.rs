@@ -251,7 +251,7 @@ impl OstquantApp {
                 ui.label(egui::RichText::new(m.dir.display().to_string()).strong());
             }
         });
-        if let Some(job) = self.loading.as_ref().or(None) {
+        if let Some(job) = &self.loading {
             job.show(ui);
         }
     }

@@ -13,15 +13,6 @@ use serde::{Deserialize, Serialize};
 use super::app::{LearnedRun, Shared};
 use super::jobs::{Job, finish};
 
-/// Learned methods, in the order offered.
-const LEARNED: [Method; 6] = [
-    Method::Ostquant,
-    Method::Spinquant,
-    Method::OstquantNoWomi,
-    Method::OstquantCe,
-    Method::OstquantRot,
-    Method::OstquantScale,
-];
 pub const BITS: [&str; 3] = ["W4A4KV4", "W4A4KV16", "W4A16KV16"];
 const LOSSES: [&str; 5] = ["kl-top", "kl-top:100", "kl", "ce", "mse"];
 
@@ -380,7 +371,7 @@ impl Panel {
             egui::ComboBox::from_id_salt("calib method")
                 .selected_text(f.method.name())
                 .show_ui(ui, |ui| {
-                    for m in LEARNED {
+                    for m in Method::ALL.into_iter().filter(|m| m.is_learned()) {
                         changed |= ui.selectable_value(&mut f.method, m, m.name()).changed();
                     }
                 });

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use ostquant_core::analysis::inspect::{Inspection, TensorStats};
+use ostquant_core::analysis::inspect::{Inspection, TENSOR_NAMES, TensorStats};
 use ostquant_core::calib::Learned;
 use ostquant_core::quant::method::Method;
 
@@ -14,19 +14,7 @@ use super::jobs::{Job, finish};
 use super::style::{AFTER, BEFORE, qsur_colour};
 
 /// Columns of the table: the four quantized activations, then the seven weights.
-const COLUMNS: [&str; 11] = [
-    "qkv_in",
-    "o_in",
-    "upgate_in",
-    "down_in",
-    "q",
-    "k",
-    "v",
-    "o",
-    "gate",
-    "up",
-    "down",
-];
+const COLUMNS: [&str; 11] = TENSOR_NAMES;
 
 /// Transforms the inspector offers without calibration.
 const FIXED: [Method; 2] = [Method::Quarot, Method::SmoothQuant];

@@ -12,6 +12,22 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
 use crate::model::llama::{Llama, Site};
 
+/// The tensors an inspection measures per layer, in display order: the four quantized inputs,
+/// then the seven weights.
+pub const TENSOR_NAMES: [&str; 11] = [
+    "qkv_in",
+    "o_in",
+    "upgate_in",
+    "down_in",
+    "q",
+    "k",
+    "v",
+    "o",
+    "gate",
+    "up",
+    "down",
+];
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TensorStats {
     pub layer: usize,

@@ -130,23 +130,7 @@ pub fn score_windows(
         window_scores(model, reference, w, &mut acc)?;
         progress(i + 1, windows.len());
     }
-    let n = acc.count as f64;
-    let mean_nll = acc.nll / n;
-    if !mean_nll.is_finite() {
-        return Err(Error::other(
-            "the model produced non-finite log-probabilities",
-        ));
-    }
-    Ok(TextScores {
-        ppl: mean_nll.exp(),
-        mean_nll,
-        kl: reference.map(|_| acc.kl / n),
-        top1: reference.map(|_| acc.agree as f64 / n),
-        tokens_scored: acc.count,
-        windows: windows.len(),
-        ctx: windows[0].len(),
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    acc.scores(reference.is_some(), windows, t0)
 }
 
 #[derive(Default)]
@@ -155,6 +139,34 @@ struct Sums {
     kl: f64,
     agree: usize,
     count: usize,
+}
+
+impl Sums {
+    /// The means over the scored positions (KL and top-1 only when a reference was scored).
+    fn scores(
+        &self,
+        with_reference: bool,
+        windows: &[Vec<u32>],
+        t0: std::time::Instant,
+    ) -> Result<TextScores> {
+        let n = self.count.max(1) as f64;
+        let mean_nll = self.nll / n;
+        if !mean_nll.is_finite() {
+            return Err(Error::other(
+                "the model produced non-finite log-probabilities",
+            ));
+        }
+        Ok(TextScores {
+            ppl: mean_nll.exp(),
+            mean_nll,
+            kl: with_reference.then(|| self.kl / n),
+            top1: with_reference.then(|| self.agree as f64 / n),
+            tokens_scored: self.count,
+            windows: windows.len(),
+            ctx: windows.first().map_or(0, Vec::len),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 fn scalar(t: Tensor<1>) -> Result<f64> {
@@ -261,21 +273,5 @@ pub fn score_decoder(
         }
         progress(i + 1, windows.len());
     }
-    let n = acc.count.max(1) as f64;
-    let mean_nll = acc.nll / n;
-    if !mean_nll.is_finite() {
-        return Err(Error::other(
-            "the decoder produced non-finite log-probabilities",
-        ));
-    }
-    Ok(TextScores {
-        ppl: mean_nll.exp(),
-        mean_nll,
-        kl: reference.map(|_| acc.kl / n),
-        top1: reference.map(|_| acc.agree as f64 / n),
-        tokens_scored: acc.count,
-        windows: windows.len(),
-        ctx: windows.first().map_or(0, Vec::len),
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    acc.scores(reference.is_some(), windows, t0)
 }
