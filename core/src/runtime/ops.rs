@@ -31,6 +31,19 @@ struct NormParams {
     grid_x: u32,
 }
 
+/// A launch of an element-wise kernel over `len` values: 256 threads a workgroup, parameters
+/// (len, grid width).
+fn elementwise(kernel: &Kernel, gpu: &Gpu, len: usize, buffers: &[&wgpu::Buffer]) -> Dispatch {
+    let g = grid((len as u32).div_ceil(256));
+    let p = Four {
+        a: len as u32,
+        b: g.0,
+        c: 0,
+        d: 0,
+    };
+    kernel.dispatch(gpu, &p, buffers, g)
+}
+
 /// The compiled small kernels.
 pub struct Ops {
     rms_norm: Kernel,
@@ -85,14 +98,7 @@ impl Ops {
 
     /// y += x over `len` values.
     pub fn add(&self, gpu: &Gpu, x: &wgpu::Buffer, y: &wgpu::Buffer, len: usize) -> Dispatch {
-        let g = grid((len as u32).div_ceil(256));
-        let p = Four {
-            a: len as u32,
-            b: g.0,
-            c: 0,
-            d: 0,
-        };
-        self.add.dispatch(gpu, &p, &[x, y], g)
+        elementwise(&self.add, gpu, len, &[x, y])
     }
 
     /// y = RMSNorm(x)·w for each of `rows` rows of length `n`.
@@ -126,14 +132,7 @@ impl Ops {
         out: &wgpu::Buffer,
         len: usize,
     ) -> Dispatch {
-        let g = grid((len as u32).div_ceil(256));
-        let p = Four {
-            a: len as u32,
-            b: g.0,
-            c: 0,
-            d: 0,
-        };
-        self.silu_mul.dispatch(gpu, &p, &[gate, up, out], g)
+        elementwise(&self.silu_mul, gpu, len, &[gate, up, out])
     }
 
     /// RoPE in place on x [tokens, heads, hd] with cos/sin tables [tokens, hd/2].
