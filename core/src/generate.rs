@@ -142,9 +142,9 @@ impl Decoder for BurnDecoder<'_> {
     }
 }
 
-impl Decoder for crate::runtime::model::GpuModel {
+impl Decoder for crate::runtime::Runtime {
     fn reset(&mut self) {
-        self.len = 0;
+        crate::runtime::Runtime::reset(self)
     }
     fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut last = Vec::new();
@@ -158,36 +158,30 @@ impl Decoder for crate::runtime::model::GpuModel {
     }
 }
 
-/// The GPU runtime (WGSL kernels) for `m` when it is an int4 folder and the choice means a wgpu
-/// device (`auto` only when `dev` is a real GPU); `None` when the runtime does not apply.
-pub fn gpu_runtime(
+/// The int4 runtime for `m` when it is an int4 folder: on the CPU for `--device cpu`, on that
+/// wgpu device for `gpu` and `software`, and for `auto` on a real GPU when there is one, else on
+/// the CPU. `None` for other folders (they run on the burn forward).
+pub fn int4_runtime(
     m: &crate::model::LoadedModel,
     choice: crate::device::DeviceChoice,
-    dev: &crate::device::ComputeDevice,
-) -> Option<Result<crate::runtime::model::GpuModel>> {
-    use crate::device::DeviceChoice;
-    let wants_gpu = matches!(choice, DeviceChoice::Gpu | DeviceChoice::Software)
-        || (choice == DeviceChoice::Auto && dev.description.starts_with("wgpu"));
-    if !(crate::model::qformat::is_quantized(&m.dir) && wants_gpu) {
+) -> Option<Result<crate::runtime::Runtime>> {
+    if !crate::model::qformat::is_quantized(&m.dir) {
         return None;
     }
     let max_seq = m.model.config.max_position_embeddings.min(4096);
-    Some(
-        crate::runtime::Gpu::open(choice)
-            .and_then(|gpu| crate::runtime::model::GpuModel::load(&m.dir, gpu, max_seq)),
-    )
+    Some(crate::runtime::Runtime::load(&m.dir, choice, max_seq))
 }
 
-/// The decoder for `m`: [`gpu_runtime`] where it applies and loads, else the burn forward on
+/// The decoder for `m`: [`int4_runtime`] where it applies and loads, else the burn forward on
 /// `dev`; with a sentence saying which and why.
 pub fn decoder<'m>(
     m: &'m crate::model::LoadedModel,
     choice: crate::device::DeviceChoice,
     dev: &crate::device::ComputeDevice,
 ) -> (Box<dyn Decoder + 'm>, String) {
-    let why = match gpu_runtime(m, choice, dev) {
+    let why = match int4_runtime(m, choice) {
         Some(Ok(rt)) => {
-            let what = format!("int4 runtime (WGSL kernels) on {}", rt.device_name());
+            let what = format!("int4 runtime on {}", rt.device_name());
             return (Box::new(rt), what);
         }
         Some(Err(e)) => format!(" ({e})"),

@@ -1,12 +1,15 @@
-//! The whole model on the GPU runtime (software Vulkan device) against the burn forward of the
-//! same folder (dequantized weights, the same fake quantizers), logits per position: int4
-//! folders at W4A4KV4 and W4A16KV16, and the unquantized folder on the f16 path.
+//! The whole model on both int4 runtimes — the WGSL kernels on the software Vulkan device, and
+//! the CPU path — against the burn forward of the same folder (dequantized weights, the same
+//! fake quantizers), logits per position: int4 folders at W4A4KV4 and W4A16KV16, and the
+//! unquantized folder on the f16 path.
 
 use burn::tensor::Device;
+use ostquant_core::device::DeviceChoice;
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::qformat::{self, Header};
 use ostquant_core::quant::method::{Calibration, Method, quantize_weights_rtn, transform};
 use ostquant_core::quant::quantizer::QuantSpec;
+use ostquant_core::runtime::Runtime;
 use ostquant_core::runtime::model::GpuModel;
 use ostquant_tests::write_tiny_model;
 
@@ -93,9 +96,15 @@ fn check(edit: Option<fn(&mut ostquant_core::model::config::LlamaConfig)>) {
         err.contains("quantization.json") && err.contains("KV cache"),
         "{err}"
     );
+    let err = Runtime::load(&out8, DeviceChoice::Cpu, 8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("KV cache"), "{err}");
 }
 
-/// Runtime logits of the folder `dir` position by position against burn's prefill forward.
+/// Runtime logits of the folder `dir` position by position against burn's prefill forward, on
+/// the GPU runtime and on the CPU runtime.
 fn compare(dir: &std::path::Path, what: &str) {
     let tokens: Vec<u32> = vec![1, 17, 42, 5, 60, 33, 12, 63, 8, 2, 40, 41];
     let burn_model = LoadedModel::load(dir, &Device::flex()).unwrap();
@@ -108,9 +117,21 @@ fn compare(dir: &std::path::Path, what: &str) {
         .into_data()
         .try_to_vec::<f32>()
         .unwrap();
-    let gpu = ostquant_tests::test_gpu();
-    let mut rt = GpuModel::load(dir, gpu, 64).unwrap();
-    let v = rt.config.vocab_size;
+    let gpu = GpuModel::load(dir, ostquant_tests::test_gpu(), 64).unwrap();
+    let cpu = Runtime::load(dir, DeviceChoice::Cpu, 64).unwrap();
+    assert!(matches!(cpu, Runtime::Cpu(_)));
+    for (mut rt, name) in [(Runtime::Gpu(gpu), "GPU"), (cpu, "CPU")] {
+        check_runtime(
+            &mut rt,
+            &tokens,
+            &want,
+            &format!("{what} on the {name} runtime"),
+        );
+    }
+}
+
+fn check_runtime(rt: &mut Runtime, tokens: &[u32], want: &[f32], what: &str) {
+    let v = rt.config().vocab_size;
     let (mut agree, mut worst) = (0, 0f32);
     for (i, &t) in tokens.iter().enumerate() {
         let got = rt.step(t).unwrap();

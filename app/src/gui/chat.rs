@@ -9,7 +9,7 @@ use ostquant_core::device;
 use ostquant_core::generate::{self, GenerationStats, SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::tokenizer::{ChatMessage, Tokenizer};
-use ostquant_core::runtime::model::GpuModel;
+use ostquant_core::runtime::Runtime;
 use serde::{Deserialize, Serialize};
 
 use super::app::Shared;
@@ -67,7 +67,7 @@ struct QuantizedModel {
     dir: PathBuf,
     model: Arc<Mutex<LoadedModel>>,
     /// The WGSL runtime, loaded once and kept between messages, when the device allows it.
-    runtime: Option<Arc<Mutex<GpuModel>>>,
+    runtime: Option<Arc<Mutex<Runtime>>>,
     /// What answers for this model (the runtime's adapter, or the burn forward).
     what: String,
 }
@@ -162,7 +162,7 @@ impl Panel {
             move |_| {
                 let dev = device::select(choice)?;
                 let model = LoadedModel::load(&dir, &dev.device)?;
-                let (runtime, what) = match generate::gpu_runtime(&model, choice, &dev) {
+                let (runtime, what) = match generate::int4_runtime(&model, choice) {
                     Some(Ok(rt)) => {
                         let what = format!("int4 runtime on {}", rt.device_name());
                         (Some(Arc::new(Mutex::new(rt))), what)

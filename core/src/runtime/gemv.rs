@@ -4,6 +4,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
+use super::host::HostLinear;
 use super::kernel::{Dispatch, Kernel};
 use crate::error::{Error, Result};
 use crate::quant::quantizer::QuantSpec;
@@ -142,6 +143,31 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// Upload a host-side weight.
+    pub fn upload(gpu: &Gpu, w: &HostLinear) -> Result<Self> {
+        Ok(match w {
+            HostLinear::Int4 {
+                rows,
+                cols,
+                spec,
+                words,
+                scales,
+                zeros,
+            } => Linear::Int4(Int4Matrix::upload(
+                gpu,
+                *rows,
+                *cols,
+                *spec,
+                words,
+                scales,
+                zeros.as_deref(),
+            )?),
+            HostLinear::Half { rows, cols, halves } => {
+                Linear::Half(HalfMatrix::upload(gpu, *rows, *cols, halves)?)
+            }
+        })
+    }
+
     pub fn rows(&self) -> usize {
         match self {
             Linear::Int4(m) => m.rows,

@@ -4,8 +4,10 @@
 
 pub mod attention;
 pub mod bench;
+pub mod cpu;
 pub mod gemv;
 pub mod hadamard;
+pub mod host;
 pub mod kernel;
 pub mod model;
 pub mod ops;
@@ -14,6 +16,70 @@ use burn::tensor::wgpu::wgpu;
 
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+
+/// An int4 model folder loaded for decoding: on a wgpu device (WGSL kernels) or on the CPU.
+pub enum Runtime {
+    Gpu(model::GpuModel),
+    Cpu(cpu::CpuModel),
+}
+
+impl Runtime {
+    /// Load `dir` for `choice`: `cpu` runs on the CPU, `gpu` and `software` on that wgpu
+    /// device, and `auto` on a real GPU when there is one, else on the CPU.
+    pub fn load(dir: &std::path::Path, choice: DeviceChoice, max_seq: usize) -> Result<Self> {
+        let host = host::HostModel::load(dir)?;
+        let gpu = match choice {
+            DeviceChoice::Cpu => None,
+            DeviceChoice::Auto => Gpu::open(DeviceChoice::Gpu).ok(),
+            DeviceChoice::Gpu | DeviceChoice::Software => Some(Gpu::open(choice)?),
+        };
+        let what = |e: Error| Error::other(format!("{}: {e}", dir.display()));
+        Ok(match gpu {
+            Some(gpu) => Runtime::Gpu(model::GpuModel::upload(&host, gpu, max_seq).map_err(what)?),
+            None => Runtime::Cpu(cpu::CpuModel::new(host, max_seq).map_err(what)?),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Runtime::Gpu(m) => &m.config,
+            Runtime::Cpu(m) => &m.model.config,
+        }
+    }
+
+    /// What the model runs on, for logs and the GUI.
+    pub fn device_name(&self) -> String {
+        match self {
+            Runtime::Gpu(m) => format!("{} (WGSL kernels)", m.device_name()),
+            Runtime::Cpu(m) => m.device_name(),
+        }
+    }
+
+    /// Run one token at the next position and return its logits.
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        match self {
+            Runtime::Gpu(m) => m.step(token),
+            Runtime::Cpu(m) => m.step(token),
+        }
+    }
+
+    /// Forget every position.
+    pub fn reset(&mut self) {
+        match self {
+            Runtime::Gpu(m) => m.len = 0,
+            Runtime::Cpu(m) => m.reset(),
+        }
+    }
+
+    /// Positions the cache holds.
+    pub fn max_seq(&self) -> usize {
+        match self {
+            Runtime::Gpu(m) => m.max_seq(),
+            Runtime::Cpu(m) => m.max_seq(),
+        }
+    }
+}
 
 /// A wgpu device and queue for the runtime's kernels.
 pub struct Gpu {

@@ -9,18 +9,18 @@ use std::path::Path;
 
 use burn::tensor::wgpu::wgpu;
 use rand::{Rng, SeedableRng};
-use safetensors::{Dtype, SafeTensors};
 
 use super::Gpu;
 use super::attention::{Attention, KvCache};
 use super::gemv::{Gemv, HalfMatrix, Int4Matrix, Linear};
 use super::hadamard::GpuHadamard;
+use super::host::HostModel;
 use super::kernel::{Dispatch, record_all};
 use super::ops::Ops;
 use crate::error::{Error, Result};
-use crate::model::checkpoint::{LlamaWeights, layer_tensor_names};
+use crate::model::checkpoint::LlamaWeights;
 use crate::model::config::LlamaConfig;
-use crate::model::qformat::{self, ForwardSpec};
+use crate::model::qformat::ForwardSpec;
 use crate::quant::quantizer::QuantSpec;
 
 struct GpuLayer {
@@ -99,141 +99,46 @@ pub struct GpuModel {
     pub len: usize,
 }
 
-fn tensor_f32(st: &SafeTensors, path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-    let t = st
-        .tensor(name)
-        .map_err(|_| Error::format(path, format!("tensor {name} is missing")))?;
-    let data = match t.dtype() {
-        Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(t.data()),
-        Dtype::F16 => t
-            .data()
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => t
-            .data()
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(Error::format(
-                path,
-                format!("{name}: unexpected dtype {other:?}"),
-            ));
-        }
-    };
-    Ok((t.shape().to_vec(), data))
-}
-
 impl GpuModel {
     /// Load the model folder `dir` onto `gpu`, with room for `max_seq` positions: an int4
     /// folder as its packed codes, any other model with f16 weights and a 16-bit KV cache.
     pub fn load(dir: &Path, gpu: Gpu, max_seq: usize) -> Result<Self> {
-        if !qformat::is_quantized(dir) {
-            return Self::from_weights(&LlamaWeights::load(dir)?, gpu, max_seq);
-        }
-        let header = qformat::read_header(dir)?;
-        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let wspec = header.weight.filter(|w| w.bits == 4);
-        let kv_ok = header.forward.kv.is_none_or(|k| k.bits == 4 && !k.sym);
-        let (Some(wspec), true) = (wspec, kv_ok) else {
-            return Err(Error::unsupported(
-                dir.join(qformat::HEADER),
-                format!(
-                    "the GPU runtime runs 4-bit weights with a 4-bit asymmetric or 16-bit KV cache; this folder is {}",
-                    header.bits
-                ),
-            ));
-        };
-        let path = dir.join("model.safetensors");
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
-        let mut layers = Vec::new();
-        for i in 0..config.num_hidden_layers {
-            let names = layer_tensor_names(i);
-            let mut linears = Vec::new();
-            for k in [1, 2, 3, 4, 6, 7, 8] {
-                let base = names[k].trim_end_matches(".weight");
-                let qw = st.tensor(&format!("{base}.qweight")).map_err(|_| {
-                    Error::format(&path, format!("tensor {base}.qweight is missing"))
-                })?;
-                let (rows, cols) = (qw.shape()[0], qw.shape()[1] * 8);
-                let words: Vec<u32> = bytemuck::pod_collect_to_vec(qw.data());
-                let (_, scales) = tensor_f32(&st, &path, &format!("{base}.scales"))?;
-                let zeros = if wspec.sym {
-                    None
-                } else {
-                    Some(tensor_f32(&st, &path, &format!("{base}.zeros"))?.1)
-                };
-                let m =
-                    Int4Matrix::upload(&gpu, rows, cols, wspec, &words, &scales, zeros.as_deref())
-                        .map_err(|e| Error::format(&path, format!("{base}: {e}")))?;
-                linears.push(Linear::Int4(m));
-            }
-            layers.push(LayerParts {
-                attn_norm: tensor_f32(&st, &path, &names[0])?.1,
-                ffn_norm: tensor_f32(&st, &path, &names[5])?.1,
-                linears,
-            });
-        }
-        let (_, embed) = tensor_f32(&st, &path, "model.embed_tokens.weight")?;
-        let head_name = if config.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let (_, head) = tensor_f32(&st, &path, head_name)?;
-        let (v, d) = (config.vocab_size, config.hidden_size);
-        let lm_head = Linear::Half(
-            HalfMatrix::from_f32(&gpu, v, d, &head)
-                .map_err(|e| Error::format(&path, e.to_string()))?,
-        );
-        let (_, norm) = tensor_f32(&st, &path, "model.norm.weight")?;
-        Self::assemble(
-            config,
-            header.forward,
-            gpu,
-            max_seq,
-            layers,
-            embed,
-            norm,
-            lm_head,
-        )
+        let host = HostModel::load(dir)?;
+        Self::upload(&host, gpu, max_seq)
+            .map_err(|e| Error::other(format!("{}: {e}", dir.display())))
     }
 
     /// An unquantized model on the GPU: f16 weights, 16-bit (f32) KV cache.
     pub fn from_weights(w: &LlamaWeights, gpu: Gpu, max_seq: usize) -> Result<Self> {
-        let half = |t: &crate::model::checkpoint::HostTensor| {
-            HalfMatrix::from_f32(&gpu, t.shape[0], t.shape[1], &t.data).map(Linear::Half)
-        };
-        let mut layers = Vec::new();
-        for l in &w.layers {
-            let linears = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                .into_iter()
-                .map(half)
-                .collect::<Result<Vec<_>>>()?;
-            layers.push(LayerParts {
-                attn_norm: l.attn_norm.data.clone(),
-                ffn_norm: l.ffn_norm.data.clone(),
-                linears,
-            });
-        }
-        let lm_head = half(w.lm_head.as_ref().unwrap_or(&w.embed))?;
-        let forward = ForwardSpec {
-            down_hadamard: false,
-            qk_hadamard: false,
-            act: None,
-            kv: None,
-        };
+        Self::upload(&HostModel::from_weights(w)?, gpu, max_seq)
+    }
+
+    /// Upload a model read into host memory.
+    pub fn upload(m: &HostModel, gpu: Gpu, max_seq: usize) -> Result<Self> {
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerParts {
+                    attn_norm: l.attn_norm.clone(),
+                    ffn_norm: l.ffn_norm.clone(),
+                    linears: l
+                        .linears
+                        .iter()
+                        .map(|w| Linear::upload(&gpu, w))
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = Linear::upload(&gpu, &m.lm_head)?;
         Self::assemble(
-            w.config.clone(),
-            forward,
+            m.config.clone(),
+            m.forward.clone(),
             gpu,
             max_seq,
             layers,
-            w.embed.data.clone(),
-            w.norm.data.clone(),
+            m.embed.clone(),
+            m.norm.clone(),
             lm_head,
         )
     }
