@@ -124,11 +124,12 @@ enum Command {
         #[arg(long)]
         w_asym: bool,
     },
-    /// Benchmark the runtime on a wgpu device: int4 and f16 GEMV bandwidth against the
-    /// device's read bandwidth, and decode speed of synthetic SmolLM2 / LLaMA-2-7B / LLaMA-3-8B
-    /// shaped models (int4 vs f16 weights) and of a model folder
+    /// Benchmark the int4 runtime on a wgpu device or the CPU: int4 and f16 GEMV bandwidth
+    /// against the device's read bandwidth, and decode speed of synthetic SmolLM2 / LLaMA-2-7B /
+    /// LLaMA-3-8B shaped models (int4 vs f16 weights) and of a model folder
     Bench {
-        /// auto or gpu (a real GPU), or software (Mesa's Vulkan on the CPU)
+        /// auto or gpu (a real GPU), software (Mesa's Vulkan on the CPU), or cpu (the CPU
+        /// runtime's kernels)
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
         /// Calls per GEMV shape

@@ -75,19 +75,9 @@ pub fn layer_tensor_names(i: usize) -> [String; 9] {
 
 /// Shapes the config implies for one layer, in [`LayerWeights`] field order.
 fn layer_shapes(c: &LlamaConfig) -> [Vec<usize>; 9] {
-    let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
-    let (q, kv) = (c.num_attention_heads * hd, c.n_kv_heads() * hd);
-    [
-        vec![d],
-        vec![q, d],
-        vec![kv, d],
-        vec![kv, d],
-        vec![d, q],
-        vec![d],
-        vec![f, d],
-        vec![f, d],
-        vec![d, f],
-    ]
+    let d = c.hidden_size;
+    let [q, k, v, o, gate, up, down] = c.linear_shapes().map(|(r, k)| vec![r, k]);
+    [vec![d], q, k, v, o, vec![d], gate, up, down]
 }
 
 impl LlamaWeights {

@@ -194,6 +194,12 @@ impl LlamaConfig {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
+    /// (out, in) of one layer's linears: q, k, v, o, gate, up, down.
+    pub fn linear_shapes(&self) -> [(usize, usize); 7] {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * hd, self.n_kv_heads() * hd);
+        [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]
+    }
     pub fn eos_ids(&self) -> Vec<u32> {
         self.eos_token_id
             .as_ref()

@@ -1,5 +1,6 @@
 //! Runtime benchmarks: achieved memory bandwidth of the decode GEMVs (int4 and f16) against
-//! the device's measured read bandwidth, and decode speed of whole models.
+//! the device's measured read bandwidth, and decode speed of whole models — on a wgpu device
+//! (the WGSL kernels) or on the CPU (the CPU runtime's kernels).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,10 +9,11 @@ use std::time::Instant;
 use burn::tensor::wgpu::wgpu;
 use rand::{Rng, SeedableRng};
 
-use super::Gpu;
-use super::gemv::{Gemv, HalfMatrix, Int4Matrix, Linear};
+use super::gemv::{Gemv, Linear};
+use super::host::{HostLinear, HostModel, SyntheticWeights};
 use super::kernel::{Dispatch, Kernel, record_all};
-use super::model::{GpuModel, SyntheticWeights};
+use super::model::GpuModel;
+use super::{Gpu, Runtime, cpu};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
@@ -88,33 +90,74 @@ pub fn read_gb_per_s(gpu: &Gpu, mb: usize, iters: usize) -> Result<f64> {
     Ok((n4 * 16) as f64 / secs / 1e9)
 }
 
-/// Time `iters` GEMVs per shape, int4 (symmetric, per channel) and f16.
-pub fn gemv(gpu: &Gpu, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<GemvFigure>> {
-    let kernel = Gemv::new(gpu);
+/// Read bandwidth of the CPU: every thread sums its share of a 256 MB buffer, best of 5.
+pub fn cpu_read_gb_per_s() -> f64 {
+    use rayon::prelude::*;
+    let data = vec![1f32; 64 << 20];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let sum: f32 = data.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        best = best.min(t0.elapsed().as_secs_f64());
+        std::hint::black_box(sum);
+    }
+    (data.len() * 4) as f64 / best / 1e9
+}
+
+/// Where the GEMVs run.
+enum Target<'g> {
+    Gpu(&'g Gpu, Gemv),
+    Cpu,
+}
+
+impl Target<'_> {
+    /// y = W·x once (for the correctness check), then seconds per call: `iters` launches in
+    /// one compute pass on a GPU, calls repeated for at least 0.2 s on the CPU.
+    fn run(&self, w: &HostLinear, x: &[f32], iters: usize) -> Result<(Vec<f32>, f64)> {
+        match self {
+            Target::Gpu(gpu, kernel) => {
+                let m = Linear::upload(gpu, w)?;
+                let got = kernel.run(gpu, &m, x)?;
+                let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
+                let secs = time(gpu, iters, &y, &kernel.dispatch(gpu, &m, &xb, &y))?;
+                Ok((got, secs))
+            }
+            Target::Cpu => {
+                let mut y = vec![0f32; w.rows()];
+                cpu::kernels::gemv(w, x, &mut y);
+                let (t0, mut calls) = (Instant::now(), 0);
+                while calls < 3 || t0.elapsed().as_secs_f64() < 0.2 {
+                    cpu::kernels::gemv(w, x, &mut y);
+                    calls += 1;
+                }
+                Ok((y, t0.elapsed().as_secs_f64() / calls as f64))
+            }
+        }
+    }
+}
+
+/// Time GEMVs per shape, int4 (symmetric, per channel) and f16, each checked against an f64
+/// reference on the same weights.
+fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<GemvFigure>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut out = Vec::new();
     for &(rows, cols) in shapes {
         let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
         let spec = QuantSpec::sym(4);
         let scales = vec![0.01; rows];
-        let int4 = Int4Matrix::upload(gpu, rows, cols, spec, &words, &scales, None)?;
         let w4 = crate::model::qformat::unpack(&words, &scales, None, rows, cols, &spec);
+        let int4 = HostLinear::int4(rows, cols, spec, words, scales, None)?;
         let halves: Vec<u16> = (0..rows * cols)
             .map(|_| rng.random::<u16>() & 0x37FF)
             .collect();
-        let f16 = HalfMatrix::upload(gpu, rows, cols, &halves)?;
         let w16: Vec<f32> = halves
             .iter()
             .map(|&h| half::f16::from_bits(h).to_f32())
             .collect();
+        let f16 = HostLinear::Half { rows, cols, halves };
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let xb = gpu.storage("x", &x);
-        let y = gpu.output("y", rows);
-        for (name, m, w) in [
-            ("int4", Linear::Int4(int4), w4),
-            ("f16", Linear::Half(f16), w16),
-        ] {
-            let got = kernel.run(gpu, &m, &x)?;
+        for (name, m, w) in [("int4", int4, w4), ("f16", f16, w16)] {
+            let (got, secs) = target.run(&m, &x, iters)?;
             let max_rel_err = (0..rows)
                 .map(|r| {
                     let row = &w[r * cols..(r + 1) * cols];
@@ -127,7 +170,6 @@ pub fn gemv(gpu: &Gpu, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<Ge
                     (got[r] as f64 - dot(|v| v)).abs() / dot(f64::abs).max(1e-12)
                 })
                 .fold(0.0, f64::max);
-            let secs = time(gpu, iters, &y, &kernel.dispatch(gpu, &m, &xb, &y))?;
             let bytes = m.bytes() + cols * 4;
             out.push(GemvFigure {
                 rows,
@@ -169,12 +211,13 @@ pub struct DecodeFigure {
     pub weight_bytes: usize,
     /// Weight bytes per token divided by the time per token.
     pub gb_per_s: f64,
-    /// GPU memory the model allocated (weights, caches, scratch).
-    pub gpu_bytes: usize,
+    /// Memory the model holds on its device: GPU memory allocated (weights, caches, scratch),
+    /// or the host bytes of the weights on the CPU.
+    pub device_bytes: usize,
 }
 
 /// Decode `tokens` tokens (after `warmup` more) from position 0 and time them.
-pub fn decode(model: &mut GpuModel, warmup: usize, tokens: usize) -> Result<DecodeFigure> {
+pub fn decode(model: &mut Runtime, warmup: usize, tokens: usize) -> Result<DecodeFigure> {
     let mut next = 1u32;
     for _ in 0..warmup {
         model.step(next)?;
@@ -192,7 +235,7 @@ pub fn decode(model: &mut GpuModel, warmup: usize, tokens: usize) -> Result<Deco
         tokens_per_s: 1.0 / secs,
         weight_bytes,
         gb_per_s: weight_bytes as f64 / secs / 1e9,
-        gpu_bytes: model.gpu_bytes(),
+        device_bytes: model.device_bytes(),
     })
 }
 
@@ -211,25 +254,42 @@ pub struct Options {
 }
 
 /// Run the benchmarks of `o`, printing a table to `out` as figures arrive; return them all.
+/// `--device cpu` measures the CPU runtime; any other choice the WGSL kernels on that device.
 pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     let io = |e: std::io::Error| Error::other(format!("writing the report: {e}"));
-    let open = || Gpu::open(o.device);
-    let gpu = open()?;
-    let device = format!(
-        "{} ({:?}, {:?})",
-        gpu.info.name, gpu.info.backend, gpu.info.device_type
-    );
+    let on_cpu = o.device == DeviceChoice::Cpu;
+    let gpu = if on_cpu { None } else { Some(Gpu::open(o.device)?) };
+    let (device, peak, target) = match &gpu {
+        Some(gpu) => (
+            format!(
+                "{} ({:?}, {:?})",
+                gpu.info.name, gpu.info.backend, gpu.info.device_type
+            ),
+            read_gb_per_s(gpu, 1024, o.iters)?,
+            Target::Gpu(gpu, Gemv::new(gpu)),
+        ),
+        None => (
+            format!("{} ({})", cpu_name(), cpu::kernels::instruction_set()),
+            cpu_read_gb_per_s(),
+            Target::Cpu,
+        ),
+    };
     writeln!(out, "device: {device}").map_err(io)?;
-    let peak = read_gb_per_s(&gpu, 1024, o.iters)?;
+    let (probe, calls) = if on_cpu {
+        (
+            format!("{} threads summing 256 MB", rayon::current_num_threads()),
+            "calls repeated for 0.2 s".to_string(),
+        )
+    } else {
+        (
+            "streaming kernel, up to 1 GB".to_string(),
+            format!("{} launches per shape in one pass", o.iters),
+        )
+    };
+    writeln!(out, "read bandwidth ({probe}): {peak:.1} GB/s").map_err(io)?;
     writeln!(
         out,
-        "read bandwidth (streaming kernel, up to 1 GB): {peak:.1} GB/s"
-    )
-    .map_err(io)?;
-    writeln!(
-        out,
-        "\nGEMV, {} launches per shape in one pass (GB/s: bytes read per launch / time):",
-        o.iters
+        "\nGEMV, {calls} (GB/s: bytes read per call / time):"
     )
     .map_err(io)?;
     writeln!(
@@ -238,7 +298,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         "out", "in", "W", "MB read", "µs/call", "GB/s", "of read", "rel err"
     )
     .map_err(io)?;
-    let gemv = gemv(&gpu, &SHAPES, o.iters)?;
+    let gemv = gemv(&target, &SHAPES, o.iters)?;
     for f in &gemv {
         writeln!(
             out,
@@ -260,23 +320,38 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             )));
         }
     }
+    drop(target);
     drop(gpu);
+    // A fresh device per model, so each one's memory figure is its own.
+    let on = |host: &HostModel| -> Result<Runtime> {
+        Ok(if on_cpu {
+            Runtime::Cpu(cpu::CpuModel::new(host.clone(), 64)?)
+        } else {
+            Runtime::Gpu(GpuModel::upload(host, Gpu::open(o.device)?, 64)?)
+        })
+    };
     let configs = synthetic_configs();
     let wanted: Vec<&str> = match o.synthetic.as_str() {
         "none" => vec![],
         "all" => configs.iter().map(|(n, _)| *n).collect(),
         list => list.split(',').map(str::trim).collect(),
     };
+    let per_token = if on_cpu {
+        "logits returned"
+    } else {
+        "one command buffer per token, logits read back"
+    };
     writeln!(
         out,
-        "\ndecode ({} tokens after 4 warm-up, one command buffer per token, logits read back):",
+        "\ndecode ({} tokens after 4 warm-up, {per_token}):",
         o.tokens
     )
     .map_err(io)?;
+    let mem = if on_cpu { "host MB" } else { "GPU MB" };
     writeln!(
         out,
         "{:<22} {:>6} {:>8} {:>8} {:>10} {:>8} {:>9}",
-        "model", "W", "ms/tok", "tok/s", "weights MB", "GB/s", "GPU MB"
+        "model", "W", "ms/tok", "tok/s", "weights MB", "GB/s", mem
     )
     .map_err(io)?;
     let mut decode_rows = Vec::new();
@@ -291,7 +366,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             f.tokens_per_s,
             f.weight_bytes as f64 / 1e6,
             f.gb_per_s,
-            f.gpu_bytes as f64 / 1e6
+            f.device_bytes as f64 / 1e6
         )
     };
     for name in wanted {
@@ -310,7 +385,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             ("int4", SyntheticWeights::Int4),
             ("f16", SyntheticWeights::Half),
         ] {
-            let mut m = GpuModel::synthetic(config.clone(), kind, true, open()?, 64)?;
+            let mut m = on(&HostModel::synthetic(config.clone(), kind, true)?)?;
             let f = decode(&mut m, 4, o.tokens)?;
             speed.push(f.tokens_per_s);
             row(out, name, w, &f).map_err(io)?;
@@ -324,13 +399,13 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         .map_err(io)?;
     }
     if let Some(dir) = &o.model {
-        let mut m = GpuModel::load(dir, open()?, 64)?;
+        let host = HostModel::load(dir)?;
         let w = if crate::model::qformat::is_quantized(dir) {
             "int4"
         } else {
             "f16"
         };
-        let f = decode(&mut m, 4, o.tokens)?;
+        let f = decode(&mut on(&host)?, 4, o.tokens)?;
         row(out, &dir.display().to_string(), w, &f).map_err(io)?;
     }
     Ok(serde_json::json!({
@@ -339,4 +414,18 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         "gemv": gemv,
         "decode": decode_rows,
     }))
+}
+
+/// The CPU's model name (Linux), or the architecture.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+        + &format!(", {} threads", rayon::current_num_threads())
 }

@@ -12,6 +12,15 @@ use crate::model::config::LlamaConfig;
 use crate::model::qformat::{self, ForwardSpec};
 use crate::quant::quantizer::QuantSpec;
 
+/// The weights of a synthetic benchmark model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticWeights {
+    /// 4-bit symmetric codes, one scale per output channel.
+    Int4,
+    /// f16.
+    Half,
+}
+
 /// A linear layer's weight [rows, cols] as the runtimes store it.
 #[derive(Debug, Clone)]
 pub enum HostLinear {
@@ -290,23 +299,68 @@ impl HostModel {
         Ok(model)
     }
 
+    /// A model of `config`'s shapes with random weights (int4 or f16 linears, an f16 head, a
+    /// 4-bit KV cache when `kv4`), for decode benchmarks at shapes too large to download:
+    /// decode speed does not depend on the values.
+    pub fn synthetic(config: LlamaConfig, weights: SyntheticWeights, kv4: bool) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let c = &config;
+        let (d, v) = (c.hidden_size, c.vocab_size);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // Random bits once per shape, copied into every layer: each layer's weights are read
+        // from their own memory, as in a real model.
+        let mut per_shape = Vec::new();
+        for (r, k) in c.linear_shapes() {
+            per_shape.push(match weights {
+                SyntheticWeights::Int4 => HostLinear::int4(
+                    r,
+                    k,
+                    QuantSpec::sym(4),
+                    (0..r * k / 8).map(|_| rng.random()).collect(),
+                    vec![0.01; r],
+                    None,
+                )?,
+                // Halves with small exponents only: finite values below 1.
+                SyntheticWeights::Half => HostLinear::Half {
+                    rows: r,
+                    cols: k,
+                    halves: (0..r * k).map(|_| rng.random::<u16>() & 0x37FF).collect(),
+                },
+            });
+        }
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| HostLayer {
+                attn_norm: vec![1.0; d],
+                ffn_norm: vec![1.0; d],
+                linears: std::array::from_fn(|i| per_shape[i].clone()),
+            })
+            .collect();
+        let model = HostModel {
+            forward: ForwardSpec {
+                down_hadamard: false,
+                qk_hadamard: false,
+                act: None,
+                kv: kv4.then(|| QuantSpec::asym(4)),
+            },
+            embed: (0..v * d).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(),
+            norm: vec![1.0; d],
+            layers,
+            lm_head: HostLinear::Half {
+                rows: v,
+                cols: d,
+                halves: (0..v * d).map(|i| 0x2000 | (i % 1021) as u16).collect(),
+            },
+            config,
+        };
+        model.check()?;
+        Ok(model)
+    }
+
     /// Every tensor has the shape the config implies.
     fn check(&self) -> Result<()> {
         let c = &self.config;
-        let (d, dff, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim(),
-            c.n_kv_heads() * c.head_dim(),
-        );
-        let want = [
-            (q, d),
-            (kv, d),
-            (kv, d),
-            (d, q),
-            (dff, d),
-            (dff, d),
-            (d, dff),
-        ];
+        let (d, v) = (c.hidden_size, c.vocab_size);
+        let want = c.linear_shapes();
         const NAMES: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
         for (i, l) in self.layers.iter().enumerate() {
             if l.attn_norm.len() != d || l.ffn_norm.len() != d {

@@ -79,6 +79,23 @@ impl Runtime {
             Runtime::Cpu(m) => m.max_seq(),
         }
     }
+
+    /// Bytes of weights one decode step reads: every linear and the head.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        match self {
+            Runtime::Gpu(m) => m.weight_bytes_per_token(),
+            Runtime::Cpu(m) => m.model.weight_bytes_per_token(),
+        }
+    }
+
+    /// Memory the model holds on its device: GPU buffers (weights, caches, scratch), or on
+    /// the CPU the weights, head and embedding.
+    pub fn device_bytes(&self) -> usize {
+        match self {
+            Runtime::Gpu(m) => m.gpu_bytes(),
+            Runtime::Cpu(m) => m.model.weight_bytes_per_token() + m.model.embed.len() * 4,
+        }
+    }
 }
 
 /// A wgpu device and queue for the runtime's kernels.

@@ -3,16 +3,16 @@
 //!
 //! Runs int4 model folders (4-bit weights; a 4-bit asymmetric or 16-bit KV cache; activations
 //! fake-quantized on the GPU exactly where the folder's header says), unquantized models with
-//! f16 weights, and synthetic models of any LLaMA shape for the benchmarks.
+//! f16 weights, and synthetic models of any LLaMA shape for the benchmarks (all read into a
+//! [`HostModel`] first).
 
 use std::path::Path;
 
 use burn::tensor::wgpu::wgpu;
-use rand::{Rng, SeedableRng};
 
 use super::Gpu;
 use super::attention::{Attention, KvCache};
-use super::gemv::{Gemv, HalfMatrix, Int4Matrix, Linear};
+use super::gemv::{Gemv, Linear};
 use super::hadamard::GpuHadamard;
 use super::host::HostModel;
 use super::kernel::{Dispatch, record_all};
@@ -21,7 +21,6 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::LlamaWeights;
 use crate::model::config::LlamaConfig;
 use crate::model::qformat::ForwardSpec;
-use crate::quant::quantizer::QuantSpec;
 
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
@@ -37,15 +36,6 @@ struct LayerParts {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
     linears: Vec<Linear>,
-}
-
-/// The weights of a synthetic benchmark model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyntheticWeights {
-    /// 4-bit symmetric codes, one scale per output channel.
-    Int4,
-    /// f16.
-    Half,
 }
 
 /// Scratch buffers of one decode step.
@@ -139,96 +129,6 @@ impl GpuModel {
             layers,
             m.embed.clone(),
             m.norm.clone(),
-            lm_head,
-        )
-    }
-
-    /// A model of `config`'s shapes with random weights (int4 or f16 linears, an f16 head, a
-    /// 4-bit KV cache when `kv4`), for decode benchmarks at shapes too large to download.
-    pub fn synthetic(
-        config: LlamaConfig,
-        weights: SyntheticWeights,
-        kv4: bool,
-        gpu: Gpu,
-        max_seq: usize,
-    ) -> Result<Self> {
-        let c = &config;
-        let (d, dff) = (c.hidden_size, c.intermediate_size);
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim(),
-            c.n_kv_heads() * c.head_dim(),
-        );
-        let shapes = [
-            (q, d),
-            (kv, d),
-            (kv, d),
-            (d, q),
-            (dff, d),
-            (dff, d),
-            (d, dff),
-        ];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        // Random bits once per shape, reused by every layer: the GPU reads each layer's own
-        // copy, so the memory traffic is that of a real model.
-        let host: Vec<Vec<u32>> = shapes
-            .iter()
-            .map(|&(r, k)| {
-                let words = match weights {
-                    SyntheticWeights::Int4 => r * k / 8,
-                    SyntheticWeights::Half => r * k / 2,
-                };
-                // Halves with small exponents only: finite values below 1.
-                (0..words)
-                    .map(|_| rng.random::<u32>() & 0x37FF_37FF)
-                    .collect()
-            })
-            .collect();
-        let mut layers = Vec::new();
-        for _ in 0..c.num_hidden_layers {
-            let mut linears = Vec::new();
-            for (&(r, k), words) in shapes.iter().zip(&host) {
-                linears.push(match weights {
-                    SyntheticWeights::Int4 => Linear::Int4(Int4Matrix::upload(
-                        &gpu,
-                        r,
-                        k,
-                        QuantSpec::sym(4),
-                        words,
-                        &vec![0.01; r],
-                        None,
-                    )?),
-                    SyntheticWeights::Half => {
-                        Linear::Half(HalfMatrix::upload(&gpu, r, k, bytemuck::cast_slice(words))?)
-                    }
-                });
-            }
-            layers.push(LayerParts {
-                attn_norm: vec![1.0; d],
-                ffn_norm: vec![1.0; d],
-                linears,
-            });
-        }
-        let head: Vec<u16> = (0..c.vocab_size * d)
-            .map(|i| 0x2000 | (i % 1021) as u16)
-            .collect();
-        let lm_head = Linear::Half(HalfMatrix::upload(&gpu, c.vocab_size, d, &head)?);
-        let embed = (0..c.vocab_size * d)
-            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
-            .collect();
-        let forward = ForwardSpec {
-            down_hadamard: false,
-            qk_hadamard: false,
-            act: None,
-            kv: kv4.then(|| QuantSpec::asym(4)),
-        };
-        Self::assemble(
-            config,
-            forward,
-            gpu,
-            max_seq,
-            layers,
-            embed,
-            vec![1.0; d],
             lm_head,
         )
     }
