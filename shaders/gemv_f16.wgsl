@@ -4,7 +4,8 @@
 // Layout: W f16 [rows, cols] row-major, two halves per u32 (column 2i in the low half), every
 // row padded to a whole number of vec4<u32> (`stride` vec4s, 8 columns each; padding never
 // read). Halves are unpacked with unpack2x16float, so adapters without shader-f16 run it too.
-// x is f32 [cols] read as vec4 (cols divisible by 8); y is f32 [rows].
+// x is f32 [cols] read as vec4 (cols divisible by 8); y is f32 [rows], overwritten, or added
+// to when `accumulate` is set.
 //
 // Workgroup plan: as gemv_w4a16.wgsl: 8 teams of 32 lanes, one team per row, 16-byte
 // coalesced loads, shared-memory reduction per team.
@@ -14,6 +15,10 @@ struct Params {
     cols: u32,
     grid_x: u32,
     stride: u32,
+    accumulate: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -48,6 +53,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     if (lane == 0u && row < p.rows) {
-        y[row] = partial[t];
+        var sum = partial[t];
+        if (p.accumulate != 0u) {
+            sum = sum + y[row];
+        }
+        y[row] = sum;
     }
 }

@@ -5,14 +5,16 @@
 // each; padding words are never read). A code c means the integer c + qmin (qmin = -8
 // symmetric, 0 asymmetric); the weight is (c + qmin - zero)·scale with one scale (and zero) per
 // group of `group` columns (a multiple of 8): scales/zeros are row-major [rows, cols/group].
-// x is f32 [cols] read as vec4; y is f32 [rows].
+// x is f32 [cols] read as vec4; y is f32 [rows], overwritten, or added to when `accumulate`
+// is set (a residual connection folded into the product).
 //
-// Workgroup plan: 256 threads = 8 teams of 32 lanes; a workgroup covers 32 rows, each team 4
-// of them (a 2-D grid past `grid_x` workgroups). Lane l walks the vec4s l, l + 32, … of its
+// Workgroup plan: 256 threads = 8 teams of 32 lanes; a workgroup covers 8·RPT rows, each team
+// RPT of them (a 2-D grid past `grid_x` workgroups). Lane l walks the vec4s l, l + 32, … of its
 // rows: 16-byte loads, consecutive lanes on consecutive addresses, so the weights stream from
 // memory once, coalesced. One vec4 of codes spans 32 columns, i.e. 128 bytes of x for 16
-// bytes of weights: each lane loads its 32 x values once and applies them to its team's 4
-// rows, which keeps x traffic from cache at 2× the weight traffic instead of 8×. Nibbles
+// bytes of weights: each lane loads its 32 x values once and applies them to its team's RPT
+// rows, which divides the x traffic from cache by RPT. RPT (1, 2 or 4, a pipeline constant)
+// trades that reuse against the number of workgroups: the host picks it per shape. Nibbles
 // unpack with two masks and two byte unpacks per word; the 4 rows' partial sums of a team are
 // reduced in shared memory (every adapter has it; no subgroup operations needed).
 
@@ -24,7 +26,7 @@ struct Params {
     has_zeros: u32,
     grid_x: u32,
     stride: u32,
-    _pad: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,8 +37,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
 const TEAM: u32 = 32u;
-const RPT: u32 = 4u; // rows per team
-const ROWS: u32 = 32u; // rows per workgroup: 8 teams × RPT
+override RPT: u32 = 4u; // rows per team, at most 4
 var<workgroup> partial: array<f32, 1024>; // [thread][row of the team]
 
 // The x values of columns 8w .. 8w+7, split by column parity (see `nibbles`).
@@ -76,7 +77,7 @@ fn offset(g: u32) -> f32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
-    let row0 = (wid.y * p.grid_x + wid.x) * ROWS + (t / TEAM) * RPT;
+    let row0 = ((wid.y * p.grid_x + wid.x) * 8u + t / TEAM) * RPT;
     let words_per_row = p.cols / 8u;
     let groups = p.cols / p.group;
     // Groups of a multiple of 32 columns never split a vec4: one scale per load.
@@ -133,7 +134,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (lane == 0u) {
         for (var r = 0u; r < RPT; r = r + 1u) {
             if (row0 + r < p.rows) {
-                y[row0 + r] = partial[t * RPT + r];
+                var sum = partial[t * RPT + r];
+                if (p.accumulate != 0u) {
+                    sum = sum + y[row0 + r];
+                }
+                y[row0 + r] = sum;
             }
         }
     }

@@ -1,13 +1,13 @@
 //! `ostquant bench` without the GUI's dependencies, for carrying to a lent GPU machine:
-//! `device_bench [synthetic models] [tokens] [iters]` (defaults: all 32 200), JSON to $OUT.
+//! `device_bench [synthetic models] [tokens] [iters] [device]` (defaults: all 32 200 gpu), JSON
+//! to $OUT.
 
-use ostquant_core::device::DeviceChoice;
 use ostquant_core::runtime::bench::{Options, run};
 
 fn main() {
     let arg = |i: usize, default: &str| std::env::args().nth(i).unwrap_or(default.into());
     let o = Options {
-        device: DeviceChoice::Gpu,
+        device: arg(4, "gpu").parse().expect("device"),
         iters: arg(3, "200").parse().expect("iters"),
         model: None,
         synthetic: arg(1, "all"),

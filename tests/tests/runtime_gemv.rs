@@ -18,6 +18,7 @@ fn gemv_matches_the_f64_reference() {
     let gpu = gpu();
     let gemv = Gemv::new(&gpu);
     let mut rng = StdRng::seed_from_u64(1);
+    use ostquant_core::runtime::gemv::ROWS_PER_TEAM;
     let cases = [
         (576, 576, QuantSpec::sym(4)),
         (1536, 576, QuantSpec::sym(4)),
@@ -43,21 +44,27 @@ fn gemv_matches_the_f64_reference() {
         let m = Linear::Int4(
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap(),
         );
-        let got = gemv.run(&gpu, &m, &x).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
-        for r in 0..rows {
-            let want: f64 = (0..cols)
-                .map(|c| w[r * cols + c] as f64 * x[c] as f64)
-                .sum();
-            let scale: f64 = (0..cols)
-                .map(|c| (w[r * cols + c] as f64 * x[c] as f64).abs())
-                .sum();
-            let err = (got[r] as f64 - want).abs();
-            assert!(
-                err <= 1e-5 * scale.max(1e-3),
-                "{rows}×{cols} {spec:?} row {r}: {} vs {want}",
-                got[r]
-            );
+        let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
+        for rpt in ROWS_PER_TEAM {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            gemv.launch(&gpu, &m, &xb, &yb, false, Some(rpt))
+                .record(&mut enc);
+            let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+            for r in 0..rows {
+                let want: f64 = (0..cols)
+                    .map(|c| w[r * cols + c] as f64 * x[c] as f64)
+                    .sum();
+                let scale: f64 = (0..cols)
+                    .map(|c| (w[r * cols + c] as f64 * x[c] as f64).abs())
+                    .sum();
+                let err = (got[r] as f64 - want).abs();
+                assert!(
+                    err <= 1e-5 * scale.max(1e-3),
+                    "{rows}×{cols} {spec:?} rows per team {rpt} row {r}: {} vs {want}",
+                    got[r]
+                );
+            }
         }
     }
 }
@@ -122,6 +129,65 @@ fn f16_gemv_matches_the_f64_reference() {
             assert!(
                 (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
                 "{rows}×{cols} row {r}: {} vs {want}",
+                got[r]
+            );
+        }
+    }
+}
+
+/// y += W·x (the residual connection folded into o_proj and down_proj) for every int4
+/// rows-per-team pipeline and the f16 kernel, against y0 + the f64 product.
+#[test]
+fn gemv_accumulates_for_every_rows_per_team() {
+    use ostquant_core::runtime::gemv::ROWS_PER_TEAM;
+    let gpu = gpu();
+    let gemv = Gemv::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(9);
+    let (rows, cols) = (37, 96);
+    let spec = QuantSpec::asym(4).with_group(32);
+    let groups = cols / 32;
+    let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
+    let scales: Vec<f32> = (0..rows * groups)
+        .map(|_| rng.random_range(0.001..0.05))
+        .collect();
+    let zeros: Vec<f32> = (0..rows * groups)
+        .map(|_| rng.random_range(0..16) as f32)
+        .collect();
+    let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let y0: Vec<f32> = (0..rows).map(|_| rng.random_range(-5.0..5.0)).collect();
+    let w4 = unpack(&words, &scales, Some(&zeros), rows, cols, &spec);
+    let w16: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-0.1..0.1))
+        .collect();
+    let int4 = Linear::Int4(
+        Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, Some(&zeros)).unwrap(),
+    );
+    let f16 = Linear::Half(HalfMatrix::from_f32(&gpu, rows, cols, &w16).unwrap());
+    let rounded: Vec<f32> = w16
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let mut cases: Vec<(&Linear, &[f32], Option<u32>)> = ROWS_PER_TEAM
+        .iter()
+        .map(|&r| (&int4, w4.as_slice(), Some(r)))
+        .collect();
+    cases.push((&f16, &rounded, None));
+    for (m, w, rpt) in cases {
+        let (xb, yb) = (gpu.storage("x", &x), gpu.storage("y", &y0));
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        gemv.launch(&gpu, m, &xb, &yb, true, rpt).record(&mut enc);
+        let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let want = y0[r] as f64
+                + row
+                    .iter()
+                    .zip(&x)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>();
+            assert!(
+                (got[r] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "rows per team {rpt:?} row {r}: {} vs {want}",
                 got[r]
             );
         }

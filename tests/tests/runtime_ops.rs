@@ -222,27 +222,6 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
     }
 }
 
-#[test]
-fn residual_add_matches_f64() {
-    let gpu = gpu();
-    let ops = Ops::new(&gpu);
-    let mut rng = StdRng::seed_from_u64(8);
-    for len in [576, 4096, 3, 70001] {
-        let (x, y) = (rand_vec(&mut rng, len, 2.0), rand_vec(&mut rng, len, 2.0));
-        let yb = gpu.storage("y", &y);
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        ops.add(&gpu, &gpu.storage("x", &x), &yb, len)
-            .record(&mut enc);
-        let got = gpu.finish_f32(enc, &yb, len).unwrap();
-        let want: Vec<f64> = x
-            .iter()
-            .zip(&y)
-            .map(|(&a, &b)| a as f64 + b as f64)
-            .collect();
-        close(&got, &want, 1e-6, &format!("add {len}"));
-    }
-}
-
 /// Per-group asymmetric fake quantization against the host quantizer the burn forward uses.
 #[test]
 fn activation_quantization_matches_the_host_quantizer() {

@@ -27,7 +27,11 @@ fn check(r: &TextScores, tokens: usize, what: &str) {
     assert_eq!(r.tokens_scored, tokens);
     assert!(top1 >= 0.99, "{what}: top-1 agreement {top1}");
     assert!(kl < 1e-3, "{what}: KL {kl}");
-    assert!(r.ppl.is_finite() && r.ppl < 100.0, "{what}: perplexity {}", r.ppl);
+    assert!(
+        r.ppl.is_finite() && r.ppl < 100.0,
+        "{what}: perplexity {}",
+        r.ppl
+    );
 }
 
 #[test]
@@ -58,6 +62,12 @@ fn int4_runtimes_match_the_burn_forward_on_smollm2() {
 
     let wins = text_windows(&m.model, &m.tokenizer, text, 257, Some(1)).unwrap();
     let gpu = GpuModel::load(&out, ostquant_tests::test_gpu(), 257).unwrap();
-    let r = score_decoder(&mut Runtime::Gpu(gpu), Some(&m.model), &wins, &mut |_, _| {}).unwrap();
+    let r = score_decoder(
+        &mut Runtime::Gpu(gpu),
+        Some(&m.model),
+        &wins,
+        &mut |_, _| {},
+    )
+    .unwrap();
     check(&r, 256, "WGSL runtime");
 }

@@ -11,10 +11,23 @@ use crate::quant::quantizer::QuantSpec;
 
 /// Workgroups per grid row; more use a second grid dimension.
 const GRID_X: u32 = 32768;
-/// Rows per workgroup: the f16 kernel's 8 teams of 32 lanes take one row each, the int4
-/// kernel's take four (see the shaders' workgroup plans).
+/// Rows per workgroup of the f16 kernel: 8 teams of 32 lanes, one row each. The int4 kernel's
+/// teams take 1, 2 or 4 rows each (see the shaders' workgroup plans).
 const HALF_ROWS: u32 = 8;
-const INT4_ROWS: u32 = 32;
+/// The int4 kernel's compiled rows-per-team choices.
+pub const ROWS_PER_TEAM: [u32; 3] = [1, 2, 4];
+
+/// Rows per team of the int4 kernel for a matrix of `rows` rows. On a GPU: reuse of x across
+/// rows where there are rows enough to keep ≥ 256 workgroups, one row per team (most
+/// workgroups) below. On a software device (CPU threads, compute-bound) always the most reuse.
+pub fn rows_per_team(rows: usize, software: bool) -> u32 {
+    match rows {
+        _ if software => 4,
+        r if r >= 8192 => 4,
+        r if r >= 4096 => 2,
+        _ => 1,
+    }
+}
 
 /// Copy `rows` rows of `row_words` u32 each into rows padded to a whole number of vec4s.
 fn pad_rows(words: &[u32], rows: usize, row_words: usize) -> (Vec<u32>, usize) {
@@ -201,7 +214,7 @@ struct Int4Params {
     has_zeros: u32,
     grid_x: u32,
     stride: u32,
-    _pad: u32,
+    accumulate: u32,
 }
 
 #[repr(C)]
@@ -211,35 +224,72 @@ struct HalfParams {
     cols: u32,
     grid_x: u32,
     stride: u32,
+    accumulate: u32,
+    _pad: [u32; 3],
 }
 
 /// The compiled GEMV kernels.
 pub struct Gemv {
-    int4: Kernel,
+    /// One int4 pipeline per entry of [`ROWS_PER_TEAM`].
+    int4: Vec<Kernel>,
     half: Kernel,
+    /// The device is a CPU adapter (lavapipe): see [`rows_per_team`].
+    pub software: bool,
 }
 
 impl Gemv {
     pub fn new(gpu: &Gpu) -> Self {
+        let source = include_str!("../../../shaders/gemv_w4a16.wgsl");
         Gemv {
-            int4: Kernel::new(
-                gpu,
-                "gemv_w4a16",
-                include_str!("../../../shaders/gemv_w4a16.wgsl"),
-            ),
+            int4: ROWS_PER_TEAM
+                .iter()
+                .map(|&r| {
+                    Kernel::specialized(gpu, "gemv_w4a16", source, "main", &[("RPT", r as f64)])
+                })
+                .collect(),
             half: Kernel::new(
                 gpu,
                 "gemv_f16",
                 include_str!("../../../shaders/gemv_f16.wgsl"),
             ),
+            software: matches!(gpu.info.device_type, wgpu::DeviceType::Cpu),
         }
     }
 
     /// The launch of y = W·x (x: `cols` f32, y: `rows` f32, both on the GPU).
     pub fn dispatch(&self, gpu: &Gpu, w: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
+        self.launch(gpu, w, x, y, false, None)
+    }
+
+    /// The launch of y += W·x: a residual connection folded into the product.
+    pub fn dispatch_add(
+        &self,
+        gpu: &Gpu,
+        w: &Linear,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Dispatch {
+        self.launch(gpu, w, x, y, true, None)
+    }
+
+    /// y (+)= W·x; `rpt` overrides [`rows_per_team`] for the int4 kernel (benchmarks).
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        w: &Linear,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        accumulate: bool,
+        rpt: Option<u32>,
+    ) -> Dispatch {
         match w {
             Linear::Int4(m) => {
-                let g = grid(m.rows, INT4_ROWS);
+                let rpt = rpt.unwrap_or_else(|| rows_per_team(m.rows, self.software));
+                let k = ROWS_PER_TEAM
+                    .iter()
+                    .position(|&r| r == rpt)
+                    .expect("a compiled rows-per-team choice");
+                let g = grid(m.rows, 8 * rpt);
                 let params = Int4Params {
                     rows: m.rows as u32,
                     cols: m.cols as u32,
@@ -248,10 +298,9 @@ impl Gemv {
                     has_zeros: (!m.spec.sym) as u32,
                     grid_x: g.0,
                     stride: m.stride as u32,
-                    _pad: 0,
+                    accumulate: accumulate as u32,
                 };
-                self.int4
-                    .dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
+                self.int4[k].dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
             }
             Linear::Half(m) => {
                 let g = grid(m.rows, HALF_ROWS);
@@ -260,6 +309,8 @@ impl Gemv {
                     cols: m.cols as u32,
                     grid_x: g.0,
                     stride: m.stride as u32,
+                    accumulate: accumulate as u32,
+                    _pad: [0; 3],
                 };
                 self.half.dispatch(gpu, &params, &[&m.words, x, y], g)
             }

@@ -342,7 +342,9 @@ impl HostModel {
                 act: None,
                 kv: kv4.then(|| QuantSpec::asym(4)),
             },
-            embed: (0..v * d).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect(),
+            embed: (0..v * d)
+                .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+                .collect(),
             norm: vec![1.0; d],
             layers,
             lm_head: HostLinear::Half {

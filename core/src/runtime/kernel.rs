@@ -31,6 +31,17 @@ impl Kernel {
 
     /// Compile the entry point `entry` of `source`.
     pub fn entry(gpu: &Gpu, name: &'static str, source: &str, entry: &str) -> Self {
+        Self::specialized(gpu, name, source, entry, &[])
+    }
+
+    /// Compile the entry point `entry` of `source` with its `override` constants set.
+    pub fn specialized(
+        gpu: &Gpu,
+        name: &'static str,
+        source: &str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Self {
         let module = gpu
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -44,7 +55,12 @@ impl Kernel {
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    // Every kernel writes its shared memory before reading it: zeroing it at
+                    // the start of each workgroup would only add stores and a barrier.
+                    zero_initialize_workgroup_memory: false,
+                },
                 cache: None,
             });
         Kernel { name, pipeline }

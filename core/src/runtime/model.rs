@@ -46,7 +46,6 @@ struct Scratch {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     a: wgpu::Buffer,
-    o: wgpu::Buffer,
     gate: wgpu::Buffer,
     up: wgpu::Buffer,
     m: wgpu::Buffer,
@@ -61,16 +60,38 @@ struct Scratch {
 /// One launch of a token's forward; the attention launches move with the position.
 enum Launch {
     Fixed(Dispatch),
-    Append { d: Dispatch, layer: usize, v: bool },
-    Attend { d: Dispatch, layer: usize },
+    /// A matrix-vector product (fixed too; told apart for [`GpuModel::breakdown`]).
+    Gemv(Dispatch),
+    Append {
+        d: Dispatch,
+        layer: usize,
+        v: bool,
+    },
+    Attend {
+        d: Dispatch,
+        layer: usize,
+    },
 }
 
 impl Launch {
     fn dispatch(&self) -> &Dispatch {
         match self {
-            Launch::Fixed(d) | Launch::Append { d, .. } | Launch::Attend { d, .. } => d,
+            Launch::Fixed(d)
+            | Launch::Gemv(d)
+            | Launch::Append { d, .. }
+            | Launch::Attend { d, .. } => d,
         }
     }
+}
+
+/// Seconds per token of a replayed plan, whole and split (see [`GpuModel::breakdown`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Breakdown {
+    pub all: f64,
+    pub gemv: f64,
+    pub rest: f64,
+    pub launches: usize,
+    pub gemv_launches: usize,
 }
 
 pub struct GpuModel {
@@ -170,7 +191,6 @@ impl GpuModel {
             k: gpu.output("k", nkv * hd),
             v: gpu.output("v", nkv * hd),
             a: gpu.output("a", nq * hd),
-            o: gpu.output("o", d),
             gate: gpu.output("gate", dff),
             up: gpu.output("up", dff),
             m: gpu.output("m", dff),
@@ -255,9 +275,9 @@ impl GpuModel {
                 eps,
             )));
             plan.extend(act(&s.n, d, d));
-            plan.push(fixed(gemv.dispatch(gpu, wq, &s.n, &s.q)));
-            plan.push(fixed(gemv.dispatch(gpu, wk, &s.n, &s.k)));
-            plan.push(fixed(gemv.dispatch(gpu, wv, &s.n, &s.v)));
+            plan.push(Launch::Gemv(gemv.dispatch(gpu, wq, &s.n, &s.q)));
+            plan.push(Launch::Gemv(gemv.dispatch(gpu, wk, &s.n, &s.k)));
+            plan.push(Launch::Gemv(gemv.dispatch(gpu, wv, &s.n, &s.v)));
             plan.push(fixed(ops.rope(gpu, &s.q, &s.cos, &s.sin, 1, nq, hd)));
             plan.push(fixed(ops.rope(gpu, &s.k, &s.cos, &s.sin, 1, nkv, hd)));
             let (q, k) = match &qk_h {
@@ -283,12 +303,11 @@ impl GpuModel {
             });
             plan.push(Launch::Attend { d: d_a, layer });
             plan.extend(act(&s.a, nq * hd, hd));
-            plan.push(fixed(gemv.dispatch(gpu, wo, &s.a, &s.o)));
-            plan.push(fixed(ops.add(gpu, &s.o, &s.h, d)));
+            plan.push(Launch::Gemv(gemv.dispatch_add(gpu, wo, &s.a, &s.h)));
             plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, 1, d, eps)));
             plan.extend(act(&s.n, d, d));
-            plan.push(fixed(gemv.dispatch(gpu, wg, &s.n, &s.gate)));
-            plan.push(fixed(gemv.dispatch(gpu, wu, &s.n, &s.up)));
+            plan.push(Launch::Gemv(gemv.dispatch(gpu, wg, &s.n, &s.gate)));
+            plan.push(Launch::Gemv(gemv.dispatch(gpu, wu, &s.n, &s.up)));
             plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, dff)));
             let m = match &down_h {
                 Some(h) => {
@@ -298,11 +317,10 @@ impl GpuModel {
                 None => &s.m,
             };
             plan.extend(act(m, dff, dff));
-            plan.push(fixed(gemv.dispatch(gpu, wd, m, &s.o)));
-            plan.push(fixed(ops.add(gpu, &s.o, &s.h, d)));
+            plan.push(Launch::Gemv(gemv.dispatch_add(gpu, wd, m, &s.h)));
         }
         plan.push(fixed(ops.rms_norm(gpu, &s.h, norm, &s.n, 1, d, eps)));
-        plan.push(fixed(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)));
+        plan.push(Launch::Gemv(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)));
         Ok(plan)
     }
 
@@ -330,6 +348,39 @@ impl GpuModel {
     /// Positions the cache holds.
     pub fn max_seq(&self) -> usize {
         self.attn.max_seq
+    }
+
+    /// Where a token's time goes: seconds per token of replaying this token's launches `reps`
+    /// times in one command buffer — all of them, only the GEMVs, only the rest — and the
+    /// number of launches (all, GEMVs). The replays repeat the last position; only for timing.
+    pub fn breakdown(&self, reps: usize) -> Result<Breakdown> {
+        let time = |keep: &dyn Fn(&Launch) -> bool| -> Result<f64> {
+            let launches: Vec<&Dispatch> = self
+                .plan
+                .iter()
+                .filter(|l| keep(l))
+                .map(Launch::dispatch)
+                .collect();
+            let replay = |n: usize| {
+                let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+                for _ in 0..n {
+                    record_all(&mut enc, launches.iter().copied());
+                }
+                self.gpu.finish_f32(enc, &self.s.logits, 1)
+            };
+            replay(1)?;
+            let t0 = std::time::Instant::now();
+            replay(reps)?;
+            Ok(t0.elapsed().as_secs_f64() / reps as f64)
+        };
+        let is_gemv = |l: &Launch| matches!(l, Launch::Gemv(_));
+        Ok(Breakdown {
+            all: time(&|_| true)?,
+            gemv: time(&is_gemv)?,
+            rest: time(&|l| !is_gemv(l))?,
+            launches: self.plan.len(),
+            gemv_launches: self.plan.iter().filter(|l| is_gemv(l)).count(),
+        })
     }
 
     /// Run one token at the next position and return its logits.
@@ -366,7 +417,7 @@ impl GpuModel {
             .write_buffer(&s.sin, 0, bytemuck::cast_slice(&sin));
         for launch in &self.plan {
             match launch {
-                Launch::Fixed(_) => {}
+                Launch::Fixed(_) | Launch::Gemv(_) => {}
                 Launch::Append { d, layer, v } => {
                     let l = &self.layers[*layer];
                     let cache = if *v { &l.v_cache } else { &l.k_cache };

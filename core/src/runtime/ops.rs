@@ -50,7 +50,6 @@ pub struct Ops {
     silu_mul: Kernel,
     rope: Kernel,
     act_quant: Kernel,
-    add: Kernel,
 }
 
 impl Ops {
@@ -72,7 +71,6 @@ impl Ops {
                 "act_quant",
                 include_str!("../../../shaders/act_quant.wgsl"),
             ),
-            add: Kernel::new(gpu, "add", include_str!("../../../shaders/add.wgsl")),
         }
     }
 
@@ -94,11 +92,6 @@ impl Ops {
             grid_x: g.0,
         };
         self.act_quant.dispatch(gpu, &p, &[x], g)
-    }
-
-    /// y += x over `len` values.
-    pub fn add(&self, gpu: &Gpu, x: &wgpu::Buffer, y: &wgpu::Buffer, len: usize) -> Dispatch {
-        elementwise(&self.add, gpu, len, &[x, y])
     }
 
     /// y = RMSNorm(x)·w for each of `rows` rows of length `n`.
