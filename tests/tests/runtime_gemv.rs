@@ -193,3 +193,74 @@ fn gemv_accumulates_for_every_rows_per_team() {
         }
     }
 }
+
+/// The W4A4 path: activations quantized to integer codes on the GPU (act_codes.wgsl), then the
+/// integer GEMV with its dequant epilogue, for every rows-per-team pipeline, against the f64
+/// product of the unpacked weights and the fake-quantized activations. The activations are
+/// grid points (q − z)·2⁻³ with q = 0 and q = 15 present in every group, so the quantizer's
+/// rounding is unambiguous and the reference knows the codes exactly.
+#[test]
+fn w4a4_gemv_matches_the_f64_reference() {
+    use ostquant_core::runtime::gemv::{ActCodes, ROWS_PER_TEAM};
+    let gpu = gpu();
+    let gemv = Gemv::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(11);
+    let cases = [
+        (576, 576, 576, QuantSpec::sym(4)),
+        (1536, 576, 576, QuantSpec::sym(4)),
+        (9, 576, 64, QuantSpec::sym(4)),
+        (576, 1536, 1536, QuantSpec::asym(4).with_group(128)),
+        (37, 4096, 128, QuantSpec::sym(4).with_group(32)),
+        (5, 11008, 11008, QuantSpec::asym(4)),
+    ];
+    for (rows, cols, agroup, spec) in cases {
+        let groups = cols / spec.group.unwrap_or(cols);
+        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
+        let scales: Vec<f32> = (0..rows * groups)
+            .map(|_| rng.random_range(0.001..0.05))
+            .collect();
+        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
+            (0..rows * groups)
+                .map(|_| rng.random_range(0..16) as f32)
+                .collect()
+        });
+        let mut x = Vec::with_capacity(cols);
+        for _ in 0..cols / agroup {
+            let z = rng.random_range(0..16) as f32;
+            for i in 0..agroup {
+                let q = match i {
+                    0 => 0.0,
+                    1 => 15.0,
+                    _ => rng.random_range(0..16) as f32,
+                };
+                x.push((q - z) * 0.125);
+            }
+        }
+        let m =
+            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
+        let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
+        let codes = ActCodes::new(&gpu, cols, agroup, 4).unwrap();
+        let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
+        for rpt in ROWS_PER_TEAM {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            gemv.quantize(&gpu, &xb, &codes).record(&mut enc);
+            gemv.launch_w4a4(&gpu, &m, &codes, &yb, false, Some(rpt))
+                .unwrap()
+                .record(&mut enc);
+            let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+            for r in 0..rows {
+                let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c] as f64);
+                let want: f64 = terms.clone().sum();
+                let scale: f64 = terms.map(f64::abs).sum();
+                assert!(
+                    (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
+                    "W4A4 {rows}×{cols} act groups {agroup} {spec:?} rows per team {rpt} row {r}: {} vs {want}",
+                    got[r]
+                );
+            }
+        }
+    }
+    // Codes that do not fit a signed byte, or groups that split a 32-column block, are refused.
+    assert!(ActCodes::new(&gpu, 576, 576, 8).is_err());
+    assert!(ActCodes::new(&gpu, 64, 8, 4).is_err());
+}

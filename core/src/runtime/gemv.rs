@@ -1,5 +1,6 @@
-//! Decode GEMVs: y = W·x for one weight matrix on the GPU and an f32 vector, with W int4
-//! (shaders/gemv_w4a16.wgsl, the model folder's packing) or f16 (shaders/gemv_f16.wgsl).
+//! Decode GEMVs: y = W·x for one weight matrix on the GPU, with W int4 (the model folder's
+//! packing) times an f32 vector (shaders/gemv_w4a16.wgsl) or times integer activation codes
+//! (W4A4: shaders/act_codes.wgsl then shaders/gemv_w4a4.wgsl), or W f16 (shaders/gemv_f16.wgsl).
 
 use burn::tensor::wgpu::wgpu;
 
@@ -149,6 +150,43 @@ impl HalfMatrix {
     }
 }
 
+/// A vector of activations as signed integer codes with one scale per group of columns
+/// (shaders/act_codes.wgsl's layout), the input of the W4A4 GEMV.
+pub struct ActCodes {
+    pub cols: usize,
+    pub group: usize,
+    pub bits: u32,
+    codes: wgpu::Buffer,
+    scales: wgpu::Buffer,
+}
+
+impl ActCodes {
+    /// Whether a vector of `cols` values quantized per `group` at `bits` bits fits the integer
+    /// kernels: codes q − z in one signed byte, groups of whole 32-column blocks.
+    pub fn fits(cols: usize, group: usize, bits: u32) -> bool {
+        (1..=7).contains(&bits)
+            && group > 0
+            && group.is_multiple_of(32)
+            && cols.is_multiple_of(group)
+    }
+
+    pub fn new(gpu: &Gpu, cols: usize, group: usize, bits: u32) -> Result<Self> {
+        if !Self::fits(cols, group, bits) {
+            return Err(Error::other(format!(
+                "integer activation codes: {cols} values in groups of {group} at {bits} bits do not fit the W4A4 kernels (groups of 32·k, at most 7 bits)"
+            )));
+        }
+        Ok(ActCodes {
+            cols,
+            group,
+            bits,
+            // Two words per 8 columns, one vec4 pair per 32 columns (zero past `cols`).
+            codes: gpu.output("activation codes", cols.div_ceil(32) * 8),
+            scales: gpu.output("activation scales", cols / group),
+        })
+    }
+}
+
 /// A linear layer's weight on the GPU.
 pub enum Linear {
     Int4(Int4Matrix),
@@ -228,10 +266,36 @@ struct HalfParams {
     _pad: [u32; 3],
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct W4A4Params {
+    rows: u32,
+    cols: u32,
+    group: u32,
+    agroup: u32,
+    qmin: f32,
+    has_zeros: u32,
+    grid_x: u32,
+    stride: u32,
+    accumulate: u32,
+    _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CodesParams {
+    groups: u32,
+    group: u32,
+    qmax: f32,
+    grid_x: u32,
+}
+
 /// The compiled GEMV kernels.
 pub struct Gemv {
-    /// One int4 pipeline per entry of [`ROWS_PER_TEAM`].
+    /// One int4 pipeline per entry of [`ROWS_PER_TEAM`], for f32 and for integer inputs.
     int4: Vec<Kernel>,
+    w4a4: Vec<Kernel>,
+    act_codes: Kernel,
     half: Kernel,
     /// The device is a CPU adapter (lavapipe): see [`rows_per_team`].
     pub software: bool,
@@ -239,14 +303,23 @@ pub struct Gemv {
 
 impl Gemv {
     pub fn new(gpu: &Gpu) -> Self {
-        let source = include_str!("../../../shaders/gemv_w4a16.wgsl");
-        Gemv {
-            int4: ROWS_PER_TEAM
+        let variants = |name: &'static str, source: &str| -> Vec<Kernel> {
+            ROWS_PER_TEAM
                 .iter()
-                .map(|&r| {
-                    Kernel::specialized(gpu, "gemv_w4a16", source, "main", &[("RPT", r as f64)])
-                })
-                .collect(),
+                .map(|&r| Kernel::specialized(gpu, name, source, "main", &[("RPT", r as f64)]))
+                .collect()
+        };
+        Gemv {
+            int4: variants(
+                "gemv_w4a16",
+                include_str!("../../../shaders/gemv_w4a16.wgsl"),
+            ),
+            w4a4: variants("gemv_w4a4", include_str!("../../../shaders/gemv_w4a4.wgsl")),
+            act_codes: Kernel::new(
+                gpu,
+                "act_codes",
+                include_str!("../../../shaders/act_codes.wgsl"),
+            ),
             half: Kernel::new(
                 gpu,
                 "gemv_f16",
@@ -315,6 +388,64 @@ impl Gemv {
                 self.half.dispatch(gpu, &params, &[&m.words, x, y], g)
             }
         }
+    }
+
+    /// The launch that quantizes `x` into `codes` (dynamic, per group; act_codes.wgsl).
+    pub fn quantize(&self, gpu: &Gpu, x: &wgpu::Buffer, codes: &ActCodes) -> Dispatch {
+        let groups = (codes.cols / codes.group) as u32;
+        let g = (groups.min(65535), groups.div_ceil(65535), 1);
+        let params = CodesParams {
+            groups,
+            group: codes.group as u32,
+            qmax: ((1u32 << codes.bits) - 1) as f32,
+            grid_x: g.0,
+        };
+        self.act_codes
+            .dispatch(gpu, &params, &[x, &codes.codes, &codes.scales], g)
+    }
+
+    /// The launch of y (+)= W·x with x given as integer codes (integer accumulation, dequant
+    /// epilogue per 32-column block); `rpt` overrides [`rows_per_team`].
+    pub fn launch_w4a4(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: &ActCodes,
+        y: &wgpu::Buffer,
+        accumulate: bool,
+        rpt: Option<u32>,
+    ) -> Result<Dispatch> {
+        let group = m.spec.group.unwrap_or(m.cols);
+        if x.cols != m.cols || !(group == m.cols || group.is_multiple_of(32)) {
+            return Err(Error::other(format!(
+                "W4A4 GEMV: {} activation codes for a {}×{} matrix with weight groups of {group} (groups must be whole rows or 32·k columns)",
+                x.cols, m.rows, m.cols
+            )));
+        }
+        let rpt = rpt.unwrap_or_else(|| rows_per_team(m.rows, self.software));
+        let k = ROWS_PER_TEAM
+            .iter()
+            .position(|&r| r == rpt)
+            .expect("a compiled rows-per-team choice");
+        let g = grid(m.rows, 8 * rpt);
+        let params = W4A4Params {
+            rows: m.rows as u32,
+            cols: m.cols as u32,
+            group: group as u32,
+            agroup: x.group as u32,
+            qmin: m.spec.qmin(),
+            has_zeros: (!m.spec.sym) as u32,
+            grid_x: g.0,
+            stride: m.stride as u32,
+            accumulate: accumulate as u32,
+            _pad: [0; 3],
+        };
+        Ok(self.w4a4[k].dispatch(
+            gpu,
+            &params,
+            &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
+            g,
+        ))
     }
 
     /// y = W·x, from and to the host (for tests and benchmarks of a single call).

@@ -1,0 +1,105 @@
+// W4A4 GEMV with integer accumulation: y = W·x where W is int4 as in gemv_w4a16.wgsl and x is
+// given as signed 8-bit codes with one f32 scale per group of `agroup` columns
+// (act_codes.wgsl): x_c = codes_c·sx[c / agroup]. For each 32-column block (one vec4 of
+// weight words) the lane computes, in integers,
+//   d = Σ code_w·code_x  (8 dot4I8Packed: weight nibbles against the matching x bytes)
+//   n = Σ code_x         (8 dot4I8Packed against 0x01010101, shared by the team's rows)
+// and adds scale_w·sx·(d + offset·n), offset = qmin − zero_w: the dequant epilogue per block.
+// Every product and sum inside a block is exact; only the per-block epilogue rounds.
+//
+// Layout: words as gemv_w4a16.wgsl (rows padded to `stride` vec4s); xc: the codes as vec4<u32>,
+// two per weight vec4 (8 words per 32 columns, zero past `cols`); sx f32 [cols / agroup];
+// y f32 [rows], overwritten or accumulated into. Weight groups and `agroup` are multiples of 32
+// columns, so each block has one weight scale and one activation scale.
+// Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows per team (a pipeline
+// constant), 16-byte coalesced weight loads, shared-memory reduction per team.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    group: u32,
+    agroup: u32,
+    qmin: f32,
+    has_zeros: u32,
+    grid_x: u32,
+    stride: u32,
+    accumulate: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> words: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> scales: array<f32>;
+@group(0) @binding(3) var<storage, read> zeros: array<f32>;
+@group(0) @binding(4) var<storage, read> xc: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> sx: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+
+const TEAM: u32 = 32u;
+const LOW: u32 = 0x0F0F0F0Fu;
+const ONES: u32 = 0x01010101u;
+override RPT: u32 = 4u; // rows per team, at most 4
+var<workgroup> partial: array<f32, 1024>; // [thread][row of the team]
+
+// Σ code_w·code_x over one weight word and its two x words (even, odd columns).
+fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
+    return dot4I8Packed(w & LOW, even) + dot4I8Packed((w >> 4u) & LOW, odd);
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let lane = t % TEAM;
+    let row0 = ((wid.y * p.grid_x + wid.x) * 8u + t / TEAM) * RPT;
+    let groups = p.cols / p.group;
+    let agroups = p.cols / p.agroup;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var v = lane; v < p.stride; v = v + TEAM) {
+        let a = xc[2u * v];
+        let b = xc[2u * v + 1u];
+        let n = dot4I8Packed(a.x, ONES) + dot4I8Packed(a.y, ONES) + dot4I8Packed(a.z, ONES)
+            + dot4I8Packed(a.w, ONES) + dot4I8Packed(b.x, ONES) + dot4I8Packed(b.y, ONES)
+            + dot4I8Packed(b.z, ONES) + dot4I8Packed(b.w, ONES);
+        // Past the last column the codes are 0: any in-range scale gives 0.
+        let s = sx[min((32u * v) / p.agroup, agroups - 1u)];
+        let gcol = min((32u * v) / p.group, groups - 1u);
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                let q = words[row * p.stride + v];
+                let d = word_dot(q.x, a.x, a.y) + word_dot(q.y, a.z, a.w) + word_dot(q.z, b.x, b.y)
+                    + word_dot(q.w, b.z, b.w);
+                let g = row * groups + gcol;
+                var offset = p.qmin;
+                if (p.has_zeros != 0u) {
+                    offset = p.qmin - zeros[g];
+                }
+                acc[r] = acc[r] + scales[g] * s * (f32(d) + offset * f32(n));
+            }
+        }
+    }
+    for (var r = 0u; r < RPT; r = r + 1u) {
+        partial[t * RPT + r] = acc[r];
+    }
+    workgroupBarrier();
+    for (var s = TEAM / 2u; s > 0u; s = s >> 1u) {
+        if (lane < s) {
+            for (var r = 0u; r < RPT; r = r + 1u) {
+                partial[t * RPT + r] = partial[t * RPT + r] + partial[(t + s) * RPT + r];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u) {
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            if (row0 + r < p.rows) {
+                var sum = partial[t * RPT + r];
+                if (p.accumulate != 0u) {
+                    sum = sum + y[row0 + r];
+                }
+                y[row0 + r] = sum;
+            }
+        }
+    }
+}
