@@ -118,6 +118,13 @@ fn compare(dir: &std::path::Path, what: &str) {
         .try_to_vec::<f32>()
         .unwrap();
     let gpu = GpuModel::load(dir, ostquant_tests::test_gpu(), 64).unwrap();
+    // Integer activation codes wherever the folder quantizes activations to ≤ 7 bits and the
+    // widths are whole 32-column blocks (the SmolLM2-shaped model; the tiny one's 8-wide heads
+    // take the fake-quantized float path).
+    let header = qformat::read_header(dir).ok();
+    let a4 = header.is_some_and(|h| h.forward.act.is_some());
+    let blocks = gpu.config.head_dim().is_multiple_of(32);
+    assert_eq!(gpu.integer_activations, a4 && blocks, "{what}");
     let cpu = Runtime::load(dir, DeviceChoice::Cpu, 64).unwrap();
     assert!(matches!(cpu, Runtime::Cpu(_)));
     for (mut rt, name) in [(Runtime::Gpu(gpu), "GPU"), (cpu, "CPU")] {

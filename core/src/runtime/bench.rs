@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::tensor::wgpu::wgpu;
 use rand::{Rng, SeedableRng};
 
-use super::gemv::{Gemv, Linear, ROWS_PER_TEAM, rows_per_team};
+use super::gemv::{ActCodes, Gemv, Linear, ROWS_PER_TEAM, rows_per_team};
 use super::host::{HostLinear, HostModel, SyntheticWeights};
 use super::kernel::{Dispatch, Kernel, record_all};
 use super::model::GpuModel;
@@ -114,33 +114,53 @@ enum Target<'g> {
     Cpu,
 }
 
+/// One timed kernel: its input (f32, or the W4A4 path's integer codes) and rows per team.
+#[derive(Clone, Copy)]
+struct Variant {
+    codes: bool,
+    rpt: Option<u32>,
+}
+
 impl Target<'_> {
-    /// The kernel variants to time for `w`: on a GPU every int4 rows-per-team choice.
-    fn variants(&self, w: &HostLinear) -> Vec<Option<u32>> {
+    /// The kernel variants to time for `w`: on a GPU every int4 rows-per-team choice, with
+    /// f32 activations and with 4-bit integer activation codes.
+    fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         match (self, w) {
-            (Target::Gpu(..), HostLinear::Int4 { .. }) => {
-                ROWS_PER_TEAM.iter().map(|&r| Some(r)).collect()
-            }
-            _ => vec![None],
+            (Target::Gpu(..), HostLinear::Int4 { .. }) => [false, true]
+                .iter()
+                .flat_map(|&codes| {
+                    ROWS_PER_TEAM.iter().map(move |&r| Variant {
+                        codes,
+                        rpt: Some(r),
+                    })
+                })
+                .collect(),
+            _ => vec![Variant {
+                codes: false,
+                rpt: None,
+            }],
         }
     }
 
     /// y = W·x once (for the correctness check), then seconds per call, the median of three
     /// rounds: `iters` launches in one compute pass on a GPU, calls repeated for at least
-    /// 0.1 s on the CPU.
-    fn run(
-        &self,
-        w: &HostLinear,
-        x: &[f32],
-        iters: usize,
-        rpt: Option<u32>,
-    ) -> Result<(Vec<f32>, f64)> {
+    /// 0.1 s on the CPU. With integer codes, x is quantized once before the timed launches.
+    fn run(&self, w: &HostLinear, x: &[f32], iters: usize, v: Variant) -> Result<(Vec<f32>, f64)> {
         let mut rounds = Vec::new();
         let got = match self {
             Target::Gpu(gpu, kernel) => {
                 let m = Linear::upload(gpu, w)?;
                 let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
-                let d = kernel.launch(gpu, &m, &xb, &y, false, rpt);
+                let d = match (&m, v.codes) {
+                    (Linear::Int4(m4), true) => {
+                        let codes = ActCodes::new(gpu, w.cols(), w.cols(), 4)?;
+                        let mut enc = gpu.device.create_command_encoder(&Default::default());
+                        kernel.quantize(gpu, &xb, &codes).record(&mut enc);
+                        gpu.queue.submit([enc.finish()]);
+                        kernel.launch_w4a4(gpu, m4, &codes, &y, false, v.rpt)?
+                    }
+                    _ => kernel.launch(gpu, &m, &xb, &y, false, v.rpt),
+                };
                 for _ in 0..3 {
                     rounds.push(time(gpu, iters, &y, &d)?);
                 }
@@ -165,8 +185,9 @@ impl Target<'_> {
     }
 }
 
-/// Time GEMVs per shape, int4 (symmetric, per channel) and f16, each checked against an f64
-/// reference on the same weights.
+/// Time GEMVs per shape, int4 (symmetric, per channel; on a GPU also on 4-bit integer
+/// activations, "w4a4") and f16, each checked against an f64 reference on the same weights
+/// (and the same fake-quantized activations).
 fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<GemvFigure>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut out = Vec::new();
@@ -185,32 +206,37 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
             .collect();
         let f16 = HostLinear::Half { rows, cols, halves };
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut x4 = x.clone();
+        cpu::kernels::act_quant(&mut x4, cols, 4);
         for (name, m, w) in [("int4", int4, w4), ("f16", f16, w16)] {
-            for rpt in target.variants(&m) {
-                let (got, secs) = target.run(&m, &x, iters, rpt)?;
+            for v in target.variants(&m) {
+                let (got, secs) = target.run(&m, &x, iters, v)?;
+                let x = if v.codes { &x4 } else { &x };
                 let max_rel_err = (0..rows)
                     .map(|r| {
                         let row = &w[r * cols..(r + 1) * cols];
                         let dot = |f: fn(f64) -> f64| -> f64 {
                             row.iter()
-                                .zip(&x)
+                                .zip(x)
                                 .map(|(&a, &b)| f(a as f64 * b as f64))
                                 .sum()
                         };
                         (got[r] as f64 - dot(|v| v)).abs() / dot(f64::abs).max(1e-12)
                     })
                     .fold(0.0, f64::max);
-                let bytes = m.bytes() + cols * 4;
+                // Codes are one byte per column, f32 activations four.
+                let bytes = m.bytes() + cols * if v.codes { 1 } else { 4 };
                 let software = matches!(target, Target::Gpu(_, g) if g.software);
-                let picked = if rpt == Some(rows_per_team(rows, software)) {
+                let picked = if v.rpt == Some(rows_per_team(rows, software)) {
                     "*"
                 } else {
                     ""
                 };
+                let name = if v.codes { "w4a4" } else { name };
                 out.push(GemvFigure {
                     rows,
                     cols,
-                    weights: match rpt {
+                    weights: match v.rpt {
                         Some(r) => format!("{name} r{r}{picked}"),
                         None => name.to_string(),
                     },
@@ -393,7 +419,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     };
     writeln!(
         out,
-        "\ndecode ({} tokens after 4 warm-up, {per_token}):",
+        "\ndecode ({} tokens after 4 warm-up, {per_token}; 4-bit KV cache; int4 = W4A16, w4a4 = W4A4 with per-token 4-bit activations):",
         o.tokens
     )
     .map_err(io)?;
@@ -432,11 +458,12 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             )));
         };
         let mut speed = Vec::new();
-        for (w, kind) in [
-            ("int4", SyntheticWeights::Int4),
-            ("f16", SyntheticWeights::Half),
+        for (w, kind, act4) in [
+            ("int4", SyntheticWeights::Int4, false),
+            ("w4a4", SyntheticWeights::Int4, true),
+            ("f16", SyntheticWeights::Half, false),
         ] {
-            let mut m = on(&HostModel::synthetic(config.clone(), kind, true)?)?;
+            let mut m = on(&HostModel::synthetic(config.clone(), kind, true, act4)?)?;
             let f = decode(&mut m, 4, o.tokens)?;
             speed.push(f.tokens_per_s);
             row(out, name, w, &f).map_err(io)?;
@@ -458,9 +485,10 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         }
         writeln!(
             out,
-            "{:<22} int4 / f16 decode speed: {:.2}×",
+            "{:<22} decode speed over f16: int4 {:.2}×, w4a4 {:.2}×",
             "",
-            speed[0] / speed[1]
+            speed[0] / speed[2],
+            speed[1] / speed[2]
         )
         .map_err(io)?;
     }

@@ -300,9 +300,14 @@ impl HostModel {
     }
 
     /// A model of `config`'s shapes with random weights (int4 or f16 linears, an f16 head, a
-    /// 4-bit KV cache when `kv4`), for decode benchmarks at shapes too large to download:
-    /// decode speed does not depend on the values.
-    pub fn synthetic(config: LlamaConfig, weights: SyntheticWeights, kv4: bool) -> Result<Self> {
+    /// 4-bit KV cache when `kv4`, 4-bit per-token activations when `act4`), for decode
+    /// benchmarks at shapes too large to download: decode speed does not depend on the values.
+    pub fn synthetic(
+        config: LlamaConfig,
+        weights: SyntheticWeights,
+        kv4: bool,
+        act4: bool,
+    ) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let c = &config;
         let (d, v) = (c.hidden_size, c.vocab_size);
@@ -339,7 +344,7 @@ impl HostModel {
             forward: ForwardSpec {
                 down_hadamard: false,
                 qk_hadamard: false,
-                act: None,
+                act: act4.then(|| QuantSpec::asym(4)),
                 kv: kv4.then(|| QuantSpec::asym(4)),
             },
             embed: (0..v * d)

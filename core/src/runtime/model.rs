@@ -12,7 +12,7 @@ use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
 use super::attention::{Attention, KvCache};
-use super::gemv::{Gemv, Linear};
+use super::gemv::{ActCodes, Gemv, Linear};
 use super::hadamard::GpuHadamard;
 use super::host::HostModel;
 use super::kernel::{Dispatch, record_all};
@@ -106,6 +106,8 @@ pub struct GpuModel {
     inv_freq: Vec<f64>,
     /// Every launch of one token, in order, bound once at load time.
     plan: Vec<Launch>,
+    /// The linears run on integer activation codes (the W4A4 kernels).
+    pub integer_activations: bool,
     /// Positions in the cache.
     pub len: usize,
 }
@@ -202,7 +204,7 @@ impl GpuModel {
             logits: gpu.output("logits", c.vocab_size),
         };
         let attn = Attention::new(&gpu, nq, nkv, hd, max_seq);
-        let plan = Self::plan(
+        let (plan, integer_activations) = Self::plan(
             &gpu,
             c,
             &forward,
@@ -222,6 +224,7 @@ impl GpuModel {
             attn,
             s,
             plan,
+            integer_activations,
             gpu,
             len: 0,
         })
@@ -238,7 +241,7 @@ impl GpuModel {
         lm_head: &Linear,
         attn: &Attention,
         s: &Scratch,
-    ) -> Result<Vec<Launch>> {
+    ) -> Result<(Vec<Launch>, bool)> {
         let (d, hd, nq, nkv, dff) = (
             c.hidden_size,
             c.head_dim(),
@@ -258,11 +261,43 @@ impl GpuModel {
             .transpose()?;
         let mut plan: Vec<Launch> = Vec::new();
         let fixed = Launch::Fixed;
-        // Activation fake quantization at a linear's input, where the folder was made with it.
-        let act = |x: &wgpu::Buffer, len: usize, group: usize| {
-            f.act
-                .map(|a| fixed(ops.act_quant(gpu, x, len, group, a.bits)))
+        // W?A≤7 folders whose shapes allow it run their linears on integer activation codes
+        // (inputs: the attention/FFN norm output, the attention output, the down_proj input);
+        // other folders fake-quantize the f32 input in place, where they quantize at all.
+        let int_weights = layers.iter().flat_map(|l| &l.linears).all(|w| match w {
+            Linear::Int4(m) => m.spec.group.is_none_or(|g| g.is_multiple_of(32)),
+            Linear::Half(_) => false,
+        });
+        let inputs = [(d, d), (nq * hd, hd), (dff, dff)];
+        let codes = match f.act {
+            Some(a) if int_weights && inputs.iter().all(|&(n, g)| ActCodes::fits(n, g, a.bits)) => {
+                Some(
+                    inputs
+                        .iter()
+                        .map(|&(n, g)| ActCodes::new(gpu, n, g, a.bits))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            }
+            _ => None,
         };
+        // The launch preparing input `i` (of `inputs`) held in `x`.
+        let quantize = |x: &wgpu::Buffer, i: usize| match (&codes, f.act) {
+            (Some(c), _) => Some(fixed(gemv.quantize(gpu, x, &c[i]))),
+            (None, Some(a)) => {
+                let (len, group) = inputs[i];
+                Some(fixed(ops.act_quant(gpu, x, len, group, a.bits)))
+            }
+            (None, None) => None,
+        };
+        // y (+)= W·(input `i`, held in `x`).
+        let product =
+            |w: &Linear, x: &wgpu::Buffer, i: usize, y: &wgpu::Buffer, add: bool| match (&codes, w)
+            {
+                (Some(c), Linear::Int4(m)) => gemv
+                    .launch_w4a4(gpu, m, &c[i], y, add, None)
+                    .map(Launch::Gemv),
+                _ => Ok(Launch::Gemv(gemv.launch(gpu, w, x, y, add, None))),
+            };
         for (layer, l) in layers.iter().enumerate() {
             let [wq, wk, wv, wo, wg, wu, wd] = [0, 1, 2, 3, 4, 5, 6].map(|j| &l.linears[j]);
             plan.push(fixed(ops.rms_norm(
@@ -274,10 +309,10 @@ impl GpuModel {
                 d,
                 eps,
             )));
-            plan.extend(act(&s.n, d, d));
-            plan.push(Launch::Gemv(gemv.dispatch(gpu, wq, &s.n, &s.q)));
-            plan.push(Launch::Gemv(gemv.dispatch(gpu, wk, &s.n, &s.k)));
-            plan.push(Launch::Gemv(gemv.dispatch(gpu, wv, &s.n, &s.v)));
+            plan.extend(quantize(&s.n, 0));
+            plan.push(product(wq, &s.n, 0, &s.q, false)?);
+            plan.push(product(wk, &s.n, 0, &s.k, false)?);
+            plan.push(product(wv, &s.n, 0, &s.v, false)?);
             plan.push(fixed(ops.rope(gpu, &s.q, &s.cos, &s.sin, 1, nq, hd)));
             plan.push(fixed(ops.rope(gpu, &s.k, &s.cos, &s.sin, 1, nkv, hd)));
             let (q, k) = match &qk_h {
@@ -302,12 +337,12 @@ impl GpuModel {
                 v: true,
             });
             plan.push(Launch::Attend { d: d_a, layer });
-            plan.extend(act(&s.a, nq * hd, hd));
-            plan.push(Launch::Gemv(gemv.dispatch_add(gpu, wo, &s.a, &s.h)));
+            plan.extend(quantize(&s.a, 1));
+            plan.push(product(wo, &s.a, 1, &s.h, true)?);
             plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, 1, d, eps)));
-            plan.extend(act(&s.n, d, d));
-            plan.push(Launch::Gemv(gemv.dispatch(gpu, wg, &s.n, &s.gate)));
-            plan.push(Launch::Gemv(gemv.dispatch(gpu, wu, &s.n, &s.up)));
+            plan.extend(quantize(&s.n, 0));
+            plan.push(product(wg, &s.n, 0, &s.gate, false)?);
+            plan.push(product(wu, &s.n, 0, &s.up, false)?);
             plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, dff)));
             let m = match &down_h {
                 Some(h) => {
@@ -316,12 +351,12 @@ impl GpuModel {
                 }
                 None => &s.m,
             };
-            plan.extend(act(m, dff, dff));
-            plan.push(Launch::Gemv(gemv.dispatch_add(gpu, wd, m, &s.h)));
+            plan.extend(quantize(m, 2));
+            plan.push(product(wd, m, 2, &s.h, true)?);
         }
         plan.push(fixed(ops.rms_norm(gpu, &s.h, norm, &s.n, 1, d, eps)));
         plan.push(Launch::Gemv(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)));
-        Ok(plan)
+        Ok((plan, codes.is_some()))
     }
 
     /// Bytes of weights one decode step reads: every linear and the head.
