@@ -10,8 +10,10 @@
 // 2k+1 columns 8k+1, 8k+3, 8k+5, 8k+7 — the order in which `w & 0x0F0F0F0F` and
 // `(w >> 4) & 0x0F0F0F0F` expose a packed weight word's nibbles, so the GEMV pairs them with
 // dot4I8Packed and no shuffles. scales f32 [groups].
-// Workgroup plan: one workgroup of 64 threads per group (2-D grid past 65535 groups); min/max
-// by a shared-memory reduction, then each thread packs a strided set of words.
+// Workgroup plan: one workgroup of 256 threads per group (2-D grid past 65535 groups); x read
+// as vec4 (a whole token is one group: the loads must be many and wide, or one workgroup's
+// latency dominates the decode step); min/max by a shared-memory reduction, then each thread
+// packs the two words of a strided set of 8-column blocks.
 
 struct Params {
     groups: u32,
@@ -21,30 +23,42 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> codes: array<u32>;
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
 
-var<workgroup> lo: array<f32, 64>;
-var<workgroup> hi: array<f32, 64>;
+const WG: u32 = 256u;
+var<workgroup> lo: array<f32, 256>;
+var<workgroup> hi: array<f32, 256>;
 
-@compute @workgroup_size(64)
+fn code(v: f32, scale: f32, zero: f32) -> u32 {
+    let q = clamp(round(v / scale) + zero, 0.0, p.qmax);
+    return u32(i32(q - zero)) & 0xFFu;
+}
+
+fn pack(a: f32, b: f32, c: f32, d: f32, scale: f32, zero: f32) -> u32 {
+    return code(a, scale, zero) | (code(b, scale, zero) << 8u) | (code(c, scale, zero) << 16u)
+        | (code(d, scale, zero) << 24u);
+}
+
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let g = wid.y * p.grid_x + wid.x;
     if (g >= p.groups) {
         return;
     }
-    let base = g * p.group;
-    var mn = 0.0;
-    var mx = 0.0;
-    for (var i = t; i < p.group; i = i + 64u) {
-        mn = min(mn, x[base + i]);
-        mx = max(mx, x[base + i]);
+    let base4 = g * p.group / 4u;
+    let n4 = p.group / 4u;
+    var mn = vec4<f32>(0.0);
+    var mx = vec4<f32>(0.0);
+    for (var i = t; i < n4; i = i + WG) {
+        mn = min(mn, x[base4 + i]);
+        mx = max(mx, x[base4 + i]);
     }
-    lo[t] = mn;
-    hi[t] = mx;
+    lo[t] = min(min(mn.x, mn.y), min(mn.z, mn.w));
+    hi[t] = max(max(mx.x, mx.y), max(mx.z, mx.w));
     workgroupBarrier();
-    for (var s = 32u; s > 0u; s = s >> 1u) {
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
         if (t < s) {
             lo[t] = min(lo[t], lo[t + s]);
             hi[t] = max(hi[t], hi[t + s]);
@@ -56,15 +70,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (t == 0u) {
         scales[g] = scale;
     }
-    // Word k2 of the group: columns 8·(k2/2) + (k2 % 2) + 2b, b = 0..3.
-    let words = p.group / 4u;
-    for (var k2 = t; k2 < words; k2 = k2 + 64u) {
-        let first = base + 8u * (k2 / 2u) + k2 % 2u;
-        var word = 0u;
-        for (var b = 0u; b < 4u; b = b + 1u) {
-            let q = clamp(round(x[first + 2u * b] / scale) + zero, 0.0, p.qmax);
-            word = word | ((u32(i32(q - zero)) & 0xFFu) << (8u * b));
-        }
-        codes[base / 4u + k2] = word;
+    // Block k (columns 8k..8k+7) gives word 2k (even columns) and word 2k+1 (odd columns).
+    for (var k = t; k < p.group / 8u; k = k + WG) {
+        let a = x[base4 + 2u * k];
+        let b = x[base4 + 2u * k + 1u];
+        let w = base4 + 2u * k;
+        codes[w] = pack(a.x, a.z, b.x, b.z, scale, zero);
+        codes[w + 1u] = pack(a.y, a.w, b.y, b.w, scale, zero);
     }
 }

@@ -3,9 +3,9 @@
 // asymmetrically to `bits` bits over [min(x, 0), max(x, 0)] and dequantized:
 // s = max(max − min, 1e-6)/qmax, z = round(−min/s), x ← (clamp(round(x/s) + z, 0, qmax) − z)·s.
 //
-// Layout: x f32 [groups · group]. Workgroup plan: one workgroup of 64 threads per group
-// (2-D grid past 65535 groups); min/max by a shared-memory reduction, then each thread
-// rewrites a strided slice.
+// Layout: x f32 [groups · group]. Workgroup plan: one workgroup of 256 threads per group
+// (2-D grid past 65535 groups; a whole token is one group, so the loads must be many);
+// min/max by a shared-memory reduction, then each thread rewrites a strided slice.
 
 struct Params {
     groups: u32,
@@ -17,10 +17,11 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 
-var<workgroup> lo: array<f32, 64>;
-var<workgroup> hi: array<f32, 64>;
+const WG: u32 = 256u;
+var<workgroup> lo: array<f32, 256>;
+var<workgroup> hi: array<f32, 256>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let g = wid.y * p.grid_x + wid.x;
     if (g >= p.groups) {
@@ -29,14 +30,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = g * p.group;
     var mn = 0.0;
     var mx = 0.0;
-    for (var i = t; i < p.group; i = i + 64u) {
+    for (var i = t; i < p.group; i = i + WG) {
         mn = min(mn, x[base + i]);
         mx = max(mx, x[base + i]);
     }
     lo[t] = mn;
     hi[t] = mx;
     workgroupBarrier();
-    for (var s = 32u; s > 0u; s = s >> 1u) {
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
         if (t < s) {
             lo[t] = min(lo[t], lo[t + s]);
             hi[t] = max(hi[t], hi[t + s]);
@@ -45,7 +46,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let scale = max(hi[0] - lo[0], 1e-6) / p.qmax;
     let zero = round(-lo[0] / scale);
-    for (var i = t; i < p.group; i = i + 64u) {
+    for (var i = t; i < p.group; i = i + WG) {
         let q = clamp(round(x[base + i] / scale) + zero, 0.0, p.qmax);
         x[base + i] = (q - zero) * scale;
     }
