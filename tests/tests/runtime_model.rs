@@ -127,7 +127,7 @@ fn compare(dir: &std::path::Path, what: &str) {
     assert_eq!(gpu.integer_activations, a4 && blocks, "{what}");
     let cpu = Runtime::load(dir, DeviceChoice::Cpu, 64).unwrap();
     assert!(matches!(cpu, Runtime::Cpu(_)));
-    for (mut rt, name) in [(Runtime::Gpu(gpu), "GPU"), (cpu, "CPU")] {
+    for (mut rt, name) in [(Runtime::Gpu(Box::new(gpu)), "GPU"), (cpu, "CPU")] {
         check_runtime(
             &mut rt,
             &tokens,

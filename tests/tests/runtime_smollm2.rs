@@ -63,7 +63,7 @@ fn int4_runtimes_match_the_burn_forward_on_smollm2() {
     let wins = text_windows(&m.model, &m.tokenizer, text, 257, Some(1)).unwrap();
     let gpu = GpuModel::load(&out, ostquant_tests::test_gpu(), 257).unwrap();
     let r = score_decoder(
-        &mut Runtime::Gpu(gpu),
+        &mut Runtime::Gpu(Box::new(gpu)),
         Some(&m.model),
         &wins,
         &mut |_, _| {},

@@ -401,9 +401,9 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     // A fresh device per model, so each one's memory figure is its own.
     let on = |host: &HostModel| -> Result<Runtime> {
         Ok(if on_cpu {
-            Runtime::Cpu(cpu::CpuModel::new(host.clone(), 64)?)
+            Runtime::Cpu(Box::new(cpu::CpuModel::new(host.clone(), 64)?))
         } else {
-            Runtime::Gpu(GpuModel::upload(host, Gpu::open(o.device)?, 64)?)
+            Runtime::Gpu(Box::new(GpuModel::upload(host, Gpu::open(o.device)?, 64)?))
         })
     };
     let configs = synthetic_configs();

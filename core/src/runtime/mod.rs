@@ -20,8 +20,8 @@ use crate::model::config::LlamaConfig;
 
 /// An int4 model folder loaded for decoding: on a wgpu device (WGSL kernels) or on the CPU.
 pub enum Runtime {
-    Gpu(model::GpuModel),
-    Cpu(cpu::CpuModel),
+    Gpu(Box<model::GpuModel>),
+    Cpu(Box<cpu::CpuModel>),
 }
 
 impl Runtime {
@@ -36,8 +36,10 @@ impl Runtime {
         };
         let what = |e: Error| Error::other(format!("{}: {e}", dir.display()));
         Ok(match gpu {
-            Some(gpu) => Runtime::Gpu(model::GpuModel::upload(&host, gpu, max_seq).map_err(what)?),
-            None => Runtime::Cpu(cpu::CpuModel::new(host, max_seq).map_err(what)?),
+            Some(gpu) => Runtime::Gpu(Box::new(
+                model::GpuModel::upload(&host, gpu, max_seq).map_err(what)?,
+            )),
+            None => Runtime::Cpu(Box::new(cpu::CpuModel::new(host, max_seq).map_err(what)?)),
         })
     }
 
