@@ -755,11 +755,12 @@ fn ppl(args: &ModelArgs, text: &str, ctx: usize, windows: Option<usize>) -> Resu
         })?;
         bar.finish_and_clear();
         println!(
-            "{name}: perplexity {:.3} (ctx {}, {} windows, {} tokens scored, {what}); against the burn forward of the same folder: KL {:.5}, top-1 agreement {:.2}%",
+            "{name}: perplexity {:.3} (ctx {}, {} windows, {} tokens scored, {what}); the burn forward of the same folder (prefill): perplexity {:.3}, KL to it {:.5}, top-1 agreement {:.2}%",
             r.ppl,
             r.ctx,
             r.windows,
             r.tokens_scored,
+            r.reference_ppl.unwrap_or(f64::NAN),
             r.kl.unwrap_or(f64::NAN),
             100.0 * r.top1.unwrap_or(f64::NAN)
         );

@@ -1,16 +1,16 @@
-//! The GPU int4 runtime against the burn fake-quant forward of the same int4 folder, on the
-//! first tokens of the Wikipedia evaluation half: top-1 agreement per position and the largest
-//! relative logit difference.
+//! An int4 runtime (GPU or CPU) against the burn fake-quant forward of the same int4 folder, on
+//! the first tokens of the Wikipedia evaluation half: top-1 agreement per position and the
+//! largest relative logit difference; and burn fed one token at a time against burn's own
+//! prefill, the float-order sensitivity of the folder itself.
 //!
-//! `cargo run -p ostquant-tests --example runtime_check -- QDIR [TOKENS] [software|gpu]`
+//! `cargo run -p ostquant-tests --example runtime_check -- QDIR [TOKENS] [software|gpu|cpu]`
 
 use burn::tensor::Device;
 use ostquant_core::assets;
 use ostquant_core::data::wiki;
 use ostquant_core::device::DeviceChoice;
 use ostquant_core::model::LoadedModel;
-use ostquant_core::runtime::Gpu;
-use ostquant_core::runtime::model::GpuModel;
+use ostquant_core::runtime::Runtime;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,10 +60,9 @@ fn main() {
     println!(
         "burn token-by-token vs burn prefill: top-1 {self_agree}/{n}, largest relative logit difference {self_worst:.2e}"
     );
-    let gpu = Gpu::open(choice).unwrap();
-    println!("device: {}", gpu.info.name);
-    let mut rt = GpuModel::load(&dir, gpu, n + 1).unwrap();
-    let v = rt.config.vocab_size;
+    let mut rt = Runtime::load(&dir, choice, n + 1).unwrap();
+    println!("runtime: {}", rt.device_name());
+    let v = rt.config().vocab_size;
     let (mut agree, mut worst) = (0, 0f32);
     let t0 = std::time::Instant::now();
     for (i, &t) in ids.iter().enumerate() {

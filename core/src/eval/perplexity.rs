@@ -19,6 +19,9 @@ pub struct TextScores {
     pub kl: Option<f64>,
     /// Fraction of positions where the model's top-1 token equals the reference's.
     pub top1: Option<f64>,
+    /// The reference's own perplexity on the same positions ([`score_decoder`] only).
+    #[serde(default)]
+    pub reference_ppl: Option<f64>,
     pub tokens_scored: usize,
     pub windows: usize,
     pub ctx: usize,
@@ -136,6 +139,8 @@ pub fn score_windows(
 #[derive(Default)]
 struct Sums {
     nll: f64,
+    /// The reference's NLL, where one is scored position by position.
+    ref_nll: Option<f64>,
     kl: f64,
     agree: usize,
     count: usize,
@@ -161,6 +166,7 @@ impl Sums {
             mean_nll,
             kl: with_reference.then(|| self.kl / n),
             top1: with_reference.then(|| self.agree as f64 / n),
+            reference_ppl: self.ref_nll.map(|r| (r / n).exp()),
             tokens_scored: self.count,
             windows: windows.len(),
             ctx: windows.first().map_or(0, Vec::len),
@@ -268,6 +274,7 @@ pub fn score_decoder(
                     .map(|(r, q)| r.exp() * (r - q))
                     .sum::<f64>();
                 acc.agree += (argmax(&logp_ref) == argmax(&logp)) as usize;
+                *acc.ref_nll.get_or_insert(0.0) -= logp_ref[pair[1] as usize];
             }
             acc.count += 1;
         }
