@@ -1,21 +1,23 @@
-// Decode attention of one new query position over the KV cache (kv_quant.wgsl's layout: int4
-// codes, or f32 bits when `raw`), with grouped-query heads: query head h reads KV head
-// h / group.
+// Causal attention of `tokens` consecutive query positions (pos0, pos0 + 1, …) over the KV
+// cache (kv_quant.wgsl's layout: int4 codes, or f32 bits when `raw`), with grouped-query heads:
+// query head h reads KV head h / (nq / nkv); query i attends to positions 0..=pos0 + i. Decode
+// is the case tokens = 1; prefill chunks use the same kernel.
 //
-// Layout: q f32 [nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 scales and zeros
-// [max_seq, nkv]; scores f32 [nq, max_seq] scratch; out f32 [nq, hd]. Positions 0..len-1.
-// Workgroup plan: one workgroup of 64 threads per query head, three passes over the positions:
-// (1) threads take positions t, t + 64, … and write q·k_t/√hd to the scratch row, keeping a
-// running max; (2) exp(s − max) in place and its sum, both reduced in shared memory;
-// (3) thread d (and d + 64, …) sums p_t·v_t[d] over all positions and divides by the sum.
-// K and V are dequantized on the fly: (code − zero)·scale.
+// Layout: q f32 [tokens, nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 scales and
+// zeros [max_seq, nkv]; out f32 [tokens, nq, hd]. hd ≤ 256.
+// Workgroup plan: one workgroup of 64 threads per (query head, query), a grid sized for the
+// most tokens the launch is bound for (workgroups past `tokens` return). The positions are
+// taken 64 at a time with an online softmax, so no score buffer is needed: thread t scores
+// position base + t (q·k/√hd, K dequantized on the fly), the chunk's max is reduced in shared
+// memory, the running sum and outputs are rescaled by exp(m_old − m_new), and thread t then
+// accumulates Σ p_s·v_s[d] for its dims d = t, t + 64, … over the chunk's positions.
 
 struct Params {
     nq: u32,
     nkv: u32,
     hd: u32,
-    len: u32,
-    max_seq: u32,
+    pos0: u32,
+    tokens: u32,
     scale: f32,
     raw: u32,
     _pad: u32,
@@ -29,10 +31,11 @@ struct Params {
 @group(0) @binding(5) var<storage, read> v_codes: array<u32>;
 @group(0) @binding(6) var<storage, read> v_scales: array<f32>;
 @group(0) @binding(7) var<storage, read> v_zeros: array<f32>;
-@group(0) @binding(8) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(9) var<storage, read_write> out: array<f32>;
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
 
+const WG: u32 = 64u;
 var<workgroup> red: array<f32, 64>;
+var<workgroup> weight: array<f32, 64>;
 
 fn code(word: u32, j: u32) -> f32 {
     return f32((word >> (4u * j)) & 0xFu);
@@ -58,54 +61,66 @@ fn value(slot: u32, d: u32) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let h = wid.x;
+    let i = wid.y;
+    if (i >= p.tokens) {
+        return;
+    }
     let kv = h / (p.nq / p.nkv);
-    let row = h * p.max_seq;
-    // (1) scores and their max
-    var mx = -3.0e38;
-    for (var s = t; s < p.len; s = s + 64u) {
-        let slot = s * p.nkv + kv;
-        var dot_qk = 0.0;
-        for (var d = 0u; d < p.hd; d = d + 1u) {
-            dot_qk = dot_qk + q[h * p.hd + d] * key(slot, d);
+    let len = p.pos0 + i + 1u;
+    let qo = (i * p.nq + h) * p.hd;
+    var m = -3.0e38;
+    var total = 0.0;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var base = 0u; base < len; base = base + WG) {
+        let s = base + t;
+        var score = -3.0e38;
+        if (s < len) {
+            let slot = s * p.nkv + kv;
+            var dot_qk = 0.0;
+            for (var d = 0u; d < p.hd; d = d + 1u) {
+                dot_qk = dot_qk + q[qo + d] * key(slot, d);
+            }
+            score = dot_qk * p.scale;
         }
-        let v = dot_qk * p.scale;
-        scores[row + s] = v;
-        mx = max(mx, v);
-    }
-    red[t] = mx;
-    workgroupBarrier();
-    for (var r = 32u; r > 0u; r = r >> 1u) {
-        if (t < r) {
-            red[t] = max(red[t], red[t + r]);
+        red[t] = score;
+        workgroupBarrier();
+        for (var r = WG / 2u; r > 0u; r = r >> 1u) {
+            if (t < r) {
+                red[t] = max(red[t], red[t + r]);
+            }
+            workgroupBarrier();
         }
+        let m_new = max(m, red[0]);
+        let rescale = exp(m - m_new);
+        var e = 0.0;
+        if (s < len) {
+            e = exp(score - m_new);
+        }
+        weight[t] = e;
+        workgroupBarrier();
+        let n = min(WG, len - base);
+        var chunk = 0.0;
+        for (var u = 0u; u < n; u = u + 1u) {
+            chunk = chunk + weight[u];
+        }
+        total = total * rescale + chunk;
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let d = t + j * WG;
+            if (d < p.hd) {
+                var a = acc[j] * rescale;
+                for (var u = 0u; u < n; u = u + 1u) {
+                    a = a + weight[u] * value((base + u) * p.nkv + kv, d);
+                }
+                acc[j] = a;
+            }
+        }
+        m = m_new;
         workgroupBarrier();
     }
-    let m = red[0];
-    workgroupBarrier();
-    // (2) exponentials and their sum
-    var sum = 0.0;
-    for (var s = t; s < p.len; s = s + 64u) {
-        let e = exp(scores[row + s] - m);
-        scores[row + s] = e;
-        sum = sum + e;
-    }
-    red[t] = sum;
-    workgroupBarrier();
-    for (var r = 32u; r > 0u; r = r >> 1u) {
-        if (t < r) {
-            red[t] = red[t] + red[t + r];
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        let d = t + j * WG;
+        if (d < p.hd) {
+            out[qo + d] = acc[j] / total;
         }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    storageBarrier();
-    workgroupBarrier();
-    // (3) weighted sum of the values
-    for (var d = t; d < p.hd; d = d + 64u) {
-        var acc = 0.0;
-        for (var s = 0u; s < p.len; s = s + 1u) {
-            acc = acc + scores[row + s] * value(s * p.nkv + kv, d);
-        }
-        out[h * p.hd + d] = acc / total;
     }
 }

@@ -1,19 +1,25 @@
-// Append one position's K or V to the int4 cache: per head, asymmetric 4-bit over the head's
-// hd values (the reference's per-token per-head KV quantizer: s = (max − min)/15 with the range
-// forced to contain 0, z = round(−min/s), code = clamp(round(x/s) + z, 0, 15)).
+// Append `tokens` consecutive positions' K or V (from position `pos` on) to the int4 cache:
+// per head, asymmetric 4-bit over the head's hd values (the reference's per-token per-head KV
+// quantizer: s = (max − min)/15 with the range forced to contain 0, z = round(−min/s),
+// code = clamp(round(x/s) + z, 0, 15)).
 //
-// Layout: src f32 [heads, hd] (this position); codes u32 [max_seq, heads, hd/8], 8 codes per
+// Layout: src f32 [tokens, heads, hd]; codes u32 [max_seq, heads, hd/8], 8 codes per
 // word, dim 8w + j in bits 4j..4j+3; scales and zeros f32 [max_seq, heads]. With `raw` set
 // (a 16-bit KV cache) the position is stored unquantized: codes holds the f32 bits
 // [max_seq, heads, hd].
-// Workgroup plan: one workgroup per head, 64 threads; min/max by a shared-memory reduction,
-// then one thread per output word packs 8 codes.
+// Workgroup plan: one workgroup per (head, token), 64 threads, a grid sized for the most tokens
+// the launch is bound for (workgroups past `tokens` return); min/max by a shared-memory
+// reduction, then one thread per output word packs 8 codes.
 
 struct Params {
     heads: u32,
     hd: u32,
     pos: u32,
     raw: u32,
+    tokens: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -28,9 +34,13 @@ var<workgroup> hi: array<f32, 64>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let h = wid.x;
-    let base = h * p.hd;
+    if (wid.y >= p.tokens) {
+        return;
+    }
+    let pos = p.pos + wid.y;
+    let base = (wid.y * p.heads + h) * p.hd;
     if (p.raw != 0u) {
-        let slot = (p.pos * p.heads + h) * p.hd;
+        let slot = (pos * p.heads + h) * p.hd;
         for (var i = t; i < p.hd; i = i + 64u) {
             codes[slot + i] = bitcast<u32>(src[base + i]);
         }
@@ -54,7 +64,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let scale = max(hi[0] - lo[0], 1e-6) / 15.0;
     let zero = round(-lo[0] / scale);
-    let slot = p.pos * p.heads + h;
+    let slot = pos * p.heads + h;
     if (t == 0u) {
         scales[slot] = scale;
         zeros[slot] = zero;

@@ -147,11 +147,7 @@ impl Decoder for crate::runtime::Runtime {
         crate::runtime::Runtime::reset(self)
     }
     fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut last = Vec::new();
-        for &id in ids {
-            last = self.step(id)?;
-        }
-        Ok(last)
+        self.prefill(ids)
     }
     fn max_context(&self) -> usize {
         self.max_seq()

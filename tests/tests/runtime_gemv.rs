@@ -239,7 +239,7 @@ fn w4a4_gemv_matches_the_f64_reference() {
         let m =
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
-        let codes = ActCodes::new(&gpu, cols, agroup, 4).unwrap();
+        let codes = ActCodes::new(&gpu, 1, cols, agroup, 4).unwrap();
         let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
         for rpt in ROWS_PER_TEAM {
             let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -261,6 +261,87 @@ fn w4a4_gemv_matches_the_f64_reference() {
         }
     }
     // Codes that do not fit a signed byte, or groups that split a 32-column block, are refused.
-    assert!(ActCodes::new(&gpu, 576, 576, 8).is_err());
-    assert!(ActCodes::new(&gpu, 64, 8, 4).is_err());
+    assert!(ActCodes::new(&gpu, 1, 576, 576, 8).is_err());
+    assert!(ActCodes::new(&gpu, 1, 64, 8, 4).is_err());
+}
+
+/// The prefill GEMMs, Y [tokens, rows] = X·Wᵀ, W4A16 (f32 activations, any group) and W4A4
+/// (activations quantized to codes per token on the GPU), on shapes that leave partial 64-row
+/// and 32-token tiles, against f64 products (W4A4: of the grid-point activations, as in the
+/// GEMV test, so the quantizer's codes are known exactly); with accumulation into Y.
+#[test]
+fn prefill_gemms_match_the_f64_reference() {
+    use ostquant_core::runtime::gemv::ActCodes;
+    let gpu = gpu();
+    let gemv = Gemv::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(12);
+    let cases = [
+        (70, 96, 37, QuantSpec::sym(4)),
+        (576, 576, 33, QuantSpec::sym(4)),
+        (130, 1536, 5, QuantSpec::asym(4).with_group(128)),
+        (64, 256, 64, QuantSpec::sym(4).with_group(32)),
+        (9, 40, 3, QuantSpec::asym(4).with_group(8)),
+    ];
+    for (rows, cols, tokens, spec) in cases {
+        let groups = cols / spec.group.unwrap_or(cols);
+        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
+        let scales: Vec<f32> = (0..rows * groups)
+            .map(|_| rng.random_range(0.001..0.05))
+            .collect();
+        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
+            (0..rows * groups)
+                .map(|_| rng.random_range(0..16) as f32)
+                .collect()
+        });
+        let m =
+            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
+        let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
+        // Grid points per token (one activation group per token): q = 0 and 15 present.
+        let mut x = Vec::with_capacity(tokens * cols);
+        for _ in 0..tokens {
+            let z = rng.random_range(0..16) as f32;
+            for i in 0..cols {
+                let q = match i {
+                    0 => 0.0,
+                    1 => 15.0,
+                    _ => rng.random_range(0..16) as f32,
+                };
+                x.push((q - z) * 0.125);
+            }
+        }
+        let y0: Vec<f32> = (0..tokens * rows)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let xb = gpu.storage("x", &x);
+        let integer = ActCodes::fits(cols, cols, 4);
+        for codes in [false, true] {
+            if codes && !integer {
+                continue;
+            }
+            let yb = gpu.storage("y", &y0);
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            if codes {
+                let c = ActCodes::new(&gpu, tokens, cols, cols, 4).unwrap();
+                gemv.quantize(&gpu, &xb, &c).record(&mut enc);
+                gemv.gemm_w4a4(&gpu, &m, &c, &yb, true)
+                    .unwrap()
+                    .record(&mut enc);
+            } else {
+                gemv.gemm(&gpu, &m, &xb, &yb, tokens, true).record(&mut enc);
+            }
+            let got = gpu.finish_f32(enc, &yb, tokens * rows).unwrap();
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64);
+                    let want = y0[t * rows + r] as f64 + terms.clone().sum::<f64>();
+                    let scale: f64 = 1.0 + terms.map(f64::abs).sum::<f64>();
+                    let g = got[t * rows + r] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * scale,
+                        "GEMM {rows}×{cols} {tokens} tokens {spec:?} codes {codes}, token {t} row {r}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }

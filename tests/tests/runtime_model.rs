@@ -153,6 +153,22 @@ fn check_runtime(rt: &mut Runtime, tokens: &[u32], want: &[f32], what: &str) {
             / scale;
         worst = worst.max(err);
     }
+    // Prefill: positions 0..5 and 5..11 in two calls (many positions per launch on the GPU:
+    // the GEMMs and the multi-query attention; the second call starts mid-cache), then one
+    // decode step; each call's last logits against burn's.
+    rt.reset();
+    let rel = |got: &[f32], i: usize| {
+        let row = &want[i * v..(i + 1) * v];
+        let scale = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        got.iter()
+            .zip(row)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    };
+    for (range, last) in [(0..5, 4), (5..11, 10), (11..12, 11)] {
+        let got = rt.prefill(&tokens[range]).unwrap();
+        worst = worst.max(rel(&got, last));
+    }
     eprintln!(
         "{what}: top-1 agreement {agree}/{}, largest relative logit difference {worst}",
         tokens.len()

@@ -163,8 +163,18 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
     use ostquant_core::runtime::attention::{Attention, KvCache};
     let gpu = gpu();
     let mut rng = StdRng::seed_from_u64(5);
-    let cases = [(9, 3, 64, 70), (4, 4, 128, 3), (32, 8, 128, 130)];
-    for ((nq, nkv, hd, len), int4) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
+    // (query heads, KV heads, head dim, cached positions, queries): the last `queries`
+    // positions attend causally, query i to positions 0..=len − queries + i.
+    let cases = [
+        (9, 3, 64, 70, 1),
+        (4, 4, 128, 3, 3),
+        (32, 8, 128, 130, 1),
+        (9, 3, 64, 70, 5),
+        (4, 2, 256, 65, 2),
+    ];
+    for ((nq, nkv, hd, len, queries), int4) in
+        cases.into_iter().flat_map(|c| [(c, true), (c, false)])
+    {
         let att = Attention::new(&gpu, nq, nkv, hd, 256);
         let (k, v) = (
             KvCache::new(&gpu, 256, nkv, hd, int4),
@@ -177,52 +187,71 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
                 x.iter().map(|&v| v as f64).collect()
             }
         };
-        let mut ks = Vec::new();
-        let mut vs = Vec::new();
+        let kp = rand_vec(&mut rng, len * nkv * hd, 2.0);
+        let vp = rand_vec(&mut rng, len * nkv * hd, 2.0);
+        let (ks, vs) = (stored(&kp), stored(&vp));
+        // Appended in two launches (positions 0..split, then split..len) through one binding
+        // per source, as the decode and prefill plans do.
+        let split = len / 2;
+        let row = nkv * hd;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        for pos in 0..len {
-            let kp = rand_vec(&mut rng, nkv * hd, 2.0);
-            let vp = rand_vec(&mut rng, nkv * hd, 2.0);
-            att.append(&gpu, &gpu.storage("k", &kp), &k, pos)
-                .record(&mut enc);
-            att.append(&gpu, &gpu.storage("v", &vp), &v, pos)
-                .record(&mut enc);
-            ks.push(stored(&kp));
-            vs.push(stored(&vp));
+        for (from, to) in [(0, split), (split, len)] {
+            if to == from {
+                continue;
+            }
+            for (src, cache) in [(&kp, &k), (&vp, &v)] {
+                let b = gpu.storage("src", &src[from * row..to * row]);
+                let d = att.append(&gpu, &b, cache, len);
+                att.set_append(&gpu, &d, cache, from, to - from);
+                d.record(&mut enc);
+                gpu.queue.submit([std::mem::replace(
+                    &mut enc,
+                    gpu.device.create_command_encoder(&Default::default()),
+                )
+                .finish()]);
+            }
         }
-        let q = rand_vec(&mut rng, nq * hd, 1.0);
-        let out = gpu.output("out", nq * hd);
-        att.attend(&gpu, &gpu.storage("q", &q), &k, &v, &out, len)
-            .record(&mut enc);
-        let got = gpu.finish_f32(enc, &out, nq * hd).unwrap();
-        let mut want = vec![0f64; nq * hd];
-        for h in 0..nq {
-            let kv = h / (nq / nkv);
-            let scores: Vec<f64> = (0..len)
-                .map(|t| {
-                    (0..hd)
-                        .map(|d| q[h * hd + d] as f64 * ks[t][kv * hd + d])
+        let q = rand_vec(&mut rng, queries * nq * hd, 1.0);
+        let out = gpu.output("out", queries * nq * hd);
+        let pos0 = len - queries;
+        let d = att.attend(&gpu, &gpu.storage("q", &q), &k, &v, &out, queries);
+        att.set_attend(&gpu, &d, &k, pos0, queries);
+        d.record(&mut enc);
+        let got = gpu.finish_f32(enc, &out, queries * nq * hd).unwrap();
+        let mut want = vec![0f64; queries * nq * hd];
+        for i in 0..queries {
+            let n = pos0 + i + 1;
+            for h in 0..nq {
+                let kv = h / (nq / nkv);
+                let qh = &q[(i * nq + h) * hd..(i * nq + h + 1) * hd];
+                let scores: Vec<f64> = (0..n)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|d| qh[d] as f64 * ks[t * row + kv * hd + d])
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    want[(i * nq + h) * hd + d] = (0..n)
+                        .map(|t| e[t] * vs[t * row + kv * hd + d])
                         .sum::<f64>()
-                        / (hd as f64).sqrt()
-                })
-                .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for d in 0..hd {
-                want[h * hd + d] = (0..len).map(|t| e[t] * vs[t][kv * hd + d]).sum::<f64>() / z;
+                        / z;
+                }
             }
         }
         close(
             &got,
             &want,
             1e-4,
-            &format!("attention nq {nq} nkv {nkv} hd {hd} len {len} int4 {int4}"),
+            &format!("attention nq {nq} nkv {nkv} hd {hd} len {len} queries {queries} int4 {int4}"),
         );
     }
 }
 
-/// Per-group asymmetric fake quantization against the host quantizer the burn forward uses.
 #[test]
 fn activation_quantization_matches_the_host_quantizer() {
     use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_group};

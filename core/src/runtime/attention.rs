@@ -1,6 +1,8 @@
-//! The KV cache and decode attention over it (shaders/kv_quant.wgsl,
+//! The KV cache and causal attention over it (shaders/kv_quant.wgsl,
 //! shaders/attention_int4kv.wgsl): keys and values stored as 4-bit asymmetric codes per
-//! position and head, as the W?A?KV4 models were evaluated, or as f32 for 16-bit KV.
+//! position and head, as the W?A?KV4 models were evaluated, or as f32 for 16-bit KV. Launches
+//! are bound for up to `tokens` positions at once (1 for decode, a chunk for prefill) and
+//! pointed at the positions of each step.
 
 use burn::tensor::wgpu::wgpu;
 
@@ -36,6 +38,8 @@ struct QuantParams {
     hd: u32,
     pos: u32,
     raw: u32,
+    tokens: u32,
+    _pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -44,8 +48,8 @@ struct AttnParams {
     nq: u32,
     nkv: u32,
     hd: u32,
-    len: u32,
-    max_seq: u32,
+    pos0: u32,
+    tokens: u32,
     scale: f32,
     raw: u32,
     _pad: u32,
@@ -59,13 +63,12 @@ pub struct Attention {
     pub max_seq: usize,
     quant: Kernel,
     attend: Kernel,
-    scores: wgpu::Buffer,
 }
 
 impl Attention {
     pub fn new(gpu: &Gpu, nq: usize, nkv: usize, hd: usize, max_seq: usize) -> Self {
         assert!(
-            hd.is_multiple_of(8) && nq.is_multiple_of(nkv),
+            hd.is_multiple_of(8) && hd <= 256 && nq.is_multiple_of(nkv),
             "head shapes"
         );
         Attention {
@@ -83,47 +86,56 @@ impl Attention {
                 "attention_int4kv",
                 include_str!("../../../shaders/attention_int4kv.wgsl"),
             ),
-            scores: gpu.output("attention scores", nq * max_seq),
         }
     }
 
-    fn quant_params(&self, cache: &KvCache, pos: usize) -> QuantParams {
-        assert!(pos < self.max_seq, "KV cache full");
+    fn quant_params(&self, cache: &KvCache, pos: usize, tokens: usize) -> QuantParams {
+        assert!(pos + tokens <= self.max_seq, "KV cache full");
         QuantParams {
             heads: self.nkv as u32,
             hd: self.hd as u32,
             pos: pos as u32,
             raw: !cache.int4 as u32,
+            tokens: tokens as u32,
+            _pad: [0; 3],
         }
     }
 
-    fn attn_params(&self, cache: &KvCache, len: usize) -> AttnParams {
+    fn attn_params(&self, cache: &KvCache, pos0: usize, tokens: usize) -> AttnParams {
         AttnParams {
             nq: self.nq as u32,
             nkv: self.nkv as u32,
             hd: self.hd as u32,
-            len: len as u32,
-            max_seq: self.max_seq as u32,
+            pos0: pos0 as u32,
+            tokens: tokens as u32,
             scale: 1.0 / (self.hd as f32).sqrt(),
             raw: !cache.int4 as u32,
             _pad: 0,
         }
     }
 
-    /// The launch that writes `src` [nkv, hd] into position `pos` of `cache` (quantized when
-    /// it is int4).
-    pub fn append(&self, gpu: &Gpu, src: &wgpu::Buffer, cache: &KvCache, pos: usize) -> Dispatch {
-        let p = self.quant_params(cache, pos);
+    /// The launch that writes `src` [tokens, nkv, hd] into positions pos.. of `cache`
+    /// (quantized when it is int4), bound for up to `max_tokens` positions.
+    pub fn append(
+        &self,
+        gpu: &Gpu,
+        src: &wgpu::Buffer,
+        cache: &KvCache,
+        max_tokens: usize,
+    ) -> Dispatch {
+        let p = self.quant_params(cache, 0, max_tokens);
         let bufs = [src, &cache.codes, &cache.scales, &cache.zeros];
-        self.quant.dispatch(gpu, &p, &bufs, (self.nkv as u32, 1, 1))
+        let grid = (self.nkv as u32, max_tokens as u32, 1);
+        self.quant.dispatch(gpu, &p, &bufs, grid)
     }
 
-    /// Point an [`Attention::append`] launch at position `pos`.
-    pub fn set_append_pos(&self, gpu: &Gpu, d: &Dispatch, cache: &KvCache, pos: usize) {
-        d.set_params(gpu, &self.quant_params(cache, pos));
+    /// Point an [`Attention::append`] launch at `tokens` positions from `pos` on.
+    pub fn set_append(&self, gpu: &Gpu, d: &Dispatch, cache: &KvCache, pos: usize, tokens: usize) {
+        d.set_params(gpu, &self.quant_params(cache, pos, tokens));
     }
 
-    /// The launch of out [nq, hd] = softmax(q·Kᵀ/√hd)·V over positions 0..len of the caches.
+    /// The launch of out [tokens, nq, hd] = softmax(q·Kᵀ/√hd)·V, query i at position pos0 + i
+    /// attending to positions 0..=pos0 + i, bound for up to `max_tokens` queries.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
@@ -132,25 +144,18 @@ impl Attention {
         k: &KvCache,
         v: &KvCache,
         out: &wgpu::Buffer,
-        len: usize,
+        max_tokens: usize,
     ) -> Dispatch {
-        let p = self.attn_params(k, len);
+        let p = self.attn_params(k, 0, max_tokens);
         let bufs = [
-            q,
-            &k.codes,
-            &k.scales,
-            &k.zeros,
-            &v.codes,
-            &v.scales,
-            &v.zeros,
-            &self.scores,
-            out,
+            q, &k.codes, &k.scales, &k.zeros, &v.codes, &v.scales, &v.zeros, out,
         ];
-        self.attend.dispatch(gpu, &p, &bufs, (self.nq as u32, 1, 1))
+        let grid = (self.nq as u32, max_tokens as u32, 1);
+        self.attend.dispatch(gpu, &p, &bufs, grid)
     }
 
-    /// Point an [`Attention::attend`] launch at positions 0..len.
-    pub fn set_attend_len(&self, gpu: &Gpu, d: &Dispatch, k: &KvCache, len: usize) {
-        d.set_params(gpu, &self.attn_params(k, len));
+    /// Point an [`Attention::attend`] launch at `tokens` queries from position `pos0` on.
+    pub fn set_attend(&self, gpu: &Gpu, d: &Dispatch, k: &KvCache, pos0: usize, tokens: usize) {
+        d.set_params(gpu, &self.attn_params(k, pos0, tokens));
     }
 }

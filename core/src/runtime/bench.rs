@@ -153,7 +153,7 @@ impl Target<'_> {
                 let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
                 let d = match (&m, v.codes) {
                     (Linear::Int4(m4), true) => {
-                        let codes = ActCodes::new(gpu, w.cols(), w.cols(), 4)?;
+                        let codes = ActCodes::new(gpu, 1, w.cols(), w.cols(), 4)?;
                         let mut enc = gpu.device.create_command_encoder(&Default::default());
                         kernel.quantize(gpu, &xb, &codes).record(&mut enc);
                         gpu.queue.submit([enc.finish()]);

@@ -1,6 +1,8 @@
-//! Decode GEMVs: y = W·x for one weight matrix on the GPU, with W int4 (the model folder's
+//! The linear layers' products on the GPU: decode GEMVs y = W·x with W int4 (the model folder's
 //! packing) times an f32 vector (shaders/gemv_w4a16.wgsl) or times integer activation codes
-//! (W4A4: shaders/act_codes.wgsl then shaders/gemv_w4a4.wgsl), or W f16 (shaders/gemv_f16.wgsl).
+//! (W4A4: shaders/act_codes.wgsl then shaders/gemv_w4a4.wgsl), or W f16 (shaders/gemv_f16.wgsl);
+//! and the prefill GEMMs Y = X·Wᵀ over many tokens (shaders/gemm_w4a16.wgsl,
+//! shaders/gemm_w4a4.wgsl).
 
 use burn::tensor::wgpu::wgpu;
 
@@ -153,6 +155,8 @@ impl HalfMatrix {
 /// A vector of activations as signed integer codes with one scale per group of columns
 /// (shaders/act_codes.wgsl's layout), the input of the W4A4 GEMV.
 pub struct ActCodes {
+    /// Vectors (tokens) held.
+    pub tokens: usize,
     pub cols: usize,
     pub group: usize,
     pub bits: u32,
@@ -170,19 +174,21 @@ impl ActCodes {
             && cols.is_multiple_of(group)
     }
 
-    pub fn new(gpu: &Gpu, cols: usize, group: usize, bits: u32) -> Result<Self> {
+    /// Room for `tokens` vectors of `cols` values.
+    pub fn new(gpu: &Gpu, tokens: usize, cols: usize, group: usize, bits: u32) -> Result<Self> {
         if !Self::fits(cols, group, bits) {
             return Err(Error::other(format!(
                 "integer activation codes: {cols} values in groups of {group} at {bits} bits do not fit the W4A4 kernels (groups of 32·k, at most 7 bits)"
             )));
         }
         Ok(ActCodes {
+            tokens,
             cols,
             group,
             bits,
-            // Two words per 8 columns, one vec4 pair per 32 columns (zero past `cols`).
-            codes: gpu.output("activation codes", cols.div_ceil(32) * 8),
-            scales: gpu.output("activation scales", cols / group),
+            // Two words per 8 columns: cols / 4 words per token (cols is a multiple of 32).
+            codes: gpu.output("activation codes", tokens * cols / 4),
+            scales: gpu.output("activation scales", tokens * cols / group),
         })
     }
 }
@@ -283,6 +289,24 @@ struct W4A4Params {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GemmParams {
+    rows: u32,
+    cols: u32,
+    tokens: u32,
+    group: u32,
+    qmin: f32,
+    has_zeros: u32,
+    stride: u32,
+    accumulate: u32,
+}
+
+/// A GEMM's grid: 64-row × 32-token tiles.
+fn gemm_grid(rows: usize, tokens: usize) -> (u32, u32, u32) {
+    (rows.div_ceil(64) as u32, tokens.div_ceil(32) as u32, 1)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct CodesParams {
     groups: u32,
     group: u32,
@@ -296,6 +320,8 @@ pub struct Gemv {
     int4: Vec<Kernel>,
     w4a4: Vec<Kernel>,
     act_codes: Kernel,
+    gemm_w4a16: Kernel,
+    gemm_w4a4: Kernel,
     half: Kernel,
     /// The device is a CPU adapter (lavapipe): see [`rows_per_team`].
     pub software: bool,
@@ -319,6 +345,16 @@ impl Gemv {
                 gpu,
                 "act_codes",
                 include_str!("../../../shaders/act_codes.wgsl"),
+            ),
+            gemm_w4a16: Kernel::new(
+                gpu,
+                "gemm_w4a16",
+                include_str!("../../../shaders/gemm_w4a16.wgsl"),
+            ),
+            gemm_w4a4: Kernel::new(
+                gpu,
+                "gemm_w4a4",
+                include_str!("../../../shaders/gemm_w4a4.wgsl"),
             ),
             half: Kernel::new(
                 gpu,
@@ -390,9 +426,10 @@ impl Gemv {
         }
     }
 
-    /// The launch that quantizes `x` into `codes` (dynamic, per group; act_codes.wgsl).
+    /// The launch that quantizes `x` [tokens, cols] into `codes` (dynamic, per group;
+    /// act_codes.wgsl).
     pub fn quantize(&self, gpu: &Gpu, x: &wgpu::Buffer, codes: &ActCodes) -> Dispatch {
-        let groups = (codes.cols / codes.group) as u32;
+        let groups = (codes.tokens * codes.cols / codes.group) as u32;
         let g = (groups.min(65535), groups.div_ceil(65535), 1);
         let params = CodesParams {
             groups,
@@ -445,6 +482,71 @@ impl Gemv {
             &params,
             &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
             g,
+        ))
+    }
+
+    /// The launch of Y [tokens, rows] (+)= X [tokens, cols]·Wᵀ with X f32 (prefill).
+    pub fn gemm(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        tokens: usize,
+        accumulate: bool,
+    ) -> Dispatch {
+        let params = GemmParams {
+            rows: m.rows as u32,
+            cols: m.cols as u32,
+            tokens: tokens as u32,
+            group: m.spec.group.unwrap_or(m.cols) as u32,
+            qmin: m.spec.qmin(),
+            has_zeros: (!m.spec.sym) as u32,
+            stride: m.stride as u32,
+            accumulate: accumulate as u32,
+        };
+        self.gemm_w4a16.dispatch(
+            gpu,
+            &params,
+            &[&m.words, &m.scales, &m.zeros, x, y],
+            gemm_grid(m.rows, tokens),
+        )
+    }
+
+    /// The launch of Y [tokens, rows] (+)= X·Wᵀ with X given as integer codes for all its
+    /// tokens (W4A4 prefill).
+    pub fn gemm_w4a4(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: &ActCodes,
+        y: &wgpu::Buffer,
+        accumulate: bool,
+    ) -> Result<Dispatch> {
+        let group = m.spec.group.unwrap_or(m.cols);
+        if x.cols != m.cols || !(group == m.cols || group.is_multiple_of(32)) {
+            return Err(Error::other(format!(
+                "W4A4 GEMM: {} activation codes per token for a {}×{} matrix with weight groups of {group}",
+                x.cols, m.rows, m.cols
+            )));
+        }
+        let params = W4A4Params {
+            rows: m.rows as u32,
+            cols: m.cols as u32,
+            group: group as u32,
+            agroup: x.group as u32,
+            qmin: m.spec.qmin(),
+            has_zeros: (!m.spec.sym) as u32,
+            grid_x: x.tokens as u32, // the GEMM's token count
+            stride: m.stride as u32,
+            accumulate: accumulate as u32,
+            _pad: [0; 3],
+        };
+        Ok(self.gemm_w4a4.dispatch(
+            gpu,
+            &params,
+            &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
+            gemm_grid(m.rows, x.tokens),
         ))
     }
 

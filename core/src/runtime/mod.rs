@@ -66,6 +66,22 @@ impl Runtime {
         }
     }
 
+    /// Run `tokens` at the next positions and return the logits of the last one: many
+    /// positions per launch on a GPU with int4 linears (prefill GEMMs), one by one otherwise.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Runtime::Gpu(m) => m.prefill(tokens),
+            Runtime::Cpu(m) => {
+                let mut last = Err(Error::other("nothing to prefill"));
+                for &t in tokens {
+                    last = m.step(t);
+                    last.as_ref().map_err(|e| Error::other(e.to_string()))?;
+                }
+                last
+            }
+        }
+    }
+
     /// Forget every position.
     pub fn reset(&mut self) {
         match self {

@@ -38,7 +38,7 @@ struct LayerParts {
     linears: Vec<Linear>,
 }
 
-/// Scratch buffers of one decode step.
+/// Scratch buffers of one forward over up to `tokens` positions, [tokens, width] each.
 struct Scratch {
     h: wgpu::Buffer,
     n: wgpu::Buffer,
@@ -54,13 +54,45 @@ struct Scratch {
     k_h: wgpu::Buffer,
     cos: wgpu::Buffer,
     sin: wgpu::Buffer,
+    /// The last position's hidden state (prefill plans only: the head runs on it alone).
+    last: wgpu::Buffer,
     logits: wgpu::Buffer,
 }
 
-/// One launch of a token's forward; the attention launches move with the position.
+impl Scratch {
+    fn new(gpu: &Gpu, c: &LlamaConfig, t: usize) -> Self {
+        let (d, hd, nq, nkv, dff) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.n_kv_heads(),
+            c.intermediate_size,
+        );
+        Scratch {
+            h: gpu.output("h", t * d),
+            n: gpu.output("n", t * d),
+            q: gpu.output("q", t * nq * hd),
+            k: gpu.output("k", t * nkv * hd),
+            v: gpu.output("v", t * nkv * hd),
+            a: gpu.output("a", t * nq * hd),
+            gate: gpu.output("gate", t * dff),
+            up: gpu.output("up", t * dff),
+            m: gpu.output("m", t * dff),
+            m_h: gpu.output("m_h", t * dff),
+            q_h: gpu.output("q_h", t * nq * hd),
+            k_h: gpu.output("k_h", t * nkv * hd),
+            cos: gpu.output("cos", t * hd / 2),
+            sin: gpu.output("sin", t * hd / 2),
+            last: gpu.output("last", if t > 1 { d } else { 1 }),
+            logits: gpu.output("logits", c.vocab_size),
+        }
+    }
+}
+
+/// One launch of a forward; the attention launches move with the positions.
 enum Launch {
     Fixed(Dispatch),
-    /// A matrix-vector product (fixed too; told apart for [`GpuModel::breakdown`]).
+    /// A matrix product (fixed too; told apart for [`GpuModel::breakdown`]).
     Gemv(Dispatch),
     Append {
         d: Dispatch,
@@ -84,6 +116,21 @@ impl Launch {
     }
 }
 
+/// Every launch of one forward over up to `tokens` consecutive positions, bound once at load
+/// time to its own scratch buffers: `tokens` = 1 for decode (GEMVs), a chunk for prefill
+/// (GEMMs).
+struct Plan {
+    tokens: usize,
+    s: Scratch,
+    /// The layers.
+    body: Vec<Launch>,
+    /// The final norm and the head, on the last position (after `s.last` is filled when
+    /// `tokens` > 1).
+    tail: Vec<Launch>,
+    /// The linears run on integer activation codes (the W4A4 kernels).
+    integer_activations: bool,
+}
+
 /// Seconds per token of a replayed plan, whole and split (see [`GpuModel::breakdown`]).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Breakdown {
@@ -94,6 +141,9 @@ pub struct Breakdown {
     pub gemv_launches: usize,
 }
 
+/// Tokens per prefill chunk: long prompts run in chunks of this many positions.
+const PREFILL_CHUNK: usize = 128;
+
 pub struct GpuModel {
     pub config: LlamaConfig,
     pub forward: ForwardSpec,
@@ -102,10 +152,11 @@ pub struct GpuModel {
     layers: Vec<GpuLayer>,
     lm_head: Linear,
     attn: Attention,
-    s: Scratch,
     inv_freq: Vec<f64>,
-    /// Every launch of one token, in order, bound once at load time.
-    plan: Vec<Launch>,
+    /// One token at a time.
+    decode: Plan,
+    /// Many tokens at a time (int4 linears only; others prefill token by token).
+    prefill: Option<Plan>,
     /// The linears run on integer activation codes (the W4A4 kernels).
     pub integer_activations: bool,
     /// Positions in the cache.
@@ -168,13 +219,7 @@ impl GpuModel {
         lm_head: Linear,
     ) -> Result<Self> {
         let c = &config;
-        let (d, hd, nq, nkv, dff) = (
-            c.hidden_size,
-            c.head_dim(),
-            c.num_attention_heads,
-            c.n_kv_heads(),
-            c.intermediate_size,
-        );
+        let (hd, nq, nkv) = (c.head_dim(), c.num_attention_heads, c.n_kv_heads());
         let kv4 = forward.kv.is_some();
         let layers: Vec<GpuLayer> = parts
             .into_iter()
@@ -186,51 +231,38 @@ impl GpuModel {
                 v_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
             })
             .collect();
-        let s = Scratch {
-            h: gpu.output("h", d),
-            n: gpu.output("n", d),
-            q: gpu.output("q", nq * hd),
-            k: gpu.output("k", nkv * hd),
-            v: gpu.output("v", nkv * hd),
-            a: gpu.output("a", nq * hd),
-            gate: gpu.output("gate", dff),
-            up: gpu.output("up", dff),
-            m: gpu.output("m", dff),
-            m_h: gpu.output("m_h", dff),
-            q_h: gpu.output("q_h", nq * hd),
-            k_h: gpu.output("k_h", nkv * hd),
-            cos: gpu.output("cos", hd / 2),
-            sin: gpu.output("sin", hd / 2),
-            logits: gpu.output("logits", c.vocab_size),
-        };
         let attn = Attention::new(&gpu, nq, nkv, hd, max_seq);
-        let (plan, integer_activations) = Self::plan(
-            &gpu,
-            c,
-            &forward,
-            &layers,
-            &gpu.storage("norm", &norm),
-            &lm_head,
-            &attn,
-            &s,
-        )?;
+        let norm = gpu.storage("norm", &norm);
+        let kernels = (Ops::new(&gpu), Gemv::new(&gpu));
+        let plan = |tokens| {
+            Self::plan(
+                &gpu, c, &forward, &layers, &norm, &lm_head, &attn, &kernels, tokens,
+            )
+        };
+        let decode = plan(1)?;
+        let int4 = layers
+            .iter()
+            .flat_map(|l| &l.linears)
+            .all(|w| matches!(w, Linear::Int4(_)));
+        let chunk = PREFILL_CHUNK.min(max_seq);
+        let prefill = (int4 && chunk > 1).then(|| plan(chunk)).transpose()?;
         Ok(GpuModel {
             inv_freq: c.rope_inv_freq(),
+            integer_activations: decode.integer_activations,
             config,
             forward,
             embed,
             layers,
             lm_head,
             attn,
-            s,
-            plan,
-            integer_activations,
+            decode,
+            prefill,
             gpu,
             len: 0,
         })
     }
 
-    /// Bind every launch of one token's forward, in order.
+    /// Bind every launch of one forward over up to `t` positions, in order.
     #[allow(clippy::too_many_arguments)]
     fn plan(
         gpu: &Gpu,
@@ -240,8 +272,9 @@ impl GpuModel {
         norm: &wgpu::Buffer,
         lm_head: &Linear,
         attn: &Attention,
-        s: &Scratch,
-    ) -> Result<(Vec<Launch>, bool)> {
+        (ops, gemv): &(Ops, Gemv),
+        t: usize,
+    ) -> Result<Plan> {
         let (d, hd, nq, nkv, dff) = (
             c.hidden_size,
             c.head_dim(),
@@ -250,7 +283,7 @@ impl GpuModel {
             c.intermediate_size,
         );
         let eps = c.rms_norm_eps as f32;
-        let (ops, gemv) = (Ops::new(gpu), Gemv::new(gpu));
+        let s = Scratch::new(gpu, c, t);
         let down_h = f
             .down_hadamard
             .then(|| GpuHadamard::new(gpu, dff))
@@ -274,30 +307,36 @@ impl GpuModel {
                 Some(
                     inputs
                         .iter()
-                        .map(|&(n, g)| ActCodes::new(gpu, n, g, a.bits))
+                        .map(|&(n, g)| ActCodes::new(gpu, t, n, g, a.bits))
                         .collect::<Result<Vec<_>>>()?,
                 )
             }
             _ => None,
         };
-        // The launch preparing input `i` (of `inputs`) held in `x`.
+        // The launch preparing input `i` (of `inputs`) held in `x`, for all t positions.
         let quantize = |x: &wgpu::Buffer, i: usize| match (&codes, f.act) {
             (Some(c), _) => Some(fixed(gemv.quantize(gpu, x, &c[i]))),
             (None, Some(a)) => {
                 let (len, group) = inputs[i];
-                Some(fixed(ops.act_quant(gpu, x, len, group, a.bits)))
+                Some(fixed(ops.act_quant(gpu, x, t * len, group, a.bits)))
             }
             (None, None) => None,
         };
-        // y (+)= W·(input `i`, held in `x`).
-        let product =
-            |w: &Linear, x: &wgpu::Buffer, i: usize, y: &wgpu::Buffer, add: bool| match (&codes, w)
-            {
-                (Some(c), Linear::Int4(m)) => gemv
-                    .launch_w4a4(gpu, m, &c[i], y, add, None)
-                    .map(Launch::Gemv),
-                _ => Ok(Launch::Gemv(gemv.launch(gpu, w, x, y, add, None))),
+        // y (+)= W·(input `i`, held in `x`): GEMVs for one position, GEMMs for several.
+        let product = |w: &Linear, x: &wgpu::Buffer, i: usize, y: &wgpu::Buffer, add: bool| {
+            let launch = match (&codes, w, t) {
+                (Some(c), Linear::Int4(m), 1) => gemv.launch_w4a4(gpu, m, &c[i], y, add, None)?,
+                (None, w, 1) => gemv.launch(gpu, w, x, y, add, None),
+                (Some(c), Linear::Int4(m), _) => gemv.gemm_w4a4(gpu, m, &c[i], y, add)?,
+                (None, Linear::Int4(m), _) => gemv.gemm(gpu, m, x, y, t, add),
+                _ => {
+                    return Err(Error::other(
+                        "the GPU runtime has no prefill GEMM for f16 weights",
+                    ));
+                }
             };
+            Ok(Launch::Gemv(launch))
+        };
         for (layer, l) in layers.iter().enumerate() {
             let [wq, wk, wv, wo, wg, wu, wd] = [0, 1, 2, 3, 4, 5, 6].map(|j| &l.linears[j]);
             plan.push(fixed(ops.rms_norm(
@@ -305,7 +344,7 @@ impl GpuModel {
                 &s.h,
                 &l.attn_norm,
                 &s.n,
-                1,
+                t,
                 d,
                 eps,
             )));
@@ -313,19 +352,28 @@ impl GpuModel {
             plan.push(product(wq, &s.n, 0, &s.q, false)?);
             plan.push(product(wk, &s.n, 0, &s.k, false)?);
             plan.push(product(wv, &s.n, 0, &s.v, false)?);
-            plan.push(fixed(ops.rope(gpu, &s.q, &s.cos, &s.sin, 1, nq, hd)));
-            plan.push(fixed(ops.rope(gpu, &s.k, &s.cos, &s.sin, 1, nkv, hd)));
+            plan.push(fixed(ops.rope(gpu, &s.q, &s.cos, &s.sin, t, nq, hd)));
+            plan.push(fixed(ops.rope(gpu, &s.k, &s.cos, &s.sin, t, nkv, hd)));
             let (q, k) = match &qk_h {
                 Some(h) => {
-                    plan.extend(h.dispatches(gpu, &s.q, &s.q_h, nq).into_iter().map(fixed));
-                    plan.extend(h.dispatches(gpu, &s.k, &s.k_h, nkv).into_iter().map(fixed));
+                    let (q_rows, k_rows) = (t * nq, t * nkv);
+                    plan.extend(
+                        h.dispatches(gpu, &s.q, &s.q_h, q_rows)
+                            .into_iter()
+                            .map(fixed),
+                    );
+                    plan.extend(
+                        h.dispatches(gpu, &s.k, &s.k_h, k_rows)
+                            .into_iter()
+                            .map(fixed),
+                    );
                     (&s.q_h, &s.k_h)
                 }
                 None => (&s.q, &s.k),
             };
-            let d_k = attn.append(gpu, k, &l.k_cache, 0);
-            let d_v = attn.append(gpu, &s.v, &l.v_cache, 0);
-            let d_a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, 1);
+            let d_k = attn.append(gpu, k, &l.k_cache, t);
+            let d_v = attn.append(gpu, &s.v, &l.v_cache, t);
+            let d_a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, t);
             plan.push(Launch::Append {
                 d: d_k,
                 layer,
@@ -339,14 +387,14 @@ impl GpuModel {
             plan.push(Launch::Attend { d: d_a, layer });
             plan.extend(quantize(&s.a, 1));
             plan.push(product(wo, &s.a, 1, &s.h, true)?);
-            plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, 1, d, eps)));
+            plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, t, d, eps)));
             plan.extend(quantize(&s.n, 0));
             plan.push(product(wg, &s.n, 0, &s.gate, false)?);
             plan.push(product(wu, &s.n, 0, &s.up, false)?);
-            plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, dff)));
+            plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, t * dff)));
             let m = match &down_h {
                 Some(h) => {
-                    plan.extend(h.dispatches(gpu, &s.m, &s.m_h, 1).into_iter().map(fixed));
+                    plan.extend(h.dispatches(gpu, &s.m, &s.m_h, t).into_iter().map(fixed));
                     &s.m_h
                 }
                 None => &s.m,
@@ -354,9 +402,18 @@ impl GpuModel {
             plan.extend(quantize(m, 2));
             plan.push(product(wd, m, 2, &s.h, true)?);
         }
-        plan.push(fixed(ops.rms_norm(gpu, &s.h, norm, &s.n, 1, d, eps)));
-        plan.push(Launch::Gemv(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)));
-        Ok((plan, codes.is_some()))
+        let last = if t > 1 { &s.last } else { &s.h };
+        let tail = vec![
+            fixed(ops.rms_norm(gpu, last, norm, &s.n, 1, d, eps)),
+            Launch::Gemv(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)),
+        ];
+        Ok(Plan {
+            tokens: t,
+            s,
+            body: plan,
+            tail,
+            integer_activations: codes.is_some(),
+        })
     }
 
     /// Bytes of weights one decode step reads: every linear and the head.
@@ -370,7 +427,7 @@ impl GpuModel {
         linears + self.lm_head.bytes()
     }
 
-    /// GPU memory allocated for the model: weights, caches, scratch.
+    /// GPU memory allocated for the model: weights, caches, scratch of both plans.
     pub fn gpu_bytes(&self) -> usize {
         self.gpu.allocated_bytes()
     }
@@ -385,23 +442,25 @@ impl GpuModel {
         self.attn.max_seq
     }
 
-    /// Where a token's time goes: seconds per token of replaying this token's launches `reps`
-    /// times in one command buffer — all of them, only the GEMVs, only the rest — and the
-    /// number of launches (all, GEMVs). The replays repeat the last position; only for timing.
+    /// Where a token's time goes: seconds per token of replaying the decode plan's launches
+    /// `reps` times in one command buffer — all of them, only the GEMVs, only the rest — and
+    /// the number of launches (all, GEMVs). The replays repeat the last position; only for
+    /// timing.
     pub fn breakdown(&self, reps: usize) -> Result<Breakdown> {
+        let plan = &self.decode;
+        let all: Vec<&Launch> = plan.body.iter().chain(&plan.tail).collect();
         let time = |keep: &dyn Fn(&Launch) -> bool| -> Result<f64> {
-            let launches: Vec<&Dispatch> = self
-                .plan
+            let launches: Vec<&Dispatch> = all
                 .iter()
                 .filter(|l| keep(l))
-                .map(Launch::dispatch)
+                .map(|l| l.dispatch())
                 .collect();
             let replay = |n: usize| {
                 let mut enc = self.gpu.device.create_command_encoder(&Default::default());
                 for _ in 0..n {
                     record_all(&mut enc, launches.iter().copied());
                 }
-                self.gpu.finish_f32(enc, &self.s.logits, 1)
+                self.gpu.finish_f32(enc, &plan.s.logits, 1)
             };
             replay(1)?;
             let t0 = std::time::Instant::now();
@@ -413,61 +472,102 @@ impl GpuModel {
             all: time(&|_| true)?,
             gemv: time(&is_gemv)?,
             rest: time(&|l| !is_gemv(l))?,
-            launches: self.plan.len(),
-            gemv_launches: self.plan.iter().filter(|l| is_gemv(l)).count(),
+            launches: all.len(),
+            gemv_launches: all.iter().filter(|l| is_gemv(l)).count(),
         })
     }
 
     /// Run one token at the next position and return its logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let d = c.hidden_size;
-        let pos = self.len;
-        if pos >= self.attn.max_seq {
-            return Err(Error::other("the context is full"));
+        self.run(false, &[token])
+    }
+
+    /// Run `tokens` at the next positions (in chunks of many positions at once where the
+    /// model has a prefill plan) and return the logits of the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::other("nothing to prefill"));
         }
-        let t = token as usize;
-        if t >= c.vocab_size {
+        let Some(chunk) = self.prefill.as_ref().map(|p| p.tokens) else {
+            let mut last = Vec::new();
+            for &t in tokens {
+                last = self.step(t)?;
+            }
+            return Ok(last);
+        };
+        let mut last = Vec::new();
+        for part in tokens.chunks(chunk) {
+            last = self.run(part.len() > 1, part)?;
+        }
+        Ok(last)
+    }
+
+    /// One forward over `tokens` at the next positions with the decode plan (one token) or
+    /// the prefill plan; the logits of the last position.
+    fn run(&mut self, prefill: bool, tokens: &[u32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (d, half) = (c.hidden_size, c.head_dim() / 2);
+        let plan = if prefill {
+            self.prefill.as_ref().expect("a prefill plan")
+        } else {
+            &self.decode
+        };
+        let (pos, t) = (self.len, tokens.len());
+        assert!(t >= 1 && t <= plan.tokens, "tokens fit the plan");
+        if pos + t > self.attn.max_seq {
             return Err(Error::other(format!(
-                "token {token} is outside the vocabulary"
+                "the context is full ({} positions)",
+                self.attn.max_seq
             )));
         }
-        let (gpu, s) = (&self.gpu, &self.s);
-        gpu.queue.write_buffer(
-            &s.h,
-            0,
-            bytemuck::cast_slice(&self.embed[t * d..(t + 1) * d]),
-        );
-        let (cos, sin): (Vec<f32>, Vec<f32>) = self
-            .inv_freq
-            .iter()
-            .map(|f| {
-                let a = pos as f64 * f;
-                (a.cos() as f32, a.sin() as f32)
-            })
-            .unzip();
+        let mut h = Vec::with_capacity(t * d);
+        for &token in tokens {
+            let i = token as usize;
+            if i >= c.vocab_size {
+                return Err(Error::other(format!(
+                    "token {token} is outside the vocabulary"
+                )));
+            }
+            h.extend_from_slice(&self.embed[i * d..(i + 1) * d]);
+        }
+        // Angles in f64: at far positions they reach thousands of radians.
+        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+        for p in pos..pos + t {
+            for f in &self.inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let (gpu, s) = (&self.gpu, &plan.s);
+        gpu.queue.write_buffer(&s.h, 0, bytemuck::cast_slice(&h));
         gpu.queue
             .write_buffer(&s.cos, 0, bytemuck::cast_slice(&cos));
         gpu.queue
             .write_buffer(&s.sin, 0, bytemuck::cast_slice(&sin));
-        for launch in &self.plan {
+        for launch in &plan.body {
             match launch {
                 Launch::Fixed(_) | Launch::Gemv(_) => {}
                 Launch::Append { d, layer, v } => {
                     let l = &self.layers[*layer];
                     let cache = if *v { &l.v_cache } else { &l.k_cache };
-                    self.attn.set_append_pos(gpu, d, cache, pos);
+                    self.attn.set_append(gpu, d, cache, pos, t);
                 }
                 Launch::Attend { d, layer } => {
-                    self.attn
-                        .set_attend_len(gpu, d, &self.layers[*layer].k_cache, pos + 1);
+                    let k = &self.layers[*layer].k_cache;
+                    self.attn.set_attend(gpu, d, k, pos, t);
                 }
             }
         }
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        record_all(&mut enc, self.plan.iter().map(Launch::dispatch));
+        record_all(&mut enc, plan.body.iter().map(Launch::dispatch));
+        if plan.tokens > 1 {
+            let row = (d * 4) as u64;
+            enc.copy_buffer_to_buffer(&s.h, (t as u64 - 1) * row, &s.last, 0, row);
+        }
+        record_all(&mut enc, plan.tail.iter().map(Launch::dispatch));
         let logits = gpu.finish_f32(enc, &s.logits, c.vocab_size)?;
-        self.len += 1;
+        self.len += t;
         Ok(logits)
     }
 }
