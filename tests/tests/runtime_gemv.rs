@@ -296,6 +296,9 @@ fn prefill_gemms_match_the_f64_reference() {
         let m =
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
+        let m4 = Linear::Int4(
+            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap(),
+        );
         // Grid points per token (one activation group per token): q = 0 and 15 present.
         let mut x = Vec::with_capacity(tokens * cols);
         for _ in 0..tokens {
@@ -327,7 +330,7 @@ fn prefill_gemms_match_the_f64_reference() {
                     .unwrap()
                     .record(&mut enc);
             } else {
-                gemv.gemm(&gpu, &m, &xb, &yb, tokens, true).record(&mut enc);
+                gemv.gemm(&gpu, &m4, &xb, &yb, tokens, true).record(&mut enc);
             }
             let got = gpu.finish_f32(enc, &yb, tokens * rows).unwrap();
             for t in 0..tokens {
@@ -341,6 +344,41 @@ fn prefill_gemms_match_the_f64_reference() {
                         "GEMM {rows}×{cols} {tokens} tokens {spec:?} codes {codes}, token {t} row {r}: {g} vs {want}"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// The f16 prefill GEMM against f64 products of the rounded weights, partial tiles included.
+#[test]
+fn f16_gemm_matches_the_f64_reference() {
+    let gpu = gpu();
+    let gemv = Gemv::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(13);
+    for (rows, cols, tokens) in [(70, 96, 37), (9, 40, 3), (130, 576, 33)] {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.1..0.1))
+            .collect();
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let m = Linear::Half(HalfMatrix::from_f32(&gpu, rows, cols, &w).unwrap());
+        let yb = gpu.output("y", tokens * rows);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        gemv.gemm(&gpu, &m, &gpu.storage("x", &x), &yb, tokens, false)
+            .record(&mut enc);
+        let got = gpu.finish_f32(enc, &yb, tokens * rows).unwrap();
+        let rounded = |v: f32| half::f16::from_f32(v).to_f32() as f64;
+        for t in 0..tokens {
+            for r in 0..rows {
+                let terms = (0..cols).map(|c| rounded(w[r * cols + c]) * x[t * cols + c] as f64);
+                let want: f64 = terms.clone().sum();
+                let scale: f64 = terms.map(f64::abs).sum::<f64>().max(1e-3);
+                let g = got[t * rows + r] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-5 * scale,
+                    "f16 GEMM {rows}×{cols} {tokens} tokens, token {t} row {r}: {g} vs {want}"
+                );
             }
         }
     }

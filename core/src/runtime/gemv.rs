@@ -300,6 +300,17 @@ struct GemmParams {
     accumulate: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct HalfGemmParams {
+    rows: u32,
+    cols: u32,
+    tokens: u32,
+    stride: u32,
+    accumulate: u32,
+    _pad: [u32; 3],
+}
+
 /// A GEMM's grid: 64-row × 32-token tiles.
 fn gemm_grid(rows: usize, tokens: usize) -> (u32, u32, u32) {
     (rows.div_ceil(64) as u32, tokens.div_ceil(32) as u32, 1)
@@ -322,6 +333,7 @@ pub struct Gemv {
     act_codes: Kernel,
     gemm_w4a16: Kernel,
     gemm_w4a4: Kernel,
+    gemm_f16: Kernel,
     half: Kernel,
     /// The device is a CPU adapter (lavapipe): see [`rows_per_team`].
     pub software: bool,
@@ -355,6 +367,11 @@ impl Gemv {
                 gpu,
                 "gemm_w4a4",
                 include_str!("../../../shaders/gemm_w4a4.wgsl"),
+            ),
+            gemm_f16: Kernel::new(
+                gpu,
+                "gemm_f16",
+                include_str!("../../../shaders/gemm_f16.wgsl"),
             ),
             half: Kernel::new(
                 gpu,
@@ -489,28 +506,40 @@ impl Gemv {
     pub fn gemm(
         &self,
         gpu: &Gpu,
-        m: &Int4Matrix,
+        w: &Linear,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         tokens: usize,
         accumulate: bool,
     ) -> Dispatch {
-        let params = GemmParams {
-            rows: m.rows as u32,
-            cols: m.cols as u32,
-            tokens: tokens as u32,
-            group: m.spec.group.unwrap_or(m.cols) as u32,
-            qmin: m.spec.qmin(),
-            has_zeros: (!m.spec.sym) as u32,
-            stride: m.stride as u32,
-            accumulate: accumulate as u32,
-        };
-        self.gemm_w4a16.dispatch(
-            gpu,
-            &params,
-            &[&m.words, &m.scales, &m.zeros, x, y],
-            gemm_grid(m.rows, tokens),
-        )
+        let g = gemm_grid(w.rows(), tokens);
+        match w {
+            Linear::Int4(m) => {
+                let params = GemmParams {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    tokens: tokens as u32,
+                    group: m.spec.group.unwrap_or(m.cols) as u32,
+                    qmin: m.spec.qmin(),
+                    has_zeros: (!m.spec.sym) as u32,
+                    stride: m.stride as u32,
+                    accumulate: accumulate as u32,
+                };
+                self.gemm_w4a16
+                    .dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
+            }
+            Linear::Half(m) => {
+                let params = HalfGemmParams {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    tokens: tokens as u32,
+                    stride: m.stride as u32,
+                    accumulate: accumulate as u32,
+                    _pad: [0; 3],
+                };
+                self.gemm_f16.dispatch(gpu, &params, &[&m.words, x, y], g)
+            }
+        }
     }
 
     /// The launch of Y [tokens, rows] (+)= X·Wᵀ with X given as integer codes for all its

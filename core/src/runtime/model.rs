@@ -118,7 +118,7 @@ impl Launch {
 
 /// Every launch of one forward over up to `tokens` consecutive positions, bound once at load
 /// time to its own scratch buffers: `tokens` = 1 for decode (GEMVs), a chunk for prefill
-/// (GEMMs).
+/// (GEMMs: int4, W4A4 or f16).
 struct Plan {
     tokens: usize,
     s: Scratch,
@@ -155,7 +155,7 @@ pub struct GpuModel {
     inv_freq: Vec<f64>,
     /// One token at a time.
     decode: Plan,
-    /// Many tokens at a time (int4 linears only; others prefill token by token).
+    /// Many tokens at a time (absent when the cache holds a single position).
     prefill: Option<Plan>,
     /// The linears run on integer activation codes (the W4A4 kernels).
     pub integer_activations: bool,
@@ -240,12 +240,8 @@ impl GpuModel {
             )
         };
         let decode = plan(1)?;
-        let int4 = layers
-            .iter()
-            .flat_map(|l| &l.linears)
-            .all(|w| matches!(w, Linear::Int4(_)));
         let chunk = PREFILL_CHUNK.min(max_seq);
-        let prefill = (int4 && chunk > 1).then(|| plan(chunk)).transpose()?;
+        let prefill = (chunk > 1).then(|| plan(chunk)).transpose()?;
         Ok(GpuModel {
             inv_freq: c.rope_inv_freq(),
             integer_activations: decode.integer_activations,
@@ -326,14 +322,9 @@ impl GpuModel {
         let product = |w: &Linear, x: &wgpu::Buffer, i: usize, y: &wgpu::Buffer, add: bool| {
             let launch = match (&codes, w, t) {
                 (Some(c), Linear::Int4(m), 1) => gemv.launch_w4a4(gpu, m, &c[i], y, add, None)?,
-                (None, w, 1) => gemv.launch(gpu, w, x, y, add, None),
                 (Some(c), Linear::Int4(m), _) => gemv.gemm_w4a4(gpu, m, &c[i], y, add)?,
-                (None, Linear::Int4(m), _) => gemv.gemm(gpu, m, x, y, t, add),
-                _ => {
-                    return Err(Error::other(
-                        "the GPU runtime has no prefill GEMM for f16 weights",
-                    ));
-                }
+                (_, w, 1) => gemv.launch(gpu, w, x, y, add, None),
+                (_, w, _) => gemv.gemm(gpu, w, x, y, t, add),
             };
             Ok(Launch::Gemv(launch))
         };
