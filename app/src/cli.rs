@@ -144,6 +144,9 @@ enum Command {
         /// Tokens timed per decode run (after 4 warm-up tokens)
         #[arg(long, default_value_t = 16)]
         tokens: usize,
+        /// Prompt lengths whose prefill is timed on the synthetic models ("none" for none)
+        #[arg(long, default_value = "512,2048")]
+        prefill: String,
         /// Also write the figures as JSON
         #[arg(long)]
         json: Option<PathBuf>,
@@ -470,6 +473,7 @@ pub fn run() -> Result<()> {
             model,
             synthetic,
             tokens,
+            prefill,
             json,
         } => bench(
             &ostquant_core::runtime::bench::Options {
@@ -478,6 +482,7 @@ pub fn run() -> Result<()> {
                 model,
                 synthetic,
                 tokens: tokens.max(1),
+                prefill: prompt_lengths(&prefill)?,
             },
             json.as_deref(),
         ),
@@ -879,6 +884,22 @@ fn quantize(
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `--prefill`: "none" or comma-separated prompt lengths.
+fn prompt_lengths(s: &str) -> Result<Vec<usize>> {
+    if s == "none" {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| anyhow::anyhow!("--prefill: '{v}' is not a prompt length"))
+        })
+        .collect()
 }
 
 fn bench(o: &ostquant_core::runtime::bench::Options, json: Option<&Path>) -> Result<()> {

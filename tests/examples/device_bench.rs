@@ -1,6 +1,6 @@
 //! `ostquant bench` without the GUI's dependencies, for carrying to a lent GPU machine:
-//! `device_bench [synthetic models] [tokens] [iters] [device]` (defaults: all 32 200 gpu), JSON
-//! to $OUT.
+//! `device_bench [synthetic models] [tokens] [iters] [device] [prefill lengths]` (defaults: all
+//! 32 200 gpu 512,2048), JSON to $OUT.
 
 use ostquant_core::runtime::bench::{Options, run};
 
@@ -12,6 +12,11 @@ fn main() {
         model: None,
         synthetic: arg(1, "all"),
         tokens: arg(2, "32").parse().expect("tokens"),
+        prefill: arg(5, "512,2048")
+            .split(',')
+            .filter(|v| *v != "none")
+            .map(|v| v.parse().expect("prefill lengths"))
+            .collect(),
     };
     match run(&o, &mut std::io::stdout()) {
         Ok(report) => {

@@ -330,7 +330,8 @@ fn prefill_gemms_match_the_f64_reference() {
                     .unwrap()
                     .record(&mut enc);
             } else {
-                gemv.gemm(&gpu, &m4, &xb, &yb, tokens, true).record(&mut enc);
+                gemv.gemm(&gpu, &m4, &xb, &yb, tokens, true)
+                    .record(&mut enc);
             }
             let got = gpu.finish_f32(enc, &yb, tokens * rows).unwrap();
             for t in 0..tokens {

@@ -317,6 +317,8 @@ pub struct Options {
     pub synthetic: String,
     /// Tokens timed per decode run.
     pub tokens: usize,
+    /// Prompt lengths whose prefill is timed on the synthetic models (none: no prefill).
+    pub prefill: Vec<usize>,
 }
 
 /// Run the benchmarks of `o`, printing a table to `out` as figures arrive; return them all.
@@ -398,14 +400,21 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     }
     drop(target);
     drop(gpu);
-    // A fresh device per model, so each one's memory figure is its own.
+    // A fresh device per model, so each one's memory figure is its own; room for the longest
+    // prompt timed.
+    let max_seq = o.prefill.iter().copied().max().unwrap_or(0).max(64);
     let on = |host: &HostModel| -> Result<Runtime> {
         Ok(if on_cpu {
-            Runtime::Cpu(Box::new(cpu::CpuModel::new(host.clone(), 64)?))
+            Runtime::Cpu(Box::new(cpu::CpuModel::new(host.clone(), max_seq)?))
         } else {
-            Runtime::Gpu(Box::new(GpuModel::upload(host, Gpu::open(o.device)?, 64)?))
+            Runtime::Gpu(Box::new(GpuModel::upload(
+                host,
+                Gpu::open(o.device)?,
+                max_seq,
+            )?))
         })
     };
+    let mut prefill_rows: Vec<(String, &str, usize, f64)> = Vec::new();
     let configs = synthetic_configs();
     let wanted: Vec<&str> = match o.synthetic.as_str() {
         "none" => vec![],
@@ -482,6 +491,13 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
                 .map_err(io)?;
                 breakdowns.push(serde_json::json!({"model": name, "weights": w, "breakdown": b}));
             }
+            for &len in &o.prefill {
+                let prompt: Vec<u32> = (0..len as u32).map(|i| 1 + i % 1000).collect();
+                m.reset();
+                let t0 = Instant::now();
+                m.prefill(&prompt)?;
+                prefill_rows.push((name.to_string(), w, len, t0.elapsed().as_secs_f64()));
+            }
         }
         writeln!(
             out,
@@ -491,6 +507,52 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             speed[1] / speed[2]
         )
         .map_err(io)?;
+    }
+    if !prefill_rows.is_empty() {
+        let how = if on_cpu {
+            "position by position"
+        } else {
+            "GEMMs over chunks of 128 positions"
+        };
+        writeln!(
+            out,
+            "\nprefill (the whole prompt in one call, {how}, last logits read back):"
+        )
+        .map_err(io)?;
+        writeln!(
+            out,
+            "{:<22} {:>6} {:>7} {:>10} {:>9}",
+            "model", "W", "tokens", "ms", "tok/s"
+        )
+        .map_err(io)?;
+        for (name, w, len, secs) in &prefill_rows {
+            writeln!(
+                out,
+                "{:<22} {:>6} {:>7} {:>10.1} {:>9.0}",
+                name,
+                w,
+                len,
+                secs * 1e3,
+                *len as f64 / secs
+            )
+            .map_err(io)?;
+        }
+        for (name, _, len, _) in prefill_rows.iter().filter(|r| r.1 == "f16") {
+            let time = |w: &str| {
+                prefill_rows
+                    .iter()
+                    .find(|r| &r.0 == name && r.1 == w && r.2 == *len)
+                    .map_or(f64::NAN, |r| r.3)
+            };
+            writeln!(
+                out,
+                "{:<22} prefill speed over f16 at {len} tokens: int4 {:.2}×, w4a4 {:.2}×",
+                name,
+                time("f16") / time("int4"),
+                time("f16") / time("w4a4")
+            )
+            .map_err(io)?;
+        }
     }
     if let Some(dir) = &o.model {
         let host = HostModel::load(dir)?;
@@ -508,6 +570,10 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         "gemv": gemv,
         "decode": decode_rows,
         "breakdown": breakdowns,
+        "prefill": prefill_rows
+            .iter()
+            .map(|(m, w, t, secs)| serde_json::json!({"model": m, "weights": w, "tokens": t, "seconds": secs}))
+            .collect::<Vec<_>>(),
     }))
 }
 
