@@ -43,40 +43,61 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
-            return argmax(logits);
-        }
-        let t = self.params.temperature;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
-            .collect();
-        let total: f32 = probs.iter().map(|p| p.1).sum();
-        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        // Keep the smallest prefix whose mass reaches top_p (at least one token).
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for p in &probs {
-            kept += 1;
-            mass += p.1 / total;
-            if mass >= self.params.top_p {
-                break;
-            }
-        }
-        let probs = &probs[..kept];
-        let kept_total: f32 = probs.iter().map(|p| p.1).sum();
-        let mut r = self.rng.random::<f32>() * kept_total;
-        for &(id, p) in probs {
-            r -= p;
-            if r <= 0.0 {
-                return id;
-            }
-        }
-        probs[kept - 1].0
+    pub fn params(&self) -> SamplingParams {
+        self.params
     }
+
+    /// `None` when greedy; else the next uniform number in [0, 1) of the seed's stream (the
+    /// GPU sampler takes it too, so a seed means the same tokens on every device).
+    pub fn draw(&mut self) -> Option<f32> {
+        (self.params.temperature > 0.0).then(|| self.rng.random::<f32>())
+    }
+
+    /// The next token: greedy, or top-p at the temperature ([`top_p_pick`]).
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        match self.draw() {
+            None => argmax(logits),
+            Some(u) => top_p_pick(logits, self.params.temperature, self.params.top_p, u),
+        }
+    }
+}
+
+/// Top-p sampling with the uniform number `u`: with p_i = exp((l_i − max)/T), the nucleus is
+/// the smallest set of most probable tokens whose mass reaches top_p·Σp (at least one token);
+/// the token is the one whose interval holds u·(nucleus mass) when the nucleus is laid out in
+/// index order (shaders/sample.wgsl follows the same rule).
+pub fn top_p_pick(logits: &[f32], temperature: f32, top_p: f32, u: f32) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let probs: Vec<f32> = logits
+        .iter()
+        .map(|&l| ((l - max) / temperature).exp())
+        .collect();
+    let total: f32 = probs.iter().sum();
+    let mut order: Vec<u32> = (0..probs.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]));
+    let mut kept = vec![false; probs.len()];
+    let mut mass = 0.0;
+    for &i in &order {
+        kept[i as usize] = true;
+        mass += probs[i as usize];
+        if mass >= top_p * total {
+            break;
+        }
+    }
+    let nucleus: f32 = probs.iter().zip(&kept).filter(|k| *k.1).map(|k| k.0).sum();
+    let goal = u * nucleus;
+    let mut run = 0.0;
+    let mut last = order[0];
+    for (i, (&p, &k)) in probs.iter().zip(&kept).enumerate() {
+        if k {
+            last = i as u32;
+            run += p;
+            if run > goal {
+                return last;
+            }
+        }
+    }
+    last
 }
 
 pub fn argmax(v: &[f32]) -> u32 {
@@ -115,6 +136,12 @@ pub trait Decoder {
     fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// Positions the model can hold.
     fn max_context(&self) -> usize;
+    /// Run `ids` and pick the next token with `sampler` (a GPU decoder samples on the device
+    /// and returns only the token).
+    fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
+        let logits = self.last_logits(ids)?;
+        Ok(sampler.sample(&logits))
+    }
 }
 
 /// The burn forward with its KV cache.
@@ -148,6 +175,9 @@ impl Decoder for crate::runtime::Runtime {
     }
     fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.prefill(ids)
+    }
+    fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
+        self.sample_next(ids, sampler)
     }
     fn max_context(&self) -> usize {
         self.max_seq()
@@ -199,6 +229,9 @@ impl<D: Decoder + ?Sized> Decoder for &mut D {
     }
     fn max_context(&self) -> usize {
         (**self).max_context()
+    }
+    fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
+        (**self).next_token(ids, sampler)
     }
 }
 
@@ -263,13 +296,12 @@ impl<'m> Session<'m> {
         let mut out = Vec::new();
 
         let t0 = Instant::now();
-        let mut logits = self.decoder.last_logits(&new)?;
+        let mut id = self.decoder.next_token(&new, &mut sampler)?;
         self.tokens.extend_from_slice(&new);
         stats.prefill_secs = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
         while out.len() < params.max_new_tokens && self.tokens.len() < max_ctx {
-            let id = sampler.sample(&logits);
             out.push(id);
             stats.new_tokens += 1;
             if tok.eos_ids.contains(&id) {
@@ -282,8 +314,9 @@ impl<'m> Session<'m> {
             if out.len() == params.max_new_tokens {
                 break;
             }
-            logits = self.decoder.last_logits(&[id])?;
+            let next = self.decoder.next_token(&[id], &mut sampler)?;
             self.tokens.push(id);
+            id = next;
         }
         stats.decode_secs = t1.elapsed().as_secs_f64();
         Ok((out, stats))

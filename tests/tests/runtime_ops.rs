@@ -290,3 +290,95 @@ fn activation_quantization_matches_the_host_quantizer() {
         assert!(off * 1000 <= len, "{off} of {len} values one level off");
     }
 }
+
+/// The GPU's pick of the next token against the host rule (`top_p_pick`, and `argmax` for
+/// greedy with its lowest-index tie rule), over vocabularies, temperatures and top-p values:
+/// the GPU's token is in the nucleus and its interval of cumulative mass (index order) holds
+/// u·(nucleus mass) up to 1e-4 of it, and away from an interval's edge it is the host's token.
+#[test]
+fn gpu_sampling_follows_the_host_rule() {
+    use burn::tensor::wgpu::wgpu;
+    use ostquant_core::generate::{argmax, top_p_pick};
+    use ostquant_core::runtime::ops::{Pick, SampleParams};
+    let gpu = gpu();
+    let ops = Ops::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(21);
+    let token = gpu.output("token", 1);
+    let run = |logits: &wgpu::Buffer, vocab: usize, pick: Pick| -> u32 {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        ops.sample(&gpu, &SampleParams::new(vocab, pick), logits, &token)
+            .record(&mut enc);
+        gpu.finish_f32(enc, &token, 1).unwrap()[0].to_bits()
+    };
+    let (mut checked, mut near) = (0, 0);
+    for vocab in [5, 1000, 49152] {
+        let mut logits = rand_vec(&mut rng, vocab, 4.0);
+        // Two equal maxima: greedy takes the lower index.
+        let top = logits.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+        logits[vocab / 2] = top;
+        logits[vocab - 1] = top;
+        let lb = gpu.storage("logits", &logits);
+        assert_eq!(run(&lb, vocab, Pick::Greedy), argmax(&logits));
+        assert_eq!(argmax(&logits), (vocab / 2) as u32);
+        for (temperature, top_p) in [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)] {
+            // The nucleus (f64) and the cumulative mass before each kept index.
+            let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let probs: Vec<f64> = logits
+                .iter()
+                .map(|&l| ((l - max) / temperature).exp() as f64)
+                .collect();
+            let total: f64 = probs.iter().sum();
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            let mut kept = vec![false; vocab];
+            let mut mass = 0.0;
+            for &i in &order {
+                kept[i] = true;
+                mass += probs[i];
+                if mass >= top_p as f64 * total {
+                    break;
+                }
+            }
+            // Each kept token's interval [lo, hi) of cumulative mass, in index order.
+            let mut interval = vec![(0.0, 0.0); vocab];
+            let mut run_mass = 0.0;
+            for i in (0..vocab).filter(|&i| kept[i]) {
+                interval[i] = (run_mass, run_mass + probs[i]);
+                run_mass += probs[i];
+            }
+            let nucleus = run_mass;
+            let tol = 1e-4 * nucleus;
+            for _ in 0..12 {
+                let u: f32 = rng.random();
+                let want = top_p_pick(&logits, temperature, top_p, u);
+                let pick = Pick::TopP {
+                    temperature,
+                    top_p,
+                    u,
+                };
+                let got = run(&lb, vocab, pick);
+                // The GPU's token is kept and its interval holds the goal, up to float sums.
+                let goal = u as f64 * nucleus;
+                let (lo, hi) = interval[got as usize];
+                assert!(
+                    kept[got as usize] && goal >= lo - tol && goal <= hi + tol,
+                    "vocab {vocab} T {temperature} top-p {top_p} u {u}: GPU {got} [{lo}, {hi}) misses {goal}"
+                );
+                // Away from an edge, host and GPU agree exactly.
+                let (wlo, whi) = interval[want as usize];
+                if (goal - wlo).abs() < tol || (goal - whi).abs() < tol {
+                    near += 1;
+                } else {
+                    assert_eq!(
+                        got, want,
+                        "vocab {vocab} T {temperature} top-p {top_p} u {u}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // The large vocabulary's intervals are about as narrow as the tolerance: most of its draws
+    // are near an edge; the small ones' are not.
+    assert!(checked >= 60, "{near} draws at an edge, {checked} checked");
+}

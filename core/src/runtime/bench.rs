@@ -512,7 +512,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         let how = if on_cpu {
             "position by position"
         } else {
-            "GEMMs over chunks of 128 positions"
+            "GEMMs over chunks of 128 (and 16) positions"
         };
         writeln!(
             out,

@@ -82,6 +82,34 @@ impl Runtime {
         }
     }
 
+    /// Run `ids` and pick the next token with `sampler`: on the GPU the logits never leave the
+    /// device (shaders/sample.wgsl, with the sampler's own uniform number); on the CPU the
+    /// host sampler picks.
+    pub fn sample_next(
+        &mut self,
+        ids: &[u32],
+        sampler: &mut crate::generate::Sampler,
+    ) -> Result<u32> {
+        match self {
+            Runtime::Gpu(m) => {
+                let params = sampler.params();
+                let pick = match sampler.draw() {
+                    None => ops::Pick::Greedy,
+                    Some(u) => ops::Pick::TopP {
+                        temperature: params.temperature,
+                        top_p: params.top_p,
+                        u,
+                    },
+                };
+                m.next_token(ids, pick)
+            }
+            Runtime::Cpu(_) => {
+                let logits = self.prefill(ids)?;
+                Ok(sampler.sample(&logits))
+            }
+        }
+    }
+
     /// Forget every position.
     pub fn reset(&mut self) {
         match self {

@@ -16,7 +16,7 @@ use super::gemv::{ActCodes, Gemv, Linear};
 use super::hadamard::GpuHadamard;
 use super::host::HostModel;
 use super::kernel::{Dispatch, record_all};
-use super::ops::Ops;
+use super::ops::{Ops, Pick, SampleParams};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::LlamaWeights;
 use crate::model::config::LlamaConfig;
@@ -57,6 +57,7 @@ struct Scratch {
     /// The last position's hidden state (prefill plans only: the head runs on it alone).
     last: wgpu::Buffer,
     logits: wgpu::Buffer,
+    token: wgpu::Buffer,
 }
 
 impl Scratch {
@@ -85,6 +86,7 @@ impl Scratch {
             sin: gpu.output("sin", t * hd / 2),
             last: gpu.output("last", if t > 1 { d } else { 1 }),
             logits: gpu.output("logits", c.vocab_size),
+            token: gpu.output("token", 1),
         }
     }
 }
@@ -129,6 +131,8 @@ struct Plan {
     tail: Vec<Launch>,
     /// The linears run on integer activation codes (the W4A4 kernels).
     integer_activations: bool,
+    /// The next token from `s.logits` into `s.token` (parameters set per call).
+    sample: Dispatch,
 }
 
 /// Seconds per token of a replayed plan, whole and split (see [`GpuModel::breakdown`]).
@@ -141,8 +145,9 @@ pub struct Breakdown {
     pub gemv_launches: usize,
 }
 
-/// Tokens per prefill chunk: long prompts run in chunks of this many positions.
-const PREFILL_CHUNK: usize = 128;
+/// Positions of the prefill plans: long prompts run in chunks of 128, the rest in chunks of 16
+/// (a plan computes all its rows, so a short prompt in a long plan would waste most of them).
+const PREFILL_CHUNKS: [usize; 2] = [16, 128];
 
 pub struct GpuModel {
     pub config: LlamaConfig,
@@ -155,8 +160,8 @@ pub struct GpuModel {
     inv_freq: Vec<f64>,
     /// One token at a time.
     decode: Plan,
-    /// Many tokens at a time (absent when the cache holds a single position).
-    prefill: Option<Plan>,
+    /// Many tokens at a time, by increasing size ([`PREFILL_CHUNKS`] that fit the cache).
+    prefill: Vec<Plan>,
     /// The linears run on integer activation codes (the W4A4 kernels).
     pub integer_activations: bool,
     /// Positions in the cache.
@@ -240,8 +245,11 @@ impl GpuModel {
             )
         };
         let decode = plan(1)?;
-        let chunk = PREFILL_CHUNK.min(max_seq);
-        let prefill = (chunk > 1).then(|| plan(chunk)).transpose()?;
+        let prefill = PREFILL_CHUNKS
+            .iter()
+            .filter(|&&n| n <= max_seq)
+            .map(|&n| plan(n))
+            .collect::<Result<Vec<_>>>()?;
         Ok(GpuModel {
             inv_freq: c.rope_inv_freq(),
             integer_activations: decode.integer_activations,
@@ -398,12 +406,19 @@ impl GpuModel {
             fixed(ops.rms_norm(gpu, last, norm, &s.n, 1, d, eps)),
             Launch::Gemv(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)),
         ];
+        let sample = ops.sample(
+            gpu,
+            &SampleParams::new(c.vocab_size, Pick::Greedy),
+            &s.logits,
+            &s.token,
+        );
         Ok(Plan {
             tokens: t,
             s,
             body: plan,
             tail,
             integer_activations: codes.is_some(),
+            sample,
         })
     }
 
@@ -470,39 +485,56 @@ impl GpuModel {
 
     /// Run one token at the next position and return its logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        self.run(false, &[token])
+        self.run(None, &[token], None)
     }
 
-    /// Run `tokens` at the next positions (in chunks of many positions at once where the
-    /// model has a prefill plan) and return the logits of the last one.
+    /// Run `tokens` at the next positions (in chunks of many positions at once) and return the
+    /// logits of the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::other("nothing to prefill"));
-        }
-        let Some(chunk) = self.prefill.as_ref().map(|p| p.tokens) else {
-            let mut last = Vec::new();
-            for &t in tokens {
-                last = self.step(t)?;
-            }
-            return Ok(last);
-        };
-        let mut last = Vec::new();
-        for part in tokens.chunks(chunk) {
-            last = self.run(part.len() > 1, part)?;
-        }
-        Ok(last)
+        self.forward(tokens, None)
     }
 
-    /// One forward over `tokens` at the next positions with the decode plan (one token) or
-    /// the prefill plan; the logits of the last position.
-    fn run(&mut self, prefill: bool, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Run `tokens` as [`GpuModel::prefill`] does and pick the next token on the GPU: only the
+    /// token is read back.
+    pub fn next_token(&mut self, tokens: &[u32], pick: Pick) -> Result<u32> {
+        let out = self.forward(tokens, Some(pick))?;
+        Ok(out[0].to_bits())
+    }
+
+    /// All of `tokens` in chunks: each chunk through the largest plan it fills, the remainder
+    /// through the smallest plan that holds it (the decode plan for single tokens); the last
+    /// chunk ends with `pick`.
+    fn forward(&mut self, tokens: &[u32], pick: Option<Pick>) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::other("no tokens to run"));
+        }
+        let mut rest = tokens;
+        loop {
+            let r = rest.len();
+            let plan = if r == 1 {
+                None
+            } else {
+                let fills = self.prefill.iter().rposition(|p| p.tokens <= r);
+                let holds = self.prefill.iter().position(|p| p.tokens >= r);
+                fills.or(holds)
+            };
+            let n = plan.map_or(1, |i| self.prefill[i].tokens.min(r));
+            let (now, later) = rest.split_at(n);
+            if later.is_empty() {
+                return self.run(plan, now, pick);
+            }
+            self.run(plan, now, None)?;
+            rest = later;
+        }
+    }
+
+    /// One forward over `tokens` at the next positions with the decode plan (`None`, one
+    /// token) or prefill plan `plan`: the logits of the last position, or with `pick` the next token (its
+    /// u32 bits in the single returned value).
+    fn run(&mut self, plan: Option<usize>, tokens: &[u32], pick: Option<Pick>) -> Result<Vec<f32>> {
         let c = &self.config;
         let (d, half) = (c.hidden_size, c.head_dim() / 2);
-        let plan = if prefill {
-            self.prefill.as_ref().expect("a prefill plan")
-        } else {
-            &self.decode
-        };
+        let plan = plan.map_or(&self.decode, |i| &self.prefill[i]);
         let (pos, t) = (self.len, tokens.len());
         assert!(t >= 1 && t <= plan.tokens, "tokens fit the plan");
         if pos + t > self.attn.max_seq {
@@ -556,9 +588,20 @@ impl GpuModel {
             let row = (d * 4) as u64;
             enc.copy_buffer_to_buffer(&s.h, (t as u64 - 1) * row, &s.last, 0, row);
         }
-        record_all(&mut enc, plan.tail.iter().map(Launch::dispatch));
-        let logits = gpu.finish_f32(enc, &s.logits, c.vocab_size)?;
+        let tail = plan.tail.iter().map(Launch::dispatch);
+        let out = match pick {
+            None => {
+                record_all(&mut enc, tail);
+                gpu.finish_f32(enc, &s.logits, c.vocab_size)?
+            }
+            Some(pick) => {
+                plan.sample
+                    .set_params(gpu, &SampleParams::new(c.vocab_size, pick));
+                record_all(&mut enc, tail.chain([&plan.sample]));
+                gpu.finish_f32(enc, &s.token, 1)?
+            }
+        };
         self.len += t;
-        Ok(logits)
+        Ok(out)
     }
 }

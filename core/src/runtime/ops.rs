@@ -1,4 +1,5 @@
-//! The decode loop's small kernels: RMSNorm, SiLU·mul and RoPE (shaders/*.wgsl).
+//! The forward's small kernels: RMSNorm, SiLU·mul, RoPE, activation fake quantization, and the
+//! next token's pick (shaders/*.wgsl).
 
 use burn::tensor::wgpu::wgpu;
 
@@ -44,12 +45,57 @@ fn elementwise(kernel: &Kernel, gpu: &Gpu, len: usize, buffers: &[&wgpu::Buffer]
     kernel.dispatch(gpu, &p, buffers, g)
 }
 
+/// How the next token is picked (shaders/sample.wgsl).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pick {
+    Greedy,
+    /// Top-p at `temperature` with the uniform number `u` ([`crate::generate::top_p_pick`]).
+    TopP {
+        temperature: f32,
+        top_p: f32,
+        u: f32,
+    },
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SampleParams {
+    vocab: u32,
+    greedy: u32,
+    temperature: f32,
+    top_p: f32,
+    u: f32,
+    _pad: [u32; 3],
+}
+
+impl SampleParams {
+    pub fn new(vocab: usize, pick: Pick) -> Self {
+        let (greedy, temperature, top_p, u) = match pick {
+            Pick::Greedy => (1, 1.0, 1.0, 0.0),
+            Pick::TopP {
+                temperature,
+                top_p,
+                u,
+            } => (0, temperature, top_p, u),
+        };
+        SampleParams {
+            vocab: vocab as u32,
+            greedy,
+            temperature,
+            top_p,
+            u,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// The compiled small kernels.
 pub struct Ops {
     rms_norm: Kernel,
     silu_mul: Kernel,
     rope: Kernel,
     act_quant: Kernel,
+    sample: Kernel,
 }
 
 impl Ops {
@@ -71,6 +117,7 @@ impl Ops {
                 "act_quant",
                 include_str!("../../../shaders/act_quant.wgsl"),
             ),
+            sample: Kernel::new(gpu, "sample", include_str!("../../../shaders/sample.wgsl")),
         }
     }
 
@@ -92,6 +139,19 @@ impl Ops {
             grid_x: g.0,
         };
         self.act_quant.dispatch(gpu, &p, &[x], g)
+    }
+
+    /// The launch that picks the next token from `logits` into `token` (one workgroup; the
+    /// parameters are replaced per call with [`SampleParams::new`]).
+    pub fn sample(
+        &self,
+        gpu: &Gpu,
+        params: &SampleParams,
+        logits: &wgpu::Buffer,
+        token: &wgpu::Buffer,
+    ) -> Dispatch {
+        self.sample
+            .dispatch(gpu, params, &[logits, token], (1, 1, 1))
     }
 
     /// y = RMSNorm(x)·w for each of `rows` rows of length `n`.
