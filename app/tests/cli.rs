@@ -362,42 +362,9 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
     assert_eq!(header["weight"]["bits"], 4);
     assert_eq!(header["forward"]["qk_hadamard"], true);
     assert_eq!(header["details"]["losses"].as_array().unwrap().len(), 3);
-    // The folder runs: perplexity through the int4 weights and the header's quantizers.
-    let ppl = ostquant(&[
-        "ppl",
-        "--model",
-        s(&out),
-        "--device",
-        "cpu",
-        "--windows",
-        "1",
-        "--ctx",
-        "32",
-    ]);
-    assert!(
-        ppl.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ppl.stderr)
-    );
-    // The same perplexity through the WGSL runtime on the software Vulkan device, compared
-    // position by position with the burn forward of the folder.
-    let rt = ostquant(&[
-        "ppl",
-        "--model",
-        s(&out),
-        "--device",
-        "software",
-        "--windows",
-        "1",
-        "--ctx",
-        "32",
-    ]);
-    let rt_out = String::from_utf8_lossy(&rt.stdout).into_owned();
-    assert!(
-        rt.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rt.stderr)
-    );
+    // The folder runs through both int4 runtimes (`--device cpu`: the CPU runtime;
+    // `software`: the WGSL kernels on lavapipe), each compared position by position with the
+    // burn forward of the folder, whose perplexity the same line prints.
     let number_after = |text: &str, key: &str| -> f64 {
         let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key} in {text}")) + key.len()..];
         rest.trim_start()
@@ -407,13 +374,32 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
             .parse()
             .unwrap()
     };
-    let burn_ppl = number_after(&String::from_utf8_lossy(&ppl.stdout), "perplexity");
-    let rt_ppl = number_after(&rt_out, "perplexity");
-    assert!(
-        rt_out.contains("int4 runtime") && (rt_ppl - burn_ppl).abs() <= 1e-3 * burn_ppl,
-        "runtime {rt_ppl} vs burn {burn_ppl}: {rt_out}"
-    );
-    assert!(number_after(&rt_out, "top-1 agreement") >= 95.0, "{rt_out}");
+    for device in ["cpu", "software"] {
+        let rt = ostquant(&[
+            "ppl",
+            "--model",
+            s(&out),
+            "--device",
+            device,
+            "--windows",
+            "1",
+            "--ctx",
+            "32",
+        ]);
+        let rt_out = String::from_utf8_lossy(&rt.stdout).into_owned();
+        assert!(
+            rt.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rt.stderr)
+        );
+        let rt_ppl = number_after(&rt_out, "perplexity");
+        let burn_ppl = number_after(&rt_out, "(prefill): perplexity");
+        assert!(
+            rt_out.contains("int4 runtime") && (rt_ppl - burn_ppl).abs() <= 1e-3 * burn_ppl,
+            "{device}: runtime {rt_ppl} vs burn {burn_ppl}: {rt_out}"
+        );
+        assert!(number_after(&rt_out, "top-1 agreement") >= 95.0, "{rt_out}");
+    }
     // Options that a method without calibration cannot use are refused.
     let err = fails(&[
         "quantize",
@@ -451,6 +437,8 @@ fn bench_prints_gemv_bandwidth_and_decode_speed_on_the_software_device() {
         "smollm2-135m",
         "--tokens",
         "1",
+        "--prefill",
+        "20",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -466,12 +454,18 @@ fn bench_prints_gemv_bandwidth_and_decode_speed_on_the_software_device() {
         .lines()
         .filter(|l| l.trim_start().starts_with(char::is_numeric))
         .count();
-    // Seven shapes, int4 and f16 each; every figure checked against the f64 reference.
-    assert_eq!(rows, 14, "{stdout}");
-    let decode: Vec<&str> = stdout
+    // Seven shapes: int4 and W4A4 at three rows-per-team choices each, and f16; every figure
+    // checked against the f64 reference.
+    assert_eq!(rows, 7 * 7, "{stdout}");
+    let model_rows: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("smollm2-135m"))
         .collect();
-    assert_eq!(decode.len(), 2, "{stdout}");
-    assert!(stdout.contains("int4 / f16 decode speed"), "{stdout}");
+    // Decode int4, w4a4 and f16; prefill of 20 tokens for each; the prefill ratio line.
+    assert_eq!(model_rows.len(), 3 + 3 + 1, "{stdout}");
+    assert!(stdout.contains("decode speed over f16"), "{stdout}");
+    assert!(
+        stdout.contains("prefill speed over f16 at 20 tokens"),
+        "{stdout}"
+    );
 }
