@@ -387,18 +387,8 @@ impl Gemv {
         self.launch(gpu, w, x, y, false, None)
     }
 
-    /// The launch of y += W·x: a residual connection folded into the product.
-    pub fn dispatch_add(
-        &self,
-        gpu: &Gpu,
-        w: &Linear,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-    ) -> Dispatch {
-        self.launch(gpu, w, x, y, true, None)
-    }
-
-    /// y (+)= W·x; `rpt` overrides [`rows_per_team`] for the int4 kernel (benchmarks).
+    /// The launch of y (+)= W·x (`accumulate`: a residual connection folded into the
+    /// product); `rpt` overrides [`rows_per_team`] for the int4 kernel (benchmarks).
     pub fn launch(
         &self,
         gpu: &Gpu,
