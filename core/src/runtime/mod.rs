@@ -71,14 +71,7 @@ impl Runtime {
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         match self {
             Runtime::Gpu(m) => m.prefill(tokens),
-            Runtime::Cpu(m) => {
-                let mut last = Err(Error::other("nothing to prefill"));
-                for &t in tokens {
-                    last = m.step(t);
-                    last.as_ref().map_err(|e| Error::other(e.to_string()))?;
-                }
-                last
-            }
+            Runtime::Cpu(m) => m.forward(tokens),
         }
     }
 

@@ -66,6 +66,91 @@ pub fn instruction_set() -> &'static str {
     "portable loops"
 }
 
+/// Y [tokens, cols → rows] = X·Wᵀ for `tokens` rows of X at once (prefill): each weight row is
+/// unpacked once per block of 8 tokens instead of once per token; rows split over threads.
+pub fn gemm(w: &HostLinear, x: &[f32], tokens: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), tokens * cols, "gemm: x does not match the matrix");
+    assert_eq!(y.len(), tokens * rows, "gemm: y does not match the matrix");
+    // Row-major [rows, tokens] first (each thread owns whole rows), then transposed.
+    let mut yt = vec![0f32; rows * tokens];
+    let block = 16;
+    match w {
+        HostLinear::Int4 {
+            spec,
+            words,
+            scales,
+            zeros,
+            ..
+        } => {
+            let group = spec.group.unwrap_or(cols);
+            let groups = cols / group;
+            let xsum: Vec<f32> = x.chunks_exact(group).map(|g| g.iter().sum()).collect();
+            let qmin = spec.qmin();
+            let wpr = cols / 8;
+            yt.par_chunks_mut(block * tokens)
+                .enumerate()
+                .for_each(|(b, out)| {
+                    for (i, yr) in out.chunks_mut(tokens).enumerate() {
+                        let r = b * block + i;
+                        let row = &words[r * wpr..(r + 1) * wpr];
+                        for t0 in (0..tokens).step_by(8) {
+                            let nt = (tokens - t0).min(8);
+                            for g in 0..groups {
+                                let wg = &row[g * group / 8..(g + 1) * group / 8];
+                                let xs: Vec<&[f32]> = (t0..t0 + nt)
+                                    .map(|t| &x[t * cols + g * group..t * cols + (g + 1) * group])
+                                    .collect();
+                                let d = dot_int4_many(wg, &xs);
+                                let offset =
+                                    qmin - zeros.as_ref().map_or(0.0, |z| z[r * groups + g]);
+                                let s = scales[r * groups + g];
+                                for (k, dk) in d.iter().take(nt).enumerate() {
+                                    let t = t0 + k;
+                                    yr[t] += s * (dk + offset * xsum[t * groups + g]);
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+        HostLinear::Half { halves, .. } => {
+            yt.par_chunks_mut(block * tokens)
+                .enumerate()
+                .for_each(|(b, out)| {
+                    for (i, yr) in out.chunks_mut(tokens).enumerate() {
+                        let r = b * block + i;
+                        let row = &halves[r * cols..(r + 1) * cols];
+                        for (t, yv) in yr.iter_mut().enumerate() {
+                            *yv = dot_f16(row, &x[t * cols..(t + 1) * cols]);
+                        }
+                    }
+                });
+        }
+    }
+    for r in 0..rows {
+        for t in 0..tokens {
+            y[t * rows + r] = yt[r * tokens + t];
+        }
+    }
+}
+
+/// Σ_j code_j·x_k[j] for each of up to 8 vectors x_k at once (see [`dot_int4`]): the codes are
+/// unpacked once for all of them.
+pub fn dot_int4_many(words: &[u32], xs: &[&[f32]]) -> [f32; 8] {
+    assert!(xs.len() <= 8 && xs.iter().all(|x| x.len() == words.len() * 8));
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the lengths match.
+        return unsafe { x86::dot_int4_many(words, xs) };
+    }
+    let mut out = [0f32; 8];
+    for (k, x) in xs.iter().enumerate() {
+        out[k] = dot_int4_portable(words, x);
+    }
+    out
+}
+
 /// Σ_j code_j·x_j over packed words (8 codes per word, code j of a word in bits 4j..4j+3);
 /// `x` has 8 values per word.
 pub fn dot_int4(words: &[u32], x: &[f32]) -> f32 {
@@ -167,6 +252,31 @@ mod x86 {
             _mm256_add_ps(acc[0], acc[1]),
             _mm256_add_ps(acc[2], acc[3]),
         ))
+    }
+
+    /// One broadcast/shift/mask/convert per word, then one FMA per vector.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_int4_many(words: &[u32], xs: &[&[f32]]) -> [f32; 8] {
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let mask = _mm256_set1_epi32(0xF);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let n = xs.len();
+        for (i, &w) in words.iter().enumerate() {
+            let c = _mm256_cvtepi32_ps(_mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
+                mask,
+            ));
+            for k in 0..n {
+                // SAFETY: every x has 8 values per word (checked by the caller).
+                let xv = unsafe { _mm256_loadu_ps(xs[k].as_ptr().add(8 * i)) };
+                acc[k] = _mm256_fmadd_ps(c, xv, acc[k]);
+            }
+        }
+        let mut out = [0f32; 8];
+        for k in 0..n {
+            out[k] = hsum(acc[k]);
+        }
+        out
     }
 
     /// Eight halves converted per instruction (F16C), four accumulators.

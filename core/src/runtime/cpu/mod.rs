@@ -7,7 +7,7 @@ pub mod kernels;
 
 use rayon::prelude::*;
 
-use super::host::HostModel;
+use super::host::{HostLinear, HostModel};
 use crate::error::{Error, Result};
 use crate::transform::hadamard::Hadamard;
 
@@ -94,28 +94,12 @@ impl KvCache {
     }
 }
 
-/// Scratch vectors of one decode step.
-#[derive(Default)]
-struct Scratch {
-    h: Vec<f32>,
-    n: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    a: Vec<f32>,
-    o: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    m: Vec<f32>,
-}
-
 pub struct CpuModel {
     pub model: HostModel,
     caches: Vec<(KvCache, KvCache)>,
     inv_freq: Vec<f64>,
     down_hadamard: Option<Hadamard>,
     qk_hadamard: Option<Hadamard>,
-    s: Scratch,
     max_seq: usize,
     /// Positions in the cache.
     pub len: usize,
@@ -141,19 +125,6 @@ impl CpuModel {
         let caches = (0..c.num_hidden_layers)
             .map(|_| (KvCache::new(nkv, hd, int4), KvCache::new(nkv, hd, int4)))
             .collect();
-        let (d, dff, nq) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
-        let s = Scratch {
-            h: vec![0.0; d],
-            n: vec![0.0; d],
-            q: vec![0.0; nq * hd],
-            k: vec![0.0; nkv * hd],
-            v: vec![0.0; nkv * hd],
-            a: vec![0.0; nq * hd],
-            o: vec![0.0; d],
-            gate: vec![0.0; dff],
-            up: vec![0.0; dff],
-            m: vec![0.0; dff],
-        };
         Ok(CpuModel {
             inv_freq: c.rope_inv_freq(),
             max_seq: max_seq.min(c.max_position_embeddings),
@@ -161,7 +132,6 @@ impl CpuModel {
             caches,
             down_hadamard,
             qk_hadamard,
-            s,
             len: 0,
         })
     }
@@ -191,30 +161,36 @@ impl CpuModel {
 
     /// Run one token at the next position and return its logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        self.forward(&[token])
+    }
+
+    /// Run `tokens` at the next positions, all at once (the products as GEMMs: each weight row
+    /// unpacked once per 8 tokens), and return the logits of the last one.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let CpuModel {
             model,
             caches,
             inv_freq,
             down_hadamard,
             qk_hadamard,
-            s,
             ..
         } = self;
         let c = &model.config;
-        let (d, hd, nq, nkv) = (
+        let (d, hd, nq, nkv, dff) = (
             c.hidden_size,
             c.head_dim(),
             c.num_attention_heads,
             c.n_kv_heads(),
+            c.intermediate_size,
         );
-        let pos = self.len;
-        if pos >= self.max_seq {
-            return Err(Error::other("the context is full"));
+        let (pos, t) = (self.len, tokens.len());
+        if t == 0 {
+            return Err(Error::other("no tokens to run"));
         }
-        let t = token as usize;
-        if t >= c.vocab_size {
+        if pos + t > self.max_seq {
             return Err(Error::other(format!(
-                "token {token} is outside the vocabulary"
+                "the context is full ({} positions)",
+                self.max_seq
             )));
         }
         let eps = c.rms_norm_eps as f32;
@@ -224,66 +200,105 @@ impl CpuModel {
                 kernels::act_quant(x, group, a.bits);
             }
         };
+        // y = W·x for one position, Y = X·Wᵀ for several.
+        let product = |w: &HostLinear, x: &[f32], y: &mut [f32]| {
+            if t == 1 {
+                kernels::gemv(w, x, y)
+            } else {
+                kernels::gemm(w, x, t, y)
+            }
+        };
+        let norm_rows = |x: &[f32], w: &[f32], y: &mut [f32]| {
+            for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+                kernels::rms_norm(xr, w, eps, yr);
+            }
+        };
+        let mut h = Vec::with_capacity(t * d);
+        for &token in tokens {
+            let i = token as usize;
+            if i >= c.vocab_size {
+                return Err(Error::other(format!(
+                    "token {token} is outside the vocabulary"
+                )));
+            }
+            h.extend_from_slice(&model.embed[i * d..(i + 1) * d]);
+        }
         // Angles in f64: at far positions they reach thousands of radians.
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|f| {
-                let a = pos as f64 * f;
-                (a.cos() as f32, a.sin() as f32)
+        let angles: Vec<(Vec<f32>, Vec<f32>)> = (pos..pos + t)
+            .map(|p| {
+                inv_freq
+                    .iter()
+                    .map(|f| {
+                        let a = p as f64 * f;
+                        (a.cos() as f32, a.sin() as f32)
+                    })
+                    .unzip()
             })
-            .unzip();
-        s.h.copy_from_slice(&model.embed[t * d..(t + 1) * d]);
+            .collect();
+        let zeros = |n: usize| vec![0f32; t * n];
+        let (mut n, mut q, mut k, mut v) =
+            (zeros(d), zeros(nq * hd), zeros(nkv * hd), zeros(nkv * hd));
+        let (mut a, mut o) = (zeros(nq * hd), zeros(d));
+        let (mut gate, mut up, mut m) = (zeros(dff), zeros(dff), zeros(dff));
         for (l, (kc, vc)) in model.layers.iter().zip(caches.iter_mut()) {
             let [wq, wk, wv, wo, wg, wu, wd] = &l.linears;
-            kernels::rms_norm(&s.h, &l.attn_norm, eps, &mut s.n);
-            quant(&mut s.n, d);
-            kernels::gemv(wq, &s.n, &mut s.q);
-            kernels::gemv(wk, &s.n, &mut s.k);
-            kernels::gemv(wv, &s.n, &mut s.v);
-            kernels::rope(&mut s.q, hd, &cos, &sin);
-            kernels::rope(&mut s.k, hd, &cos, &sin);
-            if let Some(h) = qk_hadamard {
-                h.apply_rows_f32(&mut s.q);
-                h.apply_rows_f32(&mut s.k);
+            norm_rows(&h, &l.attn_norm, &mut n);
+            quant(&mut n, d);
+            product(wq, &n, &mut q);
+            product(wk, &n, &mut k);
+            product(wv, &n, &mut v);
+            for (i, (cos, sin)) in angles.iter().enumerate() {
+                kernels::rope(&mut q[i * nq * hd..(i + 1) * nq * hd], hd, cos, sin);
+                kernels::rope(&mut k[i * nkv * hd..(i + 1) * nkv * hd], hd, cos, sin);
             }
-            kc.push(&s.k);
-            vc.push(&s.v);
-            attend(&s.q, kc, vc, pos + 1, nq / nkv, &mut s.a);
-            quant(&mut s.a, hd);
-            kernels::gemv(wo, &s.a, &mut s.o);
-            s.h.iter_mut().zip(&s.o).for_each(|(h, o)| *h += o);
+            if let Some(hq) = qk_hadamard {
+                hq.apply_rows_f32(&mut q);
+                hq.apply_rows_f32(&mut k);
+            }
+            for i in 0..t {
+                kc.push(&k[i * nkv * hd..(i + 1) * nkv * hd]);
+                vc.push(&v[i * nkv * hd..(i + 1) * nkv * hd]);
+            }
+            attend(&q, kc, vc, pos, nq / nkv, &mut a);
+            quant(&mut a, hd);
+            product(wo, &a, &mut o);
+            h.iter_mut().zip(&o).for_each(|(h, o)| *h += o);
 
-            kernels::rms_norm(&s.h, &l.ffn_norm, eps, &mut s.n);
-            quant(&mut s.n, d);
-            kernels::gemv(wg, &s.n, &mut s.gate);
-            kernels::gemv(wu, &s.n, &mut s.up);
-            kernels::silu_mul(&s.gate, &s.up, &mut s.m);
-            if let Some(h) = down_hadamard {
-                h.apply_rows_f32(&mut s.m);
+            norm_rows(&h, &l.ffn_norm, &mut n);
+            quant(&mut n, d);
+            product(wg, &n, &mut gate);
+            product(wu, &n, &mut up);
+            kernels::silu_mul(&gate, &up, &mut m);
+            if let Some(hd_) = down_hadamard {
+                hd_.apply_rows_f32(&mut m);
             }
-            let dff = s.m.len();
-            quant(&mut s.m, dff);
-            kernels::gemv(wd, &s.m, &mut s.o);
-            s.h.iter_mut().zip(&s.o).for_each(|(h, o)| *h += o);
+            quant(&mut m, dff);
+            product(wd, &m, &mut o);
+            h.iter_mut().zip(&o).for_each(|(h, o)| *h += o);
         }
-        kernels::rms_norm(&s.h, &model.norm, eps, &mut s.n);
+        // The head on the last position only.
+        let mut last = vec![0f32; d];
+        kernels::rms_norm(&h[(t - 1) * d..], &model.norm, eps, &mut last);
         let mut logits = vec![0f32; c.vocab_size];
-        kernels::gemv(&model.lm_head, &s.n, &mut logits);
-        self.len += 1;
+        kernels::gemv(&model.lm_head, &last, &mut logits);
+        self.len += t;
         Ok(logits)
     }
 }
 
-/// Decode attention of one query position over `len` cached positions, query heads in
-/// parallel; query head h reads KV head h / `group`.
-fn attend(q: &[f32], k: &KvCache, v: &KvCache, len: usize, group: usize, out: &mut [f32]) {
+/// Causal attention of the positions pos0, pos0 + 1, … (one row of `q` [t, nq, hd] each) over
+/// the cache, (query, head) pairs in parallel; query head h reads KV head h / `group`.
+fn attend(q: &[f32], k: &KvCache, v: &KvCache, pos0: usize, group: usize, out: &mut [f32]) {
     let hd = k.hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
+    let heads_per_row = k.heads * group;
+    out.par_chunks_mut(hd).enumerate().for_each(|(row, o)| {
+        let (i, h) = (row / heads_per_row, row % heads_per_row);
+        let len = pos0 + i + 1;
         let kv = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
+        let qh = &q[row * hd..(row + 1) * hd];
         let q_sum: f32 = qh.iter().sum();
-        let mut p: Vec<f32> = (0..len).map(|t| k.dot(t, kv, qh, q_sum) * scale).collect();
+        let mut p: Vec<f32> = (0..len).map(|s| k.dot(s, kv, qh, q_sum) * scale).collect();
         let mx = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut total = 0f32;
         for x in &mut p {
@@ -291,8 +306,8 @@ fn attend(q: &[f32], k: &KvCache, v: &KvCache, len: usize, group: usize, out: &m
             total += *x;
         }
         o.iter_mut().for_each(|x| *x = 0.0);
-        for (t, &pt) in p.iter().enumerate() {
-            v.add_scaled(t, kv, pt / total, o);
+        for (s, &ps) in p.iter().enumerate() {
+            v.add_scaled(s, kv, ps / total, o);
         }
     });
 }
