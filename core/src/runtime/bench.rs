@@ -9,9 +9,9 @@ use std::time::Instant;
 use burn::tensor::wgpu::wgpu;
 use rand::{Rng, SeedableRng};
 
-use super::gemv::{ActCodes, Gemv, Linear, ROWS_PER_TEAM, rows_per_team};
 use super::host::{HostLinear, HostModel, SyntheticWeights};
 use super::kernel::{Dispatch, Kernel, record_all};
+use super::linear::{ActCodes, Linear, Products, ROWS_PER_TEAM, rows_per_team};
 use super::model::GpuModel;
 use super::{Gpu, Runtime, cpu};
 use crate::device::DeviceChoice;
@@ -110,7 +110,7 @@ pub fn cpu_read_gb_per_s() -> f64 {
 
 /// Where the GEMVs run.
 enum Target<'g> {
-    Gpu(&'g Gpu, Gemv),
+    Gpu(&'g Gpu, Products),
     Cpu,
 }
 
@@ -338,7 +338,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
                 gpu.info.name, gpu.info.backend, gpu.info.device_type
             ),
             read_gb_per_s(gpu, 1024, o.iters)?,
-            Target::Gpu(gpu, Gemv::new(gpu)),
+            Target::Gpu(gpu, Products::new(gpu)),
         ),
         None => (
             format!("{} ({})", cpu_name(), cpu::kernels::instruction_set()),

@@ -5,10 +5,10 @@
 pub mod attention;
 pub mod bench;
 pub mod cpu;
-pub mod gemv;
 pub mod hadamard;
 pub mod host;
 pub mod kernel;
+pub mod linear;
 pub mod model;
 pub mod ops;
 

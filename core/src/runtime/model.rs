@@ -12,10 +12,10 @@ use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
 use super::attention::{Attention, KvCache};
-use super::gemv::{ActCodes, Gemv, Linear};
 use super::hadamard::GpuHadamard;
 use super::host::HostModel;
 use super::kernel::{Dispatch, record_all};
+use super::linear::{ActCodes, Linear, Products};
 use super::ops::{Ops, Pick, SampleParams};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::LlamaWeights;
@@ -94,8 +94,8 @@ impl Scratch {
 /// One launch of a forward; the attention launches move with the positions.
 enum Launch {
     Fixed(Dispatch),
-    /// A matrix product (fixed too; told apart for [`GpuModel::breakdown`]).
-    Gemv(Dispatch),
+    /// A linear layer's product (fixed too; told apart for [`GpuModel::breakdown`]).
+    Product(Dispatch),
     Append {
         d: Dispatch,
         layer: usize,
@@ -111,7 +111,7 @@ impl Launch {
     fn dispatch(&self) -> &Dispatch {
         match self {
             Launch::Fixed(d)
-            | Launch::Gemv(d)
+            | Launch::Product(d)
             | Launch::Append { d, .. }
             | Launch::Attend { d, .. } => d,
         }
@@ -238,7 +238,7 @@ impl GpuModel {
             .collect();
         let attn = Attention::new(&gpu, nq, nkv, hd, max_seq);
         let norm = gpu.storage("norm", &norm);
-        let kernels = (Ops::new(&gpu), Gemv::new(&gpu));
+        let kernels = (Ops::new(&gpu), Products::new(&gpu));
         let plan = |tokens| {
             Self::plan(
                 &gpu, c, &forward, &layers, &norm, &lm_head, &attn, &kernels, tokens,
@@ -276,7 +276,7 @@ impl GpuModel {
         norm: &wgpu::Buffer,
         lm_head: &Linear,
         attn: &Attention,
-        (ops, gemv): &(Ops, Gemv),
+        (ops, products): &(Ops, Products),
         t: usize,
     ) -> Result<Plan> {
         let (d, hd, nq, nkv, dff) = (
@@ -319,7 +319,7 @@ impl GpuModel {
         };
         // The launch preparing input `i` (of `inputs`) held in `x`, for all t positions.
         let quantize = |x: &wgpu::Buffer, i: usize| match (&codes, f.act) {
-            (Some(c), _) => Some(fixed(gemv.quantize(gpu, x, &c[i]))),
+            (Some(c), _) => Some(fixed(products.quantize(gpu, x, &c[i]))),
             (None, Some(a)) => {
                 let (len, group) = inputs[i];
                 Some(fixed(ops.act_quant(gpu, x, t * len, group, a.bits)))
@@ -329,12 +329,14 @@ impl GpuModel {
         // y (+)= W·(input `i`, held in `x`): GEMVs for one position, GEMMs for several.
         let product = |w: &Linear, x: &wgpu::Buffer, i: usize, y: &wgpu::Buffer, add: bool| {
             let launch = match (&codes, w, t) {
-                (Some(c), Linear::Int4(m), 1) => gemv.launch_w4a4(gpu, m, &c[i], y, add, None)?,
-                (Some(c), Linear::Int4(m), _) => gemv.gemm_w4a4(gpu, m, &c[i], y, add)?,
-                (_, w, 1) => gemv.launch(gpu, w, x, y, add, None),
-                (_, w, _) => gemv.gemm(gpu, w, x, y, t, add),
+                (Some(c), Linear::Int4(m), 1) => {
+                    products.launch_w4a4(gpu, m, &c[i], y, add, None)?
+                }
+                (Some(c), Linear::Int4(m), _) => products.gemm_w4a4(gpu, m, &c[i], y, add)?,
+                (_, w, 1) => products.launch(gpu, w, x, y, add, None),
+                (_, w, _) => products.gemm(gpu, w, x, y, t, add),
             };
-            Ok(Launch::Gemv(launch))
+            Ok(Launch::Product(launch))
         };
         for (layer, l) in layers.iter().enumerate() {
             let [wq, wk, wv, wo, wg, wu, wd] = [0, 1, 2, 3, 4, 5, 6].map(|j| &l.linears[j]);
@@ -404,7 +406,7 @@ impl GpuModel {
         let last = if t > 1 { &s.last } else { &s.h };
         let tail = vec![
             fixed(ops.rms_norm(gpu, last, norm, &s.n, 1, d, eps)),
-            Launch::Gemv(gemv.dispatch(gpu, lm_head, &s.n, &s.logits)),
+            Launch::Product(products.dispatch(gpu, lm_head, &s.n, &s.logits)),
         ];
         let sample = ops.sample(
             gpu,
@@ -473,7 +475,7 @@ impl GpuModel {
             replay(reps)?;
             Ok(t0.elapsed().as_secs_f64() / reps as f64)
         };
-        let is_gemv = |l: &Launch| matches!(l, Launch::Gemv(_));
+        let is_gemv = |l: &Launch| matches!(l, Launch::Product(_));
         Ok(Breakdown {
             all: time(&|_| true)?,
             gemv: time(&is_gemv)?,
@@ -570,7 +572,7 @@ impl GpuModel {
             .write_buffer(&s.sin, 0, bytemuck::cast_slice(&sin));
         for launch in &plan.body {
             match launch {
-                Launch::Fixed(_) | Launch::Gemv(_) => {}
+                Launch::Fixed(_) | Launch::Product(_) => {}
                 Launch::Append { d, layer, v } => {
                     let l = &self.layers[*layer];
                     let cache = if *v { &l.v_cache } else { &l.k_cache };

@@ -1,11 +1,12 @@
-//! The W4A16 GEMV kernel on the software Vulkan device against an f64 reference on the same
-//! packed codes, on odd and real LLaMA shapes, symmetric per channel and asymmetric in groups;
-//! the f16 GEMV against an f64 reference on the rounded weights.
+//! The linear layers' GPU products on the software Vulkan device against f64 references on the
+//! same packed codes: the W4A16 GEMV (every rows-per-team pipeline, accumulate path) on odd and
+//! real LLaMA shapes, symmetric per channel and asymmetric in groups; the W4A4 integer GEMV;
+//! the prefill GEMMs (W4A16, W4A4, f16); the f16 GEMV on the rounded weights.
 
 use ostquant_core::model::qformat::unpack;
 use ostquant_core::quant::quantizer::QuantSpec;
 use ostquant_core::runtime::Gpu;
-use ostquant_core::runtime::gemv::{Gemv, HalfMatrix, Int4Matrix, Linear};
+use ostquant_core::runtime::linear::{HalfMatrix, Int4Matrix, Linear, Products};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -16,9 +17,9 @@ fn gpu() -> Gpu {
 #[test]
 fn gemv_matches_the_f64_reference() {
     let gpu = gpu();
-    let gemv = Gemv::new(&gpu);
+    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(1);
-    use ostquant_core::runtime::gemv::ROWS_PER_TEAM;
+    use ostquant_core::runtime::linear::ROWS_PER_TEAM;
     let cases = [
         (576, 576, QuantSpec::sym(4)),
         (1536, 576, QuantSpec::sym(4)),
@@ -86,7 +87,7 @@ fn gemv_refuses_mismatched_inputs() {
         "zeros"
     );
     let m = Linear::Int4(Int4Matrix::upload(&gpu, 2, 16, spec, &[0; 4], &[1.0; 2], None).unwrap());
-    assert!(Gemv::new(&gpu).run(&gpu, &m, &[0.0; 8]).is_err());
+    assert!(Products::new(&gpu).run(&gpu, &m, &[0.0; 8]).is_err());
     assert!(
         HalfMatrix::upload(&gpu, 2, 12, &[0; 24]).is_err(),
         "cols % 8"
@@ -97,7 +98,7 @@ fn gemv_refuses_mismatched_inputs() {
 #[test]
 fn f16_gemv_matches_the_f64_reference() {
     let gpu = gpu();
-    let gemv = Gemv::new(&gpu);
+    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(2);
     for (rows, cols) in [
         (576, 576),
@@ -139,9 +140,9 @@ fn f16_gemv_matches_the_f64_reference() {
 /// rows-per-team pipeline and the f16 kernel, against y0 + the f64 product.
 #[test]
 fn gemv_accumulates_for_every_rows_per_team() {
-    use ostquant_core::runtime::gemv::ROWS_PER_TEAM;
+    use ostquant_core::runtime::linear::ROWS_PER_TEAM;
     let gpu = gpu();
-    let gemv = Gemv::new(&gpu);
+    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(9);
     let (rows, cols) = (37, 96);
     let spec = QuantSpec::asym(4).with_group(32);
@@ -201,9 +202,9 @@ fn gemv_accumulates_for_every_rows_per_team() {
 /// rounding is unambiguous and the reference knows the codes exactly.
 #[test]
 fn w4a4_gemv_matches_the_f64_reference() {
-    use ostquant_core::runtime::gemv::{ActCodes, ROWS_PER_TEAM};
+    use ostquant_core::runtime::linear::{ActCodes, ROWS_PER_TEAM};
     let gpu = gpu();
-    let gemv = Gemv::new(&gpu);
+    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(11);
     let cases = [
         (576, 576, 576, QuantSpec::sym(4)),
@@ -271,9 +272,9 @@ fn w4a4_gemv_matches_the_f64_reference() {
 /// GEMV test, so the quantizer's codes are known exactly); with accumulation into Y.
 #[test]
 fn prefill_gemms_match_the_f64_reference() {
-    use ostquant_core::runtime::gemv::ActCodes;
+    use ostquant_core::runtime::linear::ActCodes;
     let gpu = gpu();
-    let gemv = Gemv::new(&gpu);
+    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(12);
     let cases = [
         (70, 96, 37, QuantSpec::sym(4)),
@@ -354,7 +355,7 @@ fn prefill_gemms_match_the_f64_reference() {
 #[test]
 fn f16_gemm_matches_the_f64_reference() {
     let gpu = gpu();
-    let gemv = Gemv::new(&gpu);
+    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(13);
     for (rows, cols, tokens) in [(70, 96, 37), (9, 40, 3), (130, 576, 33)] {
         let w: Vec<f32> = (0..rows * cols)

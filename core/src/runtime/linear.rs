@@ -326,7 +326,7 @@ struct CodesParams {
 }
 
 /// The compiled GEMV kernels.
-pub struct Gemv {
+pub struct Products {
     /// One int4 pipeline per entry of [`ROWS_PER_TEAM`], for f32 and for integer inputs.
     int4: Vec<Kernel>,
     w4a4: Vec<Kernel>,
@@ -339,7 +339,7 @@ pub struct Gemv {
     pub software: bool,
 }
 
-impl Gemv {
+impl Products {
     pub fn new(gpu: &Gpu) -> Self {
         let variants = |name: &'static str, source: &str| -> Vec<Kernel> {
             ROWS_PER_TEAM
@@ -347,7 +347,7 @@ impl Gemv {
                 .map(|&r| Kernel::specialized(gpu, name, source, "main", &[("RPT", r as f64)]))
                 .collect()
         };
-        Gemv {
+        Products {
             int4: variants(
                 "gemv_w4a16",
                 include_str!("../../../shaders/gemv_w4a16.wgsl"),
