@@ -333,12 +333,20 @@ fn chat_side_by_side_with_an_int4_folder() {
     h.get_by_label("Send").click();
     h.step();
     wait(&mut h, "both replies", |a| !a.chat.is_answering());
+    // A second message extends the conversation: the int4 side resumes its runtime's cache.
+    h.state_mut().chat.input = "Again".into();
+    h.get_by_label("Send").click();
+    h.step();
+    wait(&mut h, "the second replies", |a| !a.chat.is_answering());
     let app = h.state();
     assert!(app.shared.error.is_none(), "{:?}", app.shared.error);
-    for (side, r) in app.chat.turns[0].replies.iter().enumerate() {
-        let r = r
-            .as_ref()
-            .unwrap_or_else(|| panic!("no reply on side {side}"));
-        assert!(r.done && !r.text.is_empty(), "side {side}: {r:?}");
+    assert_eq!(app.chat.turns.len(), 2);
+    for turn in &app.chat.turns {
+        for (side, r) in turn.replies.iter().enumerate() {
+            let r = r
+                .as_ref()
+                .unwrap_or_else(|| panic!("no reply on side {side}"));
+            assert!(r.done && !r.text.is_empty(), "side {side}: {r:?}");
+        }
     }
 }

@@ -256,10 +256,18 @@ impl<'m> Session<'m> {
     }
 
     pub fn with_decoder(decoder: Box<dyn Decoder + 'm>) -> Self {
-        Session {
-            decoder,
-            tokens: Vec::new(),
-        }
+        Self::resume(decoder, Vec::new())
+    }
+
+    /// A session on a decoder whose cache already holds `tokens` (from an earlier session's
+    /// [`Session::into_tokens`]): a prompt that extends them runs only its new tokens.
+    pub fn resume(decoder: Box<dyn Decoder + 'm>, tokens: Vec<u32>) -> Self {
+        Session { decoder, tokens }
+    }
+
+    /// The positions the decoder's cache holds, to [`Session::resume`] it later.
+    pub fn into_tokens(self) -> Vec<u32> {
+        self.tokens
     }
 
     /// Feed `prompt` (the whole conversation so far, as token ids) and generate a reply.
@@ -281,8 +289,10 @@ impl<'m> Session<'m> {
                 prompt.len()
             )));
         }
-        // Reuse the cache when the new prompt extends what it holds; else start over.
-        if !(prompt.len() > self.tokens.len() && prompt.starts_with(&self.tokens)) {
+        // Reuse the cache when the new prompt extends what it holds; else (and when it holds
+        // nothing we know of) start over.
+        let extends = prompt.len() > self.tokens.len() && prompt.starts_with(&self.tokens);
+        if self.tokens.is_empty() || !extends {
             self.decoder.reset();
             self.tokens.clear();
         }

@@ -62,12 +62,16 @@ pub struct Reply {
     pub tokens_per_sec: Option<f64>,
 }
 
+/// An int4 runtime and the token ids its KV cache holds.
+type HeldRuntime = (Runtime, Vec<u32>);
+
 /// A quantized folder opened for chat.
 struct QuantizedModel {
     dir: PathBuf,
     model: Arc<Mutex<LoadedModel>>,
-    /// The WGSL runtime, loaded once and kept between messages, when the device allows it.
-    runtime: Option<Arc<Mutex<Runtime>>>,
+    /// The int4 runtime, loaded once and kept between messages, with the positions its cache
+    /// holds: a message that extends the conversation runs only its new tokens.
+    runtime: Option<Arc<Mutex<HeldRuntime>>>,
     /// What answers for this model (the runtime's adapter, or the burn forward).
     what: String,
 }
@@ -165,7 +169,7 @@ impl Panel {
                 let (runtime, what) = match generate::int4_runtime(&model, choice) {
                     Some(Ok(rt)) => {
                         let what = format!("int4 runtime on {}", rt.device_name());
-                        (Some(Arc::new(Mutex::new(rt))), what)
+                        (Some(Arc::new(Mutex::new((rt, Vec::new())))), what)
                     }
                     Some(Err(e)) => (None, format!("burn forward on {dev} ({e})")),
                     None => (None, format!("burn forward on {dev}")),
@@ -221,7 +225,8 @@ impl Panel {
                     let lab = lab
                         .lock()
                         .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
-                    answer(lab.tokenizer(), Session::new(lab.fp()), &history, params, r)
+                    let mut session = Session::new(lab.fp());
+                    answer(lab.tokenizer(), &mut session, &history, params, r)
                 })
             } else {
                 let q = self.quantized.as_ref().expect("checked above");
@@ -231,11 +236,18 @@ impl Panel {
                     let m = model.lock().map_err(|_| unavailable())?;
                     match runtime {
                         Some(rt) => {
-                            let mut rt = rt.lock().map_err(|_| unavailable())?;
-                            let session = Session::with_decoder(Box::new(&mut *rt));
-                            answer(&m.tokenizer, session, &history, params, r)
+                            let mut guard = rt.lock().map_err(|_| unavailable())?;
+                            let (rt, held) = &mut *guard;
+                            let mut session =
+                                Session::resume(Box::new(&mut *rt), std::mem::take(held));
+                            let stats = answer(&m.tokenizer, &mut session, &history, params, r);
+                            *held = session.into_tokens();
+                            stats
                         }
-                        None => answer(&m.tokenizer, Session::new(&m.model), &history, params, r),
+                        None => {
+                            let mut session = Session::new(&m.model);
+                            answer(&m.tokenizer, &mut session, &history, params, r)
+                        }
                     }
                 })
             };
@@ -399,7 +411,7 @@ impl Panel {
 /// Generate one reply to `history`, streaming pieces to the UI; Stop ends it early.
 fn answer(
     tok: &Tokenizer,
-    mut session: Session<'_>,
+    session: &mut Session<'_>,
     history: &[ChatMessage],
     params: SamplingParams,
     r: &Reporter<String, GenerationStats>,
