@@ -136,6 +136,16 @@ pub trait Decoder {
     fn last_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// Positions the model can hold.
     fn max_context(&self) -> usize;
+    /// Forget every position, run `ids` and return the logits of every position, [ids, vocab]
+    /// (scoring text; a decoder that can runs them all at once).
+    fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.reset();
+        let mut all = Vec::new();
+        for &id in ids {
+            all.extend(self.last_logits(&[id])?);
+        }
+        Ok(all)
+    }
     /// Run `ids` and pick the next token with `sampler` (a GPU decoder samples on the device
     /// and returns only the token).
     fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
@@ -178,6 +188,19 @@ impl Decoder for crate::runtime::Runtime {
     }
     fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
         self.sample_next(ids, sampler)
+    }
+    fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        crate::runtime::Runtime::reset(self);
+        match self {
+            crate::runtime::Runtime::Cpu(m) => m.forward_all(ids),
+            crate::runtime::Runtime::Gpu(_) => {
+                let mut all = Vec::new();
+                for &id in ids {
+                    all.extend(self.prefill(&[id])?);
+                }
+                Ok(all)
+            }
+        }
     }
     fn max_context(&self) -> usize {
         self.max_seq()
@@ -232,6 +255,9 @@ impl<D: Decoder + ?Sized> Decoder for &mut D {
     }
     fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
         (**self).next_token(ids, sampler)
+    }
+    fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        (**self).window_logits(ids)
     }
 }
 

@@ -226,7 +226,7 @@ fn window_scores(
     Ok(())
 }
 
-/// Score `windows` through a token-by-token decoder (the GPU runtime's real kernels): the same
+/// Score `windows` through a decoder (the int4 runtimes' real kernels): the same
 /// negative log-likelihood as [`score_windows`], position by position, in f64. With
 /// `reference` (the burn forward of the same folder), also the KL and top-1 agreement of the
 /// decoder's next-token distribution against it: how far the kernels are from the reference.
@@ -249,7 +249,8 @@ pub fn score_decoder(
             .unwrap_or(0)
     };
     for (i, w) in windows.iter().enumerate() {
-        decoder.reset();
+        let logits = decoder.window_logits(&w[..w.len() - 1])?;
+        let vocab = logits.len() / (w.len() - 1).max(1);
         let reference_logits = match reference {
             Some(r) => {
                 let logits = r.forward(&[w.to_vec()], &mut r.new_cache());
@@ -263,7 +264,7 @@ pub fn score_decoder(
             None => None,
         };
         for (pos, pair) in w.windows(2).enumerate() {
-            let logp = log_softmax(&decoder.last_logits(&pair[..1])?);
+            let logp = log_softmax(&logits[pos * vocab..(pos + 1) * vocab]);
             acc.nll -= logp[pair[1] as usize];
             if let Some(all) = &reference_logits {
                 let v = logp.len();

@@ -167,6 +167,16 @@ impl CpuModel {
     /// Run `tokens` at the next positions, all at once (the products as GEMMs: each weight row
     /// unpacked once per 8 tokens), and return the logits of the last one.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward_heads(tokens, false)
+    }
+
+    /// As [`CpuModel::forward`], with the logits of every position, [tokens, vocab] (for
+    /// scoring text).
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward_heads(tokens, true)
+    }
+
+    fn forward_heads(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
         let CpuModel {
             model,
             caches,
@@ -276,11 +286,17 @@ impl CpuModel {
             product(wd, &m, &mut o);
             h.iter_mut().zip(&o).for_each(|(h, o)| *h += o);
         }
-        // The head on the last position only.
-        let mut last = vec![0f32; d];
-        kernels::rms_norm(&h[(t - 1) * d..], &model.norm, eps, &mut last);
-        let mut logits = vec![0f32; c.vocab_size];
-        kernels::gemv(&model.lm_head, &last, &mut logits);
+        // The head on the last position, or on all of them.
+        let rows = if all { &h[..] } else { &h[(t - 1) * d..] };
+        let nt = rows.len() / d;
+        let mut last = vec![0f32; nt * d];
+        norm_rows(rows, &model.norm, &mut last);
+        let mut logits = vec![0f32; nt * c.vocab_size];
+        if nt == 1 {
+            kernels::gemv(&model.lm_head, &last, &mut logits);
+        } else {
+            kernels::gemm(&model.lm_head, &last, nt, &mut logits);
+        }
         self.len += t;
         Ok(logits)
     }
