@@ -101,8 +101,8 @@ pub struct CpuModel {
     down_hadamard: Option<Hadamard>,
     qk_hadamard: Option<Hadamard>,
     max_seq: usize,
-    /// Positions in the cache.
-    pub len: usize,
+    /// Positions in the cache (the caches grow with it: [`CpuModel::reset`] clears both).
+    len: usize,
 }
 
 impl CpuModel {
