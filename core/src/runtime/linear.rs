@@ -311,6 +311,19 @@ struct HalfGemmParams {
     _pad: [u32; 3],
 }
 
+/// The weight group of `m` when the W4A4 kernels can take it with `x`: whole rows or blocks of
+/// 32·k columns, one per activation code vector of the matrix's width.
+fn w4a4_group(m: &Int4Matrix, x: &ActCodes) -> Result<usize> {
+    let group = m.spec.group.unwrap_or(m.cols);
+    if x.cols != m.cols || !(group == m.cols || group.is_multiple_of(32)) {
+        return Err(Error::other(format!(
+            "W4A4 product: {} activation codes for a {}×{} matrix with weight groups of {group} (groups must be whole rows or 32·k columns)",
+            x.cols, m.rows, m.cols
+        )));
+    }
+    Ok(group)
+}
+
 /// A GEMM's grid: 64-row × 32-token tiles.
 fn gemm_grid(rows: usize, tokens: usize) -> (u32, u32, u32) {
     (rows.div_ceil(64) as u32, tokens.div_ceil(32) as u32, 1)
@@ -382,6 +395,17 @@ impl Products {
         }
     }
 
+    /// The compiled rows-per-team pipeline for a matrix of `rows` rows (`rpt` overrides
+    /// [`rows_per_team`]) and its grid.
+    fn pipeline(&self, rows: usize, rpt: Option<u32>) -> (usize, (u32, u32, u32)) {
+        let rpt = rpt.unwrap_or_else(|| rows_per_team(rows, self.software));
+        let k = ROWS_PER_TEAM
+            .iter()
+            .position(|&r| r == rpt)
+            .expect("a compiled rows-per-team choice");
+        (k, grid(rows, 8 * rpt))
+    }
+
     /// The launch of y = W·x (x: `cols` f32, y: `rows` f32, both on the GPU).
     pub fn dispatch(&self, gpu: &Gpu, w: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
         self.launch(gpu, w, x, y, false, None)
@@ -400,12 +424,7 @@ impl Products {
     ) -> Dispatch {
         match w {
             Linear::Int4(m) => {
-                let rpt = rpt.unwrap_or_else(|| rows_per_team(m.rows, self.software));
-                let k = ROWS_PER_TEAM
-                    .iter()
-                    .position(|&r| r == rpt)
-                    .expect("a compiled rows-per-team choice");
-                let g = grid(m.rows, 8 * rpt);
+                let (k, g) = self.pipeline(m.rows, rpt);
                 let params = Int4Params {
                     rows: m.rows as u32,
                     cols: m.cols as u32,
@@ -459,19 +478,8 @@ impl Products {
         accumulate: bool,
         rpt: Option<u32>,
     ) -> Result<Dispatch> {
-        let group = m.spec.group.unwrap_or(m.cols);
-        if x.cols != m.cols || !(group == m.cols || group.is_multiple_of(32)) {
-            return Err(Error::other(format!(
-                "W4A4 GEMV: {} activation codes for a {}×{} matrix with weight groups of {group} (groups must be whole rows or 32·k columns)",
-                x.cols, m.rows, m.cols
-            )));
-        }
-        let rpt = rpt.unwrap_or_else(|| rows_per_team(m.rows, self.software));
-        let k = ROWS_PER_TEAM
-            .iter()
-            .position(|&r| r == rpt)
-            .expect("a compiled rows-per-team choice");
-        let g = grid(m.rows, 8 * rpt);
+        let group = w4a4_group(m, x)?;
+        let (k, g) = self.pipeline(m.rows, rpt);
         let params = W4A4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
@@ -542,13 +550,7 @@ impl Products {
         y: &wgpu::Buffer,
         accumulate: bool,
     ) -> Result<Dispatch> {
-        let group = m.spec.group.unwrap_or(m.cols);
-        if x.cols != m.cols || !(group == m.cols || group.is_multiple_of(32)) {
-            return Err(Error::other(format!(
-                "W4A4 GEMM: {} activation codes per token for a {}×{} matrix with weight groups of {group}",
-                x.cols, m.rows, m.cols
-            )));
-        }
+        let group = w4a4_group(m, x)?;
         let params = W4A4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
