@@ -609,10 +609,7 @@ fn info(args: &ModelArgs) -> Result<()> {
     }
     println!("device:     {dev}");
     for a in device::adapters() {
-        println!(
-            "adapter:    {} ({:?}, {:?})",
-            a.name, a.backend, a.device_type
-        );
+        println!("adapter:    {a}");
     }
     Ok(())
 }

@@ -211,6 +211,30 @@ fn screenshots_of_every_panel() {
 /// the app, not a blank screen.
 #[test]
 fn window_opens_under_xvfb() {
+    let (shot, stderr) = window_screenshot("cpu", "window.png");
+    assert!(
+        !stderr.contains("share the wgpu device"),
+        "{}: with --device cpu nothing is shared; app stderr: {stderr}",
+        shot.display()
+    );
+}
+
+/// With the compute on a wgpu device, burn opens it and the window draws on the same device
+/// and queue (here the software Vulkan device, the only one CI has).
+#[test]
+fn window_shares_the_compute_device() {
+    let (shot, stderr) = window_screenshot("software", "window-shared-device.png");
+    assert!(
+        stderr.contains("share the wgpu device") && !stderr.contains("cannot draw on the shared"),
+        "{}: the window did not draw on the shared device; app stderr: {stderr}",
+        shot.display()
+    );
+}
+
+/// Run `ostquant gui --device DEVICE` on a tiny model under Xvfb, screenshot the root window
+/// into `name` once it has drawn, check it is not blank, and return its path and the app's
+/// stderr.
+fn window_screenshot(device: &str, name: &str) -> (PathBuf, String) {
     use std::process::{Command, Stdio};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny(tmp.path());
@@ -218,7 +242,11 @@ fn window_opens_under_xvfb() {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots"));
     std::fs::create_dir_all(&out).unwrap();
-    let display = format!(":{}", 90 + std::process::id() % 100);
+    // One display per process and window (the two window tests run in parallel).
+    let display = format!(
+        ":{}",
+        90 + (std::process::id() % 100) * 2 + u32::from(device != "cpu")
+    );
     let mut xvfb = Command::new("Xvfb")
         .args([
             display.as_str(),
@@ -233,14 +261,14 @@ fn window_opens_under_xvfb() {
         .expect("Xvfb (apt-get install xvfb; assets/setup installs it)");
     std::thread::sleep(Duration::from_secs(1));
     let mut app = Command::new(env!("CARGO_BIN_EXE_ostquant"))
-        .args(["gui", "--device", "cpu", "--model"])
+        .args(["gui", "--device", device, "--model"])
         .arg(&dir)
         .env("DISPLAY", &display)
         .env("XDG_DATA_HOME", tmp.path()) // a fresh settings file
         .stderr(Stdio::piped())
         .spawn()
         .expect("run ostquant gui");
-    let shot = out.join("window.png");
+    let shot = out.join(name);
     let t0 = Instant::now();
     let mut colours = 0;
     // Poll until the window has drawn the opened model (or give up after a minute).
@@ -265,14 +293,16 @@ fn window_opens_under_xvfb() {
     let _ = xvfb.kill();
     let stderr = app
         .wait_with_output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
     let _ = xvfb.wait();
     assert!(
         colours > 20,
-        "{}: the window looks blank ({colours} colours); app stderr: {stderr:?}",
+        "{}: the window looks blank ({colours} colours); app stderr: {stderr}",
         shot.display()
     );
     eprintln!("wrote {}", shot.display());
+    (shot, stderr)
 }
 
 /// The chat answers the same prompt with the FP model and an int4 folder side by side.

@@ -49,14 +49,138 @@ impl fmt::Display for ComputeDevice {
     }
 }
 
-/// The wgpu adapters of this machine: (name, backend, device type).
-pub fn adapters() -> Vec<wgpu::AdapterInfo> {
+/// A wgpu adapter of this machine and its own memory, where the backend reports it.
+pub struct Adapter {
+    pub info: wgpu::AdapterInfo,
+    /// Bytes of device-local memory (Vulkan heaps; None on backends that do not say).
+    pub memory: Option<u64>,
+}
+
+impl fmt::Display for Adapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.info;
+        write!(f, "{} ({:?}, {:?}", i.name, i.backend, i.device_type)?;
+        match self.memory {
+            Some(b) => write!(f, ", {:.1} GiB)", b as f64 / (1u64 << 30) as f64),
+            None => f.write_str(")"),
+        }
+    }
+}
+
+/// The wgpu adapters of this machine.
+pub fn adapters() -> Vec<Adapter> {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
         .into_iter()
-        .map(|a| a.get_info())
+        .map(|a| Adapter {
+            info: a.get_info(),
+            memory: adapter_memory(&a),
+        })
         .collect()
+}
+
+/// Device-local memory of `adapter`: the sum of its Vulkan heaps flagged DEVICE_LOCAL (for a
+/// CPU or integrated adapter that is system memory it may use). wgpu has no portable query.
+#[cfg(not(any(target_vendor = "apple", target_arch = "wasm32")))]
+pub fn adapter_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    use ash::vk;
+    // SAFETY: the hal adapter is only read (a memory-properties query), never destroyed.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let props = unsafe {
+        hal.shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device())
+    };
+    let heaps = &props.memory_heaps[..props.memory_heap_count as usize];
+    Some(
+        heaps
+            .iter()
+            .filter(|h| h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|h| h.size)
+            .sum(),
+    )
+}
+
+#[cfg(any(target_vendor = "apple", target_arch = "wasm32"))]
+pub fn adapter_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
+}
+
+/// The one wgpu device that burn, the int4 runtime and the window share: opened by burn (its
+/// compiler needs the device features it asks for), then handed to the others.
+pub struct SharedWgpu {
+    pub setup: burn::tensor::wgpu::WgpuSetup,
+    /// burn's device on those handles.
+    pub device: Device,
+    pub info: wgpu::AdapterInfo,
+    pub memory: Option<u64>,
+}
+
+impl SharedWgpu {
+    fn serves(&self, choice: DeviceChoice) -> bool {
+        match choice {
+            DeviceChoice::Cpu => false,
+            DeviceChoice::Software => !is_hardware(&self.info),
+            DeviceChoice::Gpu | DeviceChoice::Auto => is_hardware(&self.info),
+        }
+    }
+
+    /// Bytes this process holds on the device (buffers of burn, the runtime and the window,
+    /// as wgpu's allocator reserved them), where the backend reports it.
+    pub fn reserved_bytes(&self) -> Option<u64> {
+        self.setup
+            .device
+            .generate_allocator_report()
+            .map(|r| r.total_reserved_bytes)
+    }
+}
+
+static SHARED: std::sync::OnceLock<SharedWgpu> = std::sync::OnceLock::new();
+
+/// Open the wgpu device that `choice` computes on, through burn, and keep its handles so that
+/// [`select`], the int4 runtime and the window all use it. `Ok(None)` where `choice` computes
+/// on the CPU (`cpu`, or `auto` on a machine without a GPU). Call it once, before anything
+/// else opens a device; later calls return the first one's device.
+pub fn share_wgpu(choice: DeviceChoice) -> Result<Option<&'static SharedWgpu>> {
+    if let Some(s) = SHARED.get() {
+        return Ok(s.serves(choice).then_some(s));
+    }
+    let kind = match choice {
+        DeviceChoice::Cpu => return Ok(None),
+        DeviceChoice::Software => DeviceKind::Cpu,
+        DeviceChoice::Gpu | DeviceChoice::Auto => {
+            if !adapters().iter().any(|a| is_hardware(&a.info)) {
+                return match choice {
+                    DeviceChoice::Auto => Ok(None),
+                    _ => select(choice).map(|_| None), // its error names what wgpu sees
+                };
+            }
+            DeviceKind::DefaultDevice
+        }
+    };
+    let (device, setup) = Device::wgpu_options()
+        .device_kind(kind)
+        .init_with_setup()
+        .map_err(|e| {
+            Error::other(format!(
+                "cannot open the wgpu device for --device {choice:?}: {e}"
+            ))
+        })?;
+    let info = setup.adapter.get_info();
+    let memory = adapter_memory(&setup.adapter);
+    let shared = SHARED.get_or_init(|| SharedWgpu {
+        setup,
+        device,
+        info,
+        memory,
+    });
+    Ok(shared.serves(choice).then_some(shared))
+}
+
+/// The shared device, where [`share_wgpu`] opened one and it is the one `choice` computes on.
+pub fn shared_wgpu(choice: DeviceChoice) -> Option<&'static SharedWgpu> {
+    SHARED.get().filter(|s| s.serves(choice))
 }
 
 fn is_hardware(info: &wgpu::AdapterInfo) -> bool {
@@ -78,10 +202,16 @@ pub fn select(choice: DeviceChoice) -> Result<ComputeDevice> {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
     };
+    if let Some(s) = shared_wgpu(choice) {
+        return Ok(ComputeDevice {
+            device: s.device.clone(),
+            description: format!("{}, shared with the window", describe(&s.info)),
+        });
+    }
     match choice {
         DeviceChoice::Cpu => Ok(flex()),
         DeviceChoice::Auto | DeviceChoice::Gpu => {
-            let all = adapters();
+            let all: Vec<_> = adapters().into_iter().map(|a| a.info).collect();
             match all.iter().find(|a| is_hardware(a)) {
                 Some(info) => Ok(ComputeDevice {
                     device: Device::wgpu(DeviceKind::DefaultDevice),
@@ -99,7 +229,7 @@ pub fn select(choice: DeviceChoice) -> Result<ComputeDevice> {
             }
         }
         DeviceChoice::Software => {
-            let all = adapters();
+            let all: Vec<_> = adapters().into_iter().map(|a| a.info).collect();
             match all.iter().find(|a| !is_hardware(a)) {
                 Some(info) => Ok(ComputeDevice {
                     device: Device::wgpu(DeviceKind::Cpu),

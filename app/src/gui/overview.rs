@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use ostquant_core::device::{self, DeviceChoice};
 use ostquant_core::eval::suite::Lab;
 use ostquant_core::model::checkpoint::stored_dtypes;
 use ostquant_core::model::config::LlamaConfig;
@@ -46,7 +47,7 @@ impl Overview {
             compute: lab.device().description.clone(),
             adapters: ostquant_core::device::adapters()
                 .iter()
-                .map(|a| format!("{} ({:?}, {:?})", a.name, a.backend, a.device_type))
+                .map(|a| a.to_string())
                 .collect(),
         })
     }
@@ -65,7 +66,7 @@ pub fn ui(ui: &mut egui::Ui, shared: &Shared, renderer: &str) {
             "Open a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a GGUF \
              file from the bar above, or the default SmolLM2-135M-Instruct.",
         );
-        devices(ui, None, renderer);
+        devices(ui, None, renderer, shared.device);
         return;
     };
     let o = &m.overview;
@@ -125,15 +126,18 @@ pub fn ui(ui: &mut egui::Ui, shared: &Shared, renderer: &str) {
                 None => row(ui, "Quantization", "none (full precision)"),
             }
         });
-    devices(ui, Some(&o.compute), renderer);
+    devices(ui, Some(&o.compute), renderer, shared.device);
     if o.adapters.is_empty() {
         ui.weak("No wgpu adapter was found: the compute runs on the CPU backend.");
     } else {
-        ui.label(format!("wgpu adapters: {}", o.adapters.join("; ")));
+        ui.label(format!(
+            "wgpu adapters (device-local memory where the driver reports it): {}",
+            o.adapters.join("; ")
+        ));
     }
 }
 
-fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str) {
+fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str, choice: DeviceChoice) {
     ui.add_space(8.0);
     ui.heading("Devices");
     egui::Grid::new("devices").num_columns(2).show(ui, |ui| {
@@ -148,7 +152,21 @@ fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str) {
         row(
             ui,
             "Chat with an int4 folder",
-            "the WGSL int4 runtime on a GPU; the burn forward otherwise",
+            "the WGSL int4 runtime on a GPU; the CPU int4 runtime otherwise",
         );
+        if let Some(s) = device::shared_wgpu(choice) {
+            let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+            row(
+                ui,
+                "Shared wgpu device",
+                format!(
+                    "{}: the window, burn and the int4 runtime use one device and queue; \
+                     memory {}, held by ostquant {}",
+                    s.info.name,
+                    s.memory.map_or("not reported".into(), gib),
+                    s.reserved_bytes().map_or("not reported".into(), gib),
+                ),
+            );
+        }
     });
 }

@@ -148,8 +148,17 @@ pub struct Gpu {
 
 impl Gpu {
     /// Open a hardware adapter (`Gpu`, or `Auto` when one exists) or the software Vulkan
-    /// device (`Software`); `Cpu` has no wgpu device.
+    /// device (`Software`); `Cpu` has no wgpu device. Where the app shares one device between
+    /// burn, the window and the runtime ([`crate::device::share_wgpu`]), this is that device.
     pub fn open(choice: DeviceChoice) -> Result<Self> {
+        if let Some(s) = crate::device::shared_wgpu(choice) {
+            return Ok(Gpu {
+                device: s.setup.device.clone(),
+                queue: s.setup.queue.clone(),
+                info: s.info.clone(),
+                allocated: Default::default(),
+            });
+        }
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
