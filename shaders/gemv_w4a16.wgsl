@@ -15,8 +15,9 @@
 // bytes of weights: each lane loads its 32 x values once and applies them to its team's RPT
 // rows, which divides the x traffic from cache by RPT. RPT (1, 2 or 4, a pipeline constant)
 // trades that reuse against the number of workgroups: the host picks it per shape. Nibbles
-// unpack with two masks and two byte unpacks per word; the 4 rows' partial sums of a team are
-// reduced in shared memory (every adapter has it; no subgroup operations needed).
+// unpack with two masks and two byte unpacks per word; the RPT rows' partial sums of a team
+// are reduced with subgroup shuffles where the adapter has them, and in shared memory across
+// subgroups (or entirely, where it has none).
 
 struct Params {
     rows: u32,
@@ -38,6 +39,10 @@ struct Params {
 
 const TEAM: u32 = 32u;
 override RPT: u32 = 4u; // rows per team, at most 4
+// Lanes per subgroup used in the team sums: the adapter's smallest subgroup size up to 32 where
+// it has subgroup operations (the host then prepends shaders/lanes_subgroup.wgsl), else 1
+// (shaders/lanes_shared.wgsl). Either file defines `lane_xor`.
+override SG: u32 = 1u;
 var<workgroup> partial: array<f32, 1024>; // [thread][row of the team]
 
 // The x values of columns 8w .. 8w+7, split by column parity (see `nibbles`).
@@ -119,22 +124,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    for (var r = 0u; r < RPT; r = r + 1u) {
-        partial[t * RPT + r] = acc[r];
+    // Team sums: a butterfly of subgroup shuffles within each subgroup of SG lanes (none when
+    // SG = 1), then a tree in shared memory across the team's 32 / SG subgroups (none when
+    // SG = 32). After the butterfly every lane holds its subgroup's sum, so the tree steps of
+    // stride ≥ SG add whole subgroups.
+    for (var m = SG / 2u; m > 0u; m = m >> 1u) {
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            acc[r] = acc[r] + lane_xor(acc[r], m);
+        }
     }
-    workgroupBarrier();
-    for (var s = TEAM / 2u; s > 0u; s = s >> 1u) {
-        if (lane < s) {
-            for (var r = 0u; r < RPT; r = r + 1u) {
-                partial[t * RPT + r] = partial[t * RPT + r] + partial[(t + s) * RPT + r];
-            }
+    if (SG < TEAM) {
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            partial[t * RPT + r] = acc[r];
         }
         workgroupBarrier();
+        for (var s = TEAM / 2u; s >= SG; s = s >> 1u) {
+            if (lane < s) {
+                for (var r = 0u; r < RPT; r = r + 1u) {
+                    partial[t * RPT + r] = partial[t * RPT + r] + partial[(t + s) * RPT + r];
+                }
+            }
+            workgroupBarrier();
+        }
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            acc[r] = partial[t * RPT + r];
+        }
     }
     if (lane == 0u) {
         for (var r = 0u; r < RPT; r = r + 1u) {
             if (row0 + r < p.rows) {
-                var sum = partial[t * RPT + r];
+                var sum = acc[r];
                 if (p.accumulate != 0u) {
                     sum = sum + y[row0 + r];
                 }

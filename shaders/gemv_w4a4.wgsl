@@ -12,7 +12,7 @@
 // y f32 [rows], overwritten or accumulated into. Weight groups and `agroup` are multiples of 32
 // columns, so each block has one weight scale and one activation scale.
 // Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows per team (a pipeline
-// constant), 16-byte coalesced weight loads, shared-memory reduction per team.
+// constant), 16-byte coalesced weight loads, the same subgroup / shared-memory team sums.
 
 struct Params {
     rows: u32,
@@ -41,6 +41,10 @@ const TEAM: u32 = 32u;
 const LOW: u32 = 0x0F0F0F0Fu;
 const ONES: u32 = 0x01010101u;
 override RPT: u32 = 4u; // rows per team, at most 4
+// Lanes per subgroup used in the team sums: the adapter's smallest subgroup size up to 32 where
+// it has subgroup operations (the host then prepends shaders/lanes_subgroup.wgsl), else 1
+// (shaders/lanes_shared.wgsl). Either file defines `lane_xor`.
+override SG: u32 = 1u;
 var<workgroup> partial: array<f32, 1024>; // [thread][row of the team]
 
 // Σ code_w·code_x over one weight word and its two x words (even, odd columns).
@@ -79,22 +83,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    for (var r = 0u; r < RPT; r = r + 1u) {
-        partial[t * RPT + r] = acc[r];
+    // Team sums: a butterfly of subgroup shuffles within each subgroup of SG lanes (none when
+    // SG = 1), then a tree in shared memory across the team's 32 / SG subgroups (none when
+    // SG = 32). After the butterfly every lane holds its subgroup's sum, so the tree steps of
+    // stride ≥ SG add whole subgroups.
+    for (var m = SG / 2u; m > 0u; m = m >> 1u) {
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            acc[r] = acc[r] + lane_xor(acc[r], m);
+        }
     }
-    workgroupBarrier();
-    for (var s = TEAM / 2u; s > 0u; s = s >> 1u) {
-        if (lane < s) {
-            for (var r = 0u; r < RPT; r = r + 1u) {
-                partial[t * RPT + r] = partial[t * RPT + r] + partial[(t + s) * RPT + r];
-            }
+    if (SG < TEAM) {
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            partial[t * RPT + r] = acc[r];
         }
         workgroupBarrier();
+        for (var s = TEAM / 2u; s >= SG; s = s >> 1u) {
+            if (lane < s) {
+                for (var r = 0u; r < RPT; r = r + 1u) {
+                    partial[t * RPT + r] = partial[t * RPT + r] + partial[(t + s) * RPT + r];
+                }
+            }
+            workgroupBarrier();
+        }
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            acc[r] = partial[t * RPT + r];
+        }
     }
     if (lane == 0u) {
         for (var r = 0u; r < RPT; r = r + 1u) {
             if (row0 + r < p.rows) {
-                var sum = partial[t * RPT + r];
+                var sum = acc[r];
                 if (p.accumulate != 0u) {
                     sum = sum + y[row0 + r];
                 }

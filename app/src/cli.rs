@@ -843,9 +843,15 @@ fn quantize(
                         ..
                     } => {
                         bar.set_position(*step as u64);
-                        bar.set_message(format!(
+                        let line = format!(
                             "loss {loss:.4} lr {lr_rot:.2e}/{lr_scale:.2e} {seconds:.1} s/step"
-                        ));
+                        );
+                        // Without a terminal (scripts, servers, logs) the bar is hidden: a line
+                        // per step instead.
+                        if bar.is_hidden() {
+                            eprintln!("ostquant: step {step}/{} {line}", ls.steps);
+                        }
+                        bar.set_message(line);
                     }
                 },
                 &cancel,

@@ -193,13 +193,7 @@ impl Decoder for crate::runtime::Runtime {
         crate::runtime::Runtime::reset(self);
         match self {
             crate::runtime::Runtime::Cpu(m) => m.forward_all(ids),
-            crate::runtime::Runtime::Gpu(_) => {
-                let mut all = Vec::new();
-                for &id in ids {
-                    all.extend(self.prefill(&[id])?);
-                }
-                Ok(all)
-            }
+            crate::runtime::Runtime::Gpu(m) => m.forward_all(ids),
         }
     }
     fn max_context(&self) -> usize {

@@ -1,5 +1,6 @@
 //! The linear layers' GPU products on the software Vulkan device against f64 references on the
-//! same packed codes: the W4A16 GEMV (every rows-per-team pipeline, accumulate path) on odd and
+//! same packed codes: the W4A16 GEMV (every rows-per-team pipeline, every team sum: shared
+//! memory, and subgroup shuffles where the device has them; accumulate path) on odd and
 //! real LLaMA shapes, symmetric per channel and asymmetric in groups; the W4A4 integer GEMV;
 //! the prefill GEMMs (W4A16, W4A4, f16); the f16 GEMV on the rounded weights.
 
@@ -14,10 +15,18 @@ fn gpu() -> Gpu {
     ostquant_tests::test_gpu()
 }
 
+/// The kernels with every team-sum variant the device allows: shared memory only (1 lane),
+/// then subgroup shuffles over 2, 4, … lanes up to the device's subgroup size.
+fn every_team_sum(gpu: &Gpu) -> Vec<Products> {
+    std::iter::successors(Some(1u32), |l| Some(l * 2))
+        .take_while(|&l| l <= gpu.subgroup_lanes)
+        .map(|l| Products::with_lanes(gpu, l))
+        .collect()
+}
+
 #[test]
 fn gemv_matches_the_f64_reference() {
     let gpu = gpu();
-    let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(1);
     use ostquant_core::runtime::linear::ROWS_PER_TEAM;
     let cases = [
@@ -47,7 +56,9 @@ fn gemv_matches_the_f64_reference() {
         );
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
-        for rpt in ROWS_PER_TEAM {
+        let variants = every_team_sum(&gpu);
+        for (gemv, rpt) in variants.iter().flat_map(|g| ROWS_PER_TEAM.map(|r| (g, r))) {
+            let lanes = gemv.subgroup_lanes;
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             gemv.launch(&gpu, &m, &xb, &yb, false, Some(rpt))
                 .record(&mut enc);
@@ -62,7 +73,7 @@ fn gemv_matches_the_f64_reference() {
                 let err = (got[r] as f64 - want).abs();
                 assert!(
                     err <= 1e-5 * scale.max(1e-3),
-                    "{rows}×{cols} {spec:?} rows per team {rpt} row {r}: {} vs {want}",
+                    "{rows}×{cols} {spec:?} rows per team {rpt}, {lanes} subgroup lanes, row {r}: {} vs {want}",
                     got[r]
                 );
             }
@@ -204,7 +215,8 @@ fn gemv_accumulates_for_every_rows_per_team() {
 fn w4a4_gemv_matches_the_f64_reference() {
     use ostquant_core::runtime::linear::{ActCodes, ROWS_PER_TEAM};
     let gpu = gpu();
-    let gemv = Products::new(&gpu);
+    let variants = every_team_sum(&gpu);
+    let gemv = &variants[0];
     let mut rng = StdRng::seed_from_u64(11);
     let cases = [
         (576, 576, 576, QuantSpec::sym(4)),
@@ -242,10 +254,11 @@ fn w4a4_gemv_matches_the_f64_reference() {
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         let codes = ActCodes::new(&gpu, 1, cols, agroup, 4).unwrap();
         let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
-        for rpt in ROWS_PER_TEAM {
+        for (k, rpt) in variants.iter().flat_map(|g| ROWS_PER_TEAM.map(|r| (g, r))) {
+            let lanes = k.subgroup_lanes;
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             gemv.quantize(&gpu, &xb, &codes).record(&mut enc);
-            gemv.launch_w4a4(&gpu, &m, &codes, &yb, false, Some(rpt))
+            k.launch_w4a4(&gpu, &m, &codes, &yb, false, Some(rpt))
                 .unwrap()
                 .record(&mut enc);
             let got = gpu.finish_f32(enc, &yb, rows).unwrap();
@@ -255,7 +268,7 @@ fn w4a4_gemv_matches_the_f64_reference() {
                 let scale: f64 = terms.map(f64::abs).sum();
                 assert!(
                     (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
-                    "W4A4 {rows}×{cols} act groups {agroup} {spec:?} rows per team {rpt} row {r}: {} vs {want}",
+                    "W4A4 {rows}×{cols} act groups {agroup} {spec:?} rows per team {rpt}, {lanes} subgroup lanes, row {r}: {} vs {want}",
                     got[r]
                 );
             }

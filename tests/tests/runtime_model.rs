@@ -5,6 +5,7 @@
 
 use burn::tensor::Device;
 use ostquant_core::device::DeviceChoice;
+use ostquant_core::generate::Decoder;
 use ostquant_core::model::LoadedModel;
 use ostquant_core::model::qformat::{self, Header};
 use ostquant_core::quant::method::{Calibration, Method, quantize_weights_rtn, transform};
@@ -168,6 +169,13 @@ fn check_runtime(rt: &mut Runtime, tokens: &[u32], want: &[f32], what: &str) {
     for (range, last) in [(0..5, 4), (5..11, 10), (11..12, 11)] {
         let got = rt.prefill(&tokens[range]).unwrap();
         worst = worst.max(rel(&got, last));
+    }
+    // Every position's logits in one call, as perplexity scores a window (on the GPU the final
+    // norm and the head run over the whole chunk).
+    let all = Decoder::window_logits(rt, tokens).unwrap();
+    assert_eq!(all.len(), tokens.len() * v, "{what}");
+    for i in 0..tokens.len() {
+        worst = worst.max(rel(&all[i * v..(i + 1) * v], i));
     }
     eprintln!(
         "{what}: top-1 agreement {agree}/{}, largest relative logit difference {worst}",

@@ -65,6 +65,9 @@ pub struct Shared {
     pub learned: Option<LearnedRun>,
     pub error: Option<String>,
     pub notice: Option<String>,
+    /// What the previous frame cost the CPU, drawing included (eframe's measure; None in
+    /// tests without a window).
+    pub frame_ms: Option<f64>,
 }
 
 /// Settings that persist between runs.
@@ -120,6 +123,7 @@ impl OstquantApp {
                 learned: None,
                 error: None,
                 notice: None,
+                frame_ms: None,
             },
             recent: p.recent,
             loading: None,
@@ -316,7 +320,8 @@ impl OstquantApp {
 }
 
 impl eframe::App for OstquantApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        self.shared.frame_ms = frame.info().cpu_usage.map(|s| f64::from(s) * 1e3);
         OstquantApp::ui(self, ui);
     }
 

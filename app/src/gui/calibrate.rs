@@ -119,7 +119,8 @@ pub struct Panel {
     pub points: Vec<StepPoint>,
     /// Steps already done when the run started (resumed from a checkpoint).
     pub resumed_from: usize,
-    /// Mean frame time while the calibration runs (ms), for the UI's own health.
+    /// Mean CPU time of the window's frames while the calibration runs (ms), drawing included:
+    /// on a machine without a GPU the window's software rendering competes with the run.
     pub frame_ms: Option<f64>,
     /// Set when a calibration has just finished (the window then inspects its transforms).
     pub finished: bool,
@@ -318,11 +319,9 @@ impl Panel {
         });
         if let Some(j) = &self.job {
             j.show(ui);
-            let dt = ui.input(|i| i.unstable_dt) as f64 * 1e3;
-            self.frame_ms = Some(match self.frame_ms {
-                Some(m) => 0.95 * m + 0.05 * dt,
-                None => dt,
-            });
+            if let Some(dt) = shared.frame_ms {
+                self.frame_ms = Some(self.frame_ms.map_or(dt, |m| 0.9 * m + 0.1 * dt));
+            }
         }
         if let Some(p) = self.points.last() {
             let mean =

@@ -21,7 +21,9 @@ pub struct Reporter<E, T> {
 impl<E, T> Reporter<E, T> {
     pub fn progress(&self, what: &str, done: usize, total: usize) {
         let _ = self.tx.send(Msg::Progress(what.to_string(), done, total));
-        self.ctx.request_repaint();
+        // At most ten frames a second for progress (a loader may report thousands of steps).
+        self.ctx
+            .request_repaint_after(std::time::Duration::from_millis(100));
     }
 
     pub fn event(&self, e: E) {
@@ -124,7 +126,12 @@ impl<E, T> Job<E, T> {
         } else {
             text
         };
-        ui.add(egui::ProgressBar::new(fraction).text(text).animate(true));
+        // No animation: an animated bar repaints every frame, and without a GPU each frame is
+        // drawn on the CPU the job runs on. Progress events repaint; the clock ticks once a
+        // second.
+        ui.add(egui::ProgressBar::new(fraction).text(text));
+        ui.ctx()
+            .request_repaint_after(std::time::Duration::from_secs(1));
     }
 }
 

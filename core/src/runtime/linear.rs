@@ -350,17 +350,42 @@ pub struct Products {
     half: Kernel,
     /// The device is a CPU adapter (lavapipe): see [`rows_per_team`].
     pub software: bool,
+    /// Lanes per subgroup in the int4 GEMVs' team sums (1: shared memory only).
+    pub subgroup_lanes: u32,
 }
 
 impl Products {
+    /// The kernels, the int4 GEMVs summing with subgroup shuffles where `gpu` has them.
     pub fn new(gpu: &Gpu) -> Self {
-        let variants = |name: &'static str, source: &str| -> Vec<Kernel> {
+        Self::with_lanes(gpu, gpu.subgroup_lanes)
+    }
+
+    /// The kernels with `lanes` lanes per subgroup in the int4 GEMVs' team sums: 1 sums in
+    /// shared memory only; more needs a device with subgroup operations whose subgroups are
+    /// at least that wide (a power of two up to 32).
+    pub fn with_lanes(gpu: &Gpu, lanes: u32) -> Self {
+        assert!(
+            lanes.is_power_of_two() && lanes <= 32 && (lanes == 1 || lanes <= gpu.subgroup_lanes),
+            "{lanes} lanes per subgroup on a device with {}",
+            gpu.subgroup_lanes
+        );
+        let prefix = if lanes > 1 {
+            include_str!("../../../shaders/lanes_subgroup.wgsl")
+        } else {
+            include_str!("../../../shaders/lanes_shared.wgsl")
+        };
+        let variants = |name: &'static str, body: &str| -> Vec<Kernel> {
+            let source = format!("{prefix}\n{body}");
             ROWS_PER_TEAM
                 .iter()
-                .map(|&r| Kernel::specialized(gpu, name, source, "main", &[("RPT", r as f64)]))
+                .map(|&r| {
+                    let constants = [("RPT", r as f64), ("SG", lanes as f64)];
+                    Kernel::specialized(gpu, name, &source, "main", &constants)
+                })
                 .collect()
         };
         Products {
+            subgroup_lanes: lanes,
             int4: variants(
                 "gemv_w4a16",
                 include_str!("../../../shaders/gemv_w4a16.wgsl"),

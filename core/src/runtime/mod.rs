@@ -142,6 +142,9 @@ pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
+    /// Lanes per subgroup the kernels may count on: the adapter's smallest subgroup size (up
+    /// to 32) where the device has subgroup operations, else 1.
+    pub subgroup_lanes: u32,
     /// Bytes of the storage buffers created through [`Gpu::storage`] and [`Gpu::output`].
     allocated: std::sync::atomic::AtomicUsize,
 }
@@ -152,12 +155,11 @@ impl Gpu {
     /// burn, the window and the runtime ([`crate::device::share_wgpu`]), this is that device.
     pub fn open(choice: DeviceChoice) -> Result<Self> {
         if let Some(s) = crate::device::shared_wgpu(choice) {
-            return Ok(Gpu {
-                device: s.setup.device.clone(),
-                queue: s.setup.queue.clone(),
-                info: s.info.clone(),
-                allocated: Default::default(),
-            });
+            return Ok(Gpu::new(
+                s.setup.device.clone(),
+                s.setup.queue.clone(),
+                s.info.clone(),
+            ));
         }
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -173,16 +175,29 @@ impl Gpu {
         let info = adapter.get_info();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("ostquant runtime"),
+            required_features: adapter.features() & wgpu::Features::SUBGROUP,
             required_limits: adapter.limits(),
             ..Default::default()
         }))
         .map_err(|e| Error::other(format!("{}: cannot open the device: {e}", info.name)))?;
-        Ok(Gpu {
+        Ok(Gpu::new(device, queue, info))
+    }
+
+    fn new(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        let subgroup_lanes = if device.features().contains(wgpu::Features::SUBGROUP) {
+            Some(info.subgroup_min_size.min(32))
+                .filter(|n| n.is_power_of_two())
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        Gpu {
             device,
             queue,
             info,
+            subgroup_lanes,
             allocated: Default::default(),
-        })
+        }
     }
 
     /// An empty f32 storage buffer of `n` values that kernels write and the host can read.

@@ -133,6 +133,20 @@ struct Plan {
     integer_activations: bool,
     /// The next token from `s.logits` into `s.token` (parameters set per call).
     sample: Dispatch,
+    /// The final norm and the head on every position, into the buffer of [tokens, vocab]
+    /// logits (prefill plans; built on the first [`GpuModel::forward_all`]).
+    score: Option<(Vec<Dispatch>, wgpu::Buffer)>,
+}
+
+/// What a forward returns.
+#[derive(Clone, Copy)]
+enum Out {
+    /// The last position's logits.
+    Last,
+    /// The next token, picked on the GPU (its u32 bits in the one returned value).
+    Pick(Pick),
+    /// Every position's logits, [tokens, vocab].
+    All,
 }
 
 /// Seconds per token of a replayed plan, whole and split (see [`GpuModel::breakdown`]).
@@ -166,6 +180,8 @@ pub struct GpuModel {
     pub integer_activations: bool,
     /// Positions in the cache.
     pub len: usize,
+    kernels: (Ops, Products),
+    norm: wgpu::Buffer,
 }
 
 impl GpuModel {
@@ -263,6 +279,8 @@ impl GpuModel {
             prefill,
             gpu,
             len: 0,
+            kernels,
+            norm,
         })
     }
 
@@ -421,6 +439,7 @@ impl GpuModel {
             tail,
             integer_activations: codes.is_some(),
             sample,
+            score: None,
         })
     }
 
@@ -487,30 +506,37 @@ impl GpuModel {
 
     /// Run one token at the next position and return its logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        self.run(None, &[token], None)
+        self.run(None, &[token], Out::Last)
     }
 
     /// Run `tokens` at the next positions (in chunks of many positions at once) and return the
     /// logits of the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.forward(tokens, None)
+        self.forward(tokens, Out::Last)
+    }
+
+    /// Run `tokens` as [`GpuModel::prefill`] does and return every position's logits,
+    /// [tokens, vocab] (scoring a text: the head runs as one GEMM per chunk).
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(tokens, Out::All)
     }
 
     /// Run `tokens` as [`GpuModel::prefill`] does and pick the next token on the GPU: only the
     /// token is read back.
     pub fn next_token(&mut self, tokens: &[u32], pick: Pick) -> Result<u32> {
-        let out = self.forward(tokens, Some(pick))?;
+        let out = self.forward(tokens, Out::Pick(pick))?;
         Ok(out[0].to_bits())
     }
 
     /// All of `tokens` in chunks: each chunk through the largest plan it fills, the remainder
     /// through the smallest plan that holds it (the decode plan for single tokens); the last
-    /// chunk ends with `pick`.
-    fn forward(&mut self, tokens: &[u32], pick: Option<Pick>) -> Result<Vec<f32>> {
+    /// chunk returns `out` (with [`Out::All`] every chunk adds its positions).
+    fn forward(&mut self, tokens: &[u32], out: Out) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(Error::other("no tokens to run"));
         }
         let mut rest = tokens;
+        let mut all = Vec::new();
         loop {
             let r = rest.len();
             let plan = if r == 1 {
@@ -522,18 +548,45 @@ impl GpuModel {
             };
             let n = plan.map_or(1, |i| self.prefill[i].tokens.min(r));
             let (now, later) = rest.split_at(n);
-            if later.is_empty() {
-                return self.run(plan, now, pick);
+            if let Out::All = out {
+                all.extend(self.run(plan, now, out)?);
+                if later.is_empty() {
+                    return Ok(all);
+                }
+            } else if later.is_empty() {
+                return self.run(plan, now, out);
+            } else {
+                self.run(plan, now, Out::Last)?;
             }
-            self.run(plan, now, None)?;
             rest = later;
         }
     }
 
+    /// Build prefill plan `i`'s all-position head (once): the final norm over its rows, then
+    /// the head as a GEMM into [tokens, vocab] logits.
+    fn score_tail(&mut self, i: usize) {
+        let c = &self.config;
+        let plan = &mut self.prefill[i];
+        if plan.score.is_some() {
+            return;
+        }
+        let (gpu, (ops, products), t) = (&self.gpu, &self.kernels, plan.tokens);
+        let logits = gpu.output("all logits", t * c.vocab_size);
+        let d = c.hidden_size;
+        let eps = c.rms_norm_eps as f32;
+        let launches = vec![
+            ops.rms_norm(gpu, &plan.s.h, &self.norm, &plan.s.n, t, d, eps),
+            products.gemm(gpu, &self.lm_head, &plan.s.n, &logits, t, false),
+        ];
+        plan.score = Some((launches, logits));
+    }
+
     /// One forward over `tokens` at the next positions with the decode plan (`None`, one
-    /// token) or prefill plan `plan`: the logits of the last position, or with `pick` the next token (its
-    /// u32 bits in the single returned value).
-    fn run(&mut self, plan: Option<usize>, tokens: &[u32], pick: Option<Pick>) -> Result<Vec<f32>> {
+    /// token) or prefill plan `plan`, returning `out`.
+    fn run(&mut self, plan: Option<usize>, tokens: &[u32], out: Out) -> Result<Vec<f32>> {
+        if let (Out::All, Some(i)) = (out, plan) {
+            self.score_tail(i);
+        }
         let c = &self.config;
         let (d, half) = (c.hidden_size, c.head_dim() / 2);
         let plan = plan.map_or(&self.decode, |i| &self.prefill[i]);
@@ -586,17 +639,21 @@ impl GpuModel {
         }
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         record_all(&mut enc, plan.body.iter().map(Launch::dispatch));
-        if plan.tokens > 1 {
+        if plan.tokens > 1 && !matches!(out, Out::All) {
             let row = (d * 4) as u64;
             enc.copy_buffer_to_buffer(&s.h, (t as u64 - 1) * row, &s.last, 0, row);
         }
         let tail = plan.tail.iter().map(Launch::dispatch);
-        let out = match pick {
-            None => {
+        let result = match (out, &plan.score) {
+            (Out::All, Some((launches, logits))) => {
+                record_all(&mut enc, launches.iter());
+                gpu.finish_f32(enc, logits, t * c.vocab_size)?
+            }
+            (Out::Last | Out::All, _) => {
                 record_all(&mut enc, tail);
                 gpu.finish_f32(enc, &s.logits, c.vocab_size)?
             }
-            Some(pick) => {
+            (Out::Pick(pick), _) => {
                 plan.sample
                     .set_params(gpu, &SampleParams::new(c.vocab_size, pick));
                 record_all(&mut enc, tail.chain([&plan.sample]));
@@ -604,6 +661,6 @@ impl GpuModel {
             }
         };
         self.len += t;
-        Ok(out)
+        Ok(result)
     }
 }
