@@ -110,34 +110,50 @@ pub fn cpu_read_gb_per_s() -> f64 {
 
 /// Where the GEMVs run.
 enum Target<'g> {
-    Gpu(&'g Gpu, Products),
+    /// The runtime's kernels, and where they sum with subgroup shuffles, the same kernels
+    /// summing in shared memory only (for comparison).
+    Gpu(&'g Gpu, Box<Products>, Option<Box<Products>>),
     Cpu,
 }
 
-/// One timed kernel: its input (f32, or the W4A4 path's integer codes) and rows per team.
+/// One timed kernel: its input (f32, or the W4A4 path's integer codes), rows per team, and
+/// whether it sums in shared memory only.
 #[derive(Clone, Copy)]
 struct Variant {
     codes: bool,
     rpt: Option<u32>,
+    shared: bool,
 }
 
 impl Target<'_> {
     /// The kernel variants to time for `w`: on a GPU every int4 rows-per-team choice, with
-    /// f32 activations and with 4-bit integer activation codes.
+    /// f32 activations and with 4-bit integer activation codes, and the runtime's choice again
+    /// with shared-memory sums where the runtime's use subgroups.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         match (self, w) {
-            (Target::Gpu(..), HostLinear::Int4 { .. }) => [false, true]
-                .iter()
-                .flat_map(|&codes| {
-                    ROWS_PER_TEAM.iter().map(move |&r| Variant {
-                        codes,
-                        rpt: Some(r),
+            (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => {
+                let picked = rows_per_team(w.rows(), k.software);
+                [false, true]
+                    .iter()
+                    .flat_map(|&codes| {
+                        let all = ROWS_PER_TEAM.iter().map(move |&r| Variant {
+                            codes,
+                            rpt: Some(r),
+                            shared: false,
+                        });
+                        let smem = shared.as_ref().map(|_| Variant {
+                            codes,
+                            rpt: Some(picked),
+                            shared: true,
+                        });
+                        all.chain(smem)
                     })
-                })
-                .collect(),
+                    .collect()
+            }
             _ => vec![Variant {
                 codes: false,
                 rpt: None,
+                shared: false,
             }],
         }
     }
@@ -148,7 +164,11 @@ impl Target<'_> {
     fn run(&self, w: &HostLinear, x: &[f32], iters: usize, v: Variant) -> Result<(Vec<f32>, f64)> {
         let mut rounds = Vec::new();
         let got = match self {
-            Target::Gpu(gpu, kernel) => {
+            Target::Gpu(gpu, kernel, shared) => {
+                let kernel = match shared {
+                    Some(k) if v.shared => k,
+                    _ => kernel,
+                };
                 let m = Linear::upload(gpu, w)?;
                 let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
                 let d = match (&m, v.codes) {
@@ -226,13 +246,18 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                     .fold(0.0, f64::max);
                 // Codes are one byte per column, f32 activations four.
                 let bytes = m.bytes() + cols * if v.codes { 1 } else { 4 };
-                let software = matches!(target, Target::Gpu(_, g) if g.software);
+                let software = matches!(target, Target::Gpu(_, g, _) if g.software);
                 let picked = if v.rpt == Some(rows_per_team(rows, software)) {
                     "*"
                 } else {
                     ""
                 };
                 let name = if v.codes { "w4a4" } else { name };
+                let picked = if v.shared {
+                    format!("{picked} smem")
+                } else {
+                    picked.to_string()
+                };
                 out.push(GemvFigure {
                     rows,
                     cols,
@@ -334,11 +359,21 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     let (device, peak, target) = match &gpu {
         Some(gpu) => (
             format!(
-                "{} ({:?}, {:?})",
-                gpu.info.name, gpu.info.backend, gpu.info.device_type
+                "{} ({:?}, {:?}; {})",
+                gpu.info.name,
+                gpu.info.backend,
+                gpu.info.device_type,
+                match gpu.subgroup_lanes {
+                    1 => "no subgroup operations: int4 GEMV sums in shared memory".to_string(),
+                    n => format!("int4 GEMV sums over subgroups of {n} lanes"),
+                }
             ),
             read_gb_per_s(gpu, 1024, o.iters)?,
-            Target::Gpu(gpu, Products::new(gpu)),
+            Target::Gpu(
+                gpu,
+                Box::new(Products::new(gpu)),
+                (gpu.subgroup_lanes > 1).then(|| Box::new(Products::with_lanes(gpu, 1))),
+            ),
         ),
         None => (
             format!("{} ({})", cpu_name(), cpu::kernels::instruction_set()),
@@ -356,7 +391,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass, median of 3 rounds; int4 rN: N rows per team, * the one the runtime picks",
+                "{} launches per shape in one pass, median of 3 rounds; int4 rN: N rows per team, * the one the runtime picks, smem: summed in shared memory only",
                 o.iters
             ),
         )
@@ -365,7 +400,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     writeln!(out, "\nGEMV, {calls} (GB/s: bytes read per call / time):").map_err(io)?;
     writeln!(
         out,
-        "{:>6} {:>6} {:>8} {:>9} {:>9} {:>8} {:>7} {:>9}",
+        "{:>6} {:>6} {:>13} {:>9} {:>9} {:>8} {:>7} {:>9}",
         "out", "in", "W", "MB read", "µs/call", "GB/s", "of read", "rel err"
     )
     .map_err(io)?;
@@ -380,7 +415,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     for f in &gemv {
         writeln!(
             out,
-            "{:>6} {:>6} {:>8} {:>9.2} {:>9.1} {:>8.1} {:>6.0}% {:>9.1e}",
+            "{:>6} {:>6} {:>13} {:>9.2} {:>9.1} {:>8.1} {:>6.0}% {:>9.1e}",
             f.rows,
             f.cols,
             f.weights,
