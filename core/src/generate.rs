@@ -155,9 +155,25 @@ pub trait Decoder {
 }
 
 /// The burn forward with its KV cache.
-struct BurnDecoder<'m> {
+pub struct BurnDecoder<'m> {
     model: &'m Llama,
     cache: KvCache,
+}
+
+impl<'m> BurnDecoder<'m> {
+    pub fn new(model: &'m Llama) -> Self {
+        Self::with_cache(model, model.new_cache())
+    }
+
+    /// Continue from `cache` (one that [`BurnDecoder::into_cache`] returned for `model`).
+    pub fn with_cache(model: &'m Llama, cache: KvCache) -> Self {
+        BurnDecoder { model, cache }
+    }
+
+    /// The cache, to keep it past this decoder (a chat between messages).
+    pub fn into_cache(self) -> KvCache {
+        self.cache
+    }
 }
 
 impl Decoder for BurnDecoder<'_> {
@@ -269,10 +285,7 @@ impl<'m> Session<'m> {
 
     /// The burn forward as a decoder.
     pub fn burn_decoder(model: &'m Llama) -> Box<dyn Decoder + 'm> {
-        Box::new(BurnDecoder {
-            model,
-            cache: model.new_cache(),
-        })
+        Box::new(BurnDecoder::new(model))
     }
 
     pub fn with_decoder(decoder: Box<dyn Decoder + 'm>) -> Self {

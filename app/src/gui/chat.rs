@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ostquant_core::device;
-use ostquant_core::generate::{self, GenerationStats, SamplingParams, Session};
+use ostquant_core::generate::{self, BurnDecoder, GenerationStats, SamplingParams, Session};
 use ostquant_core::model::LoadedModel;
+use ostquant_core::model::llama::KvCache;
 use ostquant_core::model::tokenizer::{ChatMessage, Tokenizer};
 use ostquant_core::runtime::Runtime;
 use serde::{Deserialize, Serialize};
@@ -89,7 +90,12 @@ pub struct Panel {
     pending_open: Option<PathBuf>,
     /// The FP and quantized answers being streamed.
     answers: [Option<Answer>; 2],
+    /// The FP model's KV cache and the tokens it holds, kept between messages so that a
+    /// message runs only its new tokens (the int4 runtime keeps its own the same way).
+    fp_cache: FpCache,
 }
+
+type FpCache = Arc<Mutex<Option<(KvCache, Vec<u32>)>>>;
 
 impl Panel {
     pub fn new(form: Form) -> Self {
@@ -102,12 +108,15 @@ impl Panel {
             picking: None,
             pending_open: None,
             answers: [None, None],
+            fp_cache: FpCache::default(),
         }
     }
 
     pub fn clear(&mut self) {
         self.turns.clear();
         self.answers = [None, None];
+        // A fresh slot: an answer still running writes its cache into the old one.
+        self.fp_cache = FpCache::default();
     }
 
     pub fn is_answering(&self) -> bool {
@@ -220,13 +229,20 @@ impl Panel {
             };
             self.turns.last_mut().expect("pushed above").replies[side] = Some(Reply::default());
             let job = if side == 0 {
-                let lab = m.lab.clone();
+                let (lab, kept) = (m.lab.clone(), self.fp_cache.clone());
                 Job::spawn(ctx, title, move |r| {
-                    let lab = lab
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
-                    let mut session = Session::new(lab.fp());
-                    answer(lab.tokenizer(), &mut session, &history, params, r)
+                    let unavailable = || anyhow::anyhow!("the model is unavailable");
+                    let lab = lab.lock().map_err(|_| unavailable())?;
+                    let mut kept = kept.lock().map_err(|_| unavailable())?;
+                    let mut decoder = match kept.take() {
+                        Some((cache, tokens)) => (BurnDecoder::with_cache(lab.fp(), cache), tokens),
+                        None => (BurnDecoder::new(lab.fp()), Vec::new()),
+                    };
+                    let mut session = Session::resume(Box::new(&mut decoder.0), decoder.1);
+                    let stats = answer(lab.tokenizer(), &mut session, &history, params, r);
+                    let tokens = session.into_tokens();
+                    *kept = Some((decoder.0.into_cache(), tokens));
+                    stats
                 })
             } else {
                 let q = self.quantized.as_ref().expect("checked above");
