@@ -5,8 +5,8 @@
 // each; padding words are never read). A code c means the integer c + qmin (qmin = -8
 // symmetric, 0 asymmetric); the weight is (c + qmin - zero)·scale with one scale (and zero) per
 // group of `group` columns (a multiple of 8): scales/zeros are row-major [rows, cols/group].
-// x is f32 [cols] read as vec4; y is f32 [rows], overwritten, or added to when `accumulate`
-// is set (a residual connection folded into the product).
+// x is f32 [cols] read as vec4; y is f32 [rows], overwritten or added to, or [rows / 2] with
+// SiLU(gate)·up of interleaved rows (see `store`).
 //
 // Workgroup plan: 256 threads = 8 teams of 32 lanes; a workgroup covers 8·RPT rows, each team
 // RPT of them (a 2-D grid past `grid_x` workgroups). Lane l walks the vec4s l, l + 32, … of its
@@ -27,7 +27,7 @@ struct Params {
     has_zeros: u32,
     grid_x: u32,
     stride: u32,
-    accumulate: u32,
+    store: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -38,6 +38,13 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
 const TEAM: u32 = 32u;
+
+// What the results become (`store`): y = W·x, y += W·x (a residual connection folded into the
+// product), or, for a gate and an up projection interleaved row by row (gate_0, up_0, gate_1,
+// …), y_i = SiLU(gate_i·x)·(up_i·x) — the gated MLP's middle in the epilogue, y [rows / 2].
+const STORE_WRITE: u32 = 0u;
+const STORE_ADD: u32 = 1u;
+const STORE_SILU_MUL: u32 = 2u;
 override RPT: u32 = 4u; // rows per team, at most 4
 // Lanes per subgroup used in the team sums: the adapter's smallest subgroup size up to 32 where
 // it has subgroup operations (the host then prepends shaders/lanes_subgroup.wgsl), else 1
@@ -151,13 +158,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     if (lane == 0u) {
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            if (row0 + r < p.rows) {
-                var sum = acc[r];
-                if (p.accumulate != 0u) {
-                    sum = sum + y[row0 + r];
+        if (p.store == STORE_SILU_MUL) {
+            // Rows come in (gate, up) pairs, a pair never split between teams (RPT even).
+            for (var r = 0u; r + 1u < RPT; r = r + 2u) {
+                if (row0 + r + 1u < p.rows) {
+                    let g = acc[r];
+                    y[(row0 + r) / 2u] = g / (1.0 + exp(-g)) * acc[r + 1u];
                 }
-                y[row0 + r] = sum;
+            }
+        } else {
+            for (var r = 0u; r < RPT; r = r + 1u) {
+                if (row0 + r < p.rows) {
+                    var sum = acc[r];
+                    if (p.store == STORE_ADD) {
+                        sum = sum + y[row0 + r];
+                    }
+                    y[row0 + r] = sum;
+                }
             }
         }
     }

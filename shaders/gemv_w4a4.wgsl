@@ -9,8 +9,9 @@
 //
 // Layout: words as gemv_w4a16.wgsl (rows padded to `stride` vec4s); xc: the codes as vec4<u32>,
 // two per weight vec4 (8 words per 32 columns, zero past `cols`); sx f32 [cols / agroup];
-// y f32 [rows], overwritten or accumulated into. Weight groups and `agroup` are multiples of 32
-// columns, so each block has one weight scale and one activation scale.
+// y f32 [rows], overwritten or accumulated into, or SiLU(gate)·up of interleaved rows
+// (`store`). Weight groups and `agroup` are multiples of 32 columns, so each block has one
+// weight scale and one activation scale.
 // Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows per team (a pipeline
 // constant), 16-byte coalesced weight loads, the same subgroup / shared-memory team sums.
 
@@ -23,7 +24,7 @@ struct Params {
     has_zeros: u32,
     grid_x: u32,
     stride: u32,
-    accumulate: u32,
+    store: u32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -38,6 +39,13 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
 const TEAM: u32 = 32u;
+
+// What the results become (`store`): y = W·x, y += W·x (a residual connection folded into the
+// product), or, for a gate and an up projection interleaved row by row (gate_0, up_0, gate_1,
+// …), y_i = SiLU(gate_i·x)·(up_i·x) — the gated MLP's middle in the epilogue, y [rows / 2].
+const STORE_WRITE: u32 = 0u;
+const STORE_ADD: u32 = 1u;
+const STORE_SILU_MUL: u32 = 2u;
 const LOW: u32 = 0x0F0F0F0Fu;
 const ONES: u32 = 0x01010101u;
 override RPT: u32 = 4u; // rows per team, at most 4
@@ -110,13 +118,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     if (lane == 0u) {
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            if (row0 + r < p.rows) {
-                var sum = acc[r];
-                if (p.accumulate != 0u) {
-                    sum = sum + y[row0 + r];
+        if (p.store == STORE_SILU_MUL) {
+            // Rows come in (gate, up) pairs, a pair never split between teams (RPT even).
+            for (var r = 0u; r + 1u < RPT; r = r + 2u) {
+                if (row0 + r + 1u < p.rows) {
+                    let g = acc[r];
+                    y[(row0 + r) / 2u] = g / (1.0 + exp(-g)) * acc[r + 1u];
                 }
-                y[row0 + r] = sum;
+            }
+        } else {
+            for (var r = 0u; r < RPT; r = r + 1u) {
+                if (row0 + r < p.rows) {
+                    var sum = acc[r];
+                    if (p.store == STORE_ADD) {
+                        sum = sum + y[row0 + r];
+                    }
+                    y[row0 + r] = sum;
+                }
             }
         }
     }

@@ -1,12 +1,14 @@
 // The gated MLP's middle: out = SiLU(gate) · up = gate / (1 + exp(-gate)) · up, elementwise.
 //
-// Layout: gate, up, out f32 [len]. Workgroup plan: 256 threads, one element each, 2-D grid of
+// Layout: gate, up, out f32 [len]; or, when `interleaved` is set, gate and up one buffer
+// [len, 2] of (gate, up) pairs (the output of a GEMM over gate and up rows interleaved, bound
+// to both `gate` and `up`). Workgroup plan: 256 threads, one element each, 2-D grid of
 // workgroups past 65535·256 elements.
 
 struct Params {
     len: u32,
     grid_x: u32,
-    _pad0: u32,
+    interleaved: u32,
     _pad1: u32,
 }
 
@@ -21,6 +23,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (i >= p.len) {
         return;
     }
-    let g = gate[i];
-    out[i] = g / (1.0 + exp(-g)) * up[i];
+    var g: f32;
+    var u: f32;
+    if (p.interleaved != 0u) {
+        g = gate[2u * i];
+        u = up[2u * i + 1u];
+    } else {
+        g = gate[i];
+        u = up[i];
+    }
+    out[i] = g / (1.0 + exp(-g)) * u;
 }

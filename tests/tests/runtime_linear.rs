@@ -398,3 +398,91 @@ fn f16_gemm_matches_the_f64_reference() {
         }
     }
 }
+
+/// The gated MLP's middle in one GEMV: gate and up int4 matrices interleaved row by row, the
+/// epilogue storing SiLU(gate·x)·(up·x), on f32 activations and on integer codes, for every
+/// team sum and rows-per-team choice that holds whole pairs, against f64.
+#[test]
+fn silu_mul_gemv_matches_the_f64_reference() {
+    use ostquant_core::runtime::host::HostLinear;
+    use ostquant_core::runtime::linear::{ActCodes, Input};
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(21);
+    for (rows, cols, spec) in [
+        (1536, 576, QuantSpec::sym(4)),
+        (37, 256, QuantSpec::asym(4).with_group(64)),
+    ] {
+        let groups = cols / spec.group.unwrap_or(cols);
+        let mut half = || {
+            let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
+            let scales: Vec<f32> = (0..rows * groups)
+                .map(|_| rng.random_range(0.001..0.02))
+                .collect();
+            let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
+                (0..rows * groups)
+                    .map(|_| rng.random_range(0..16) as f32)
+                    .collect()
+            });
+            let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
+            (
+                HostLinear::int4(rows, cols, spec, words, scales, zeros).unwrap(),
+                w,
+            )
+        };
+        let ((gate, wg), (up, wu)) = (half(), half());
+        let fused =
+            HostLinear::interleave_rows(&gate, &up).expect("two int4 matrices of one shape");
+        let Linear::Int4(m) = Linear::upload(&gpu, &fused).unwrap() else {
+            unreachable!()
+        };
+        // Activations on the 4-bit grid of one group, so the codes path sees exact values.
+        let z = 7.0;
+        let x: Vec<f32> = (0..cols)
+            .map(|c| match c {
+                0 => (0.0 - z) * 0.125,
+                1 => (15.0 - z) * 0.125,
+                _ => (rng.random_range(0..16) as f32 - z) * 0.125,
+            })
+            .collect();
+        let want: Vec<f64> = (0..rows)
+            .map(|r| {
+                let dot = |w: &[f32]| -> f64 {
+                    (0..cols)
+                        .map(|c| w[r * cols + c] as f64 * x[c] as f64)
+                        .sum()
+                };
+                let g = dot(&wg);
+                g / (1.0 + (-g).exp()) * dot(&wu)
+            })
+            .collect();
+        let xb = gpu.storage("x", &x);
+        let codes = ActCodes::new(&gpu, 1, cols, cols, 4).unwrap();
+        let yb = gpu.output("y", rows);
+        for k in every_team_sum(&gpu) {
+            for rpt in [Some(2), Some(4), None] {
+                for integer in [false, true] {
+                    let mut enc = gpu.device.create_command_encoder(&Default::default());
+                    let input = if integer {
+                        k.quantize(&gpu, &xb, &codes).record(&mut enc);
+                        Input::Codes(&codes)
+                    } else {
+                        Input::F32(&xb)
+                    };
+                    k.launch_silu_mul(&gpu, &m, input, &yb, rpt)
+                        .unwrap()
+                        .record(&mut enc);
+                    let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+                    for r in 0..rows {
+                        assert!(
+                            (got[r] as f64 - want[r]).abs() <= 1e-4 * (1.0 + want[r].abs()),
+                            "{rows}×{cols} {spec:?} rows per team {rpt:?}, {} lanes, codes {integer}, row {r}: {} vs {}",
+                            k.subgroup_lanes,
+                            got[r],
+                            want[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -97,6 +97,51 @@ impl HostLinear {
         })
     }
 
+    /// Two int4 matrices of one shape and spec as one, their rows interleaved (a_0, b_0, a_1,
+    /// b_1, …): the gate and up projections for the GEMV that computes SiLU(gate)·up in its
+    /// epilogue. None for any other pair.
+    pub fn interleave_rows(a: &HostLinear, b: &HostLinear) -> Option<HostLinear> {
+        let (
+            HostLinear::Int4 {
+                rows,
+                cols,
+                spec,
+                words: wa,
+                scales: sa,
+                zeros: za,
+            },
+            HostLinear::Int4 {
+                rows: rb,
+                cols: cb,
+                spec: sb,
+                words: wb,
+                scales: sb_,
+                zeros: zb,
+            },
+        ) = (a, b)
+        else {
+            return None;
+        };
+        if (rows, cols, spec) != (rb, cb, sb) {
+            return None;
+        }
+        fn zip<T: Copy>(a: &[T], b: &[T], rows: usize) -> Vec<T> {
+            let n = a.len() / rows.max(1);
+            a.chunks_exact(n.max(1))
+                .zip(b.chunks_exact(n.max(1)))
+                .flat_map(|(x, y)| x.iter().chain(y).copied())
+                .collect()
+        }
+        Some(HostLinear::Int4 {
+            rows: 2 * rows,
+            cols: *cols,
+            spec: *spec,
+            words: zip(wa, wb, *rows),
+            scales: zip(sa, sb_, *rows),
+            zeros: za.as_ref().zip(zb.as_ref()).map(|(x, y)| zip(x, y, *rows)),
+        })
+    }
+
     pub fn rows(&self) -> usize {
         match self {
             HostLinear::Int4 { rows, .. } | HostLinear::Half { rows, .. } => *rows,

@@ -51,6 +51,31 @@ fn grid(rows: usize, per_group: u32) -> (u32, u32, u32) {
     (gx, groups.div_ceil(gx), 1)
 }
 
+/// What an int4 GEMV does with its results (the shaders' `store`).
+#[derive(Clone, Copy, PartialEq)]
+enum Store {
+    Write = 0,
+    Add = 1,
+    /// SiLU(gate)·up of interleaved (gate, up) rows.
+    SiluMul = 2,
+}
+
+impl Store {
+    /// Rows per team: `rpt` or the shape's choice, at least 2 for `SiluMul` (a team holds
+    /// whole (gate, up) pairs).
+    fn rows_per_team(self, rpt: Option<u32>, rows: usize, software: bool) -> Option<u32> {
+        let r = rpt.unwrap_or_else(|| rows_per_team(rows, software));
+        Some(if self == Store::SiluMul { r.max(2) } else { r })
+    }
+}
+
+/// The input of an int4 GEMV: f32 values, or integer codes (the W4A4 kernel).
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    F32(&'a wgpu::Buffer),
+    Codes(&'a ActCodes),
+}
+
 /// An int4 matrix [rows, cols] on the GPU, in the model folder's packing.
 pub struct Int4Matrix {
     pub rows: usize,
@@ -258,7 +283,7 @@ struct Int4Params {
     has_zeros: u32,
     grid_x: u32,
     stride: u32,
-    accumulate: u32,
+    store: u32,
 }
 
 #[repr(C)]
@@ -283,7 +308,7 @@ struct W4A4Params {
     has_zeros: u32,
     grid_x: u32,
     stride: u32,
-    accumulate: u32,
+    store: u32,
     _pad: [u32; 3],
 }
 
@@ -447,21 +472,9 @@ impl Products {
         accumulate: bool,
         rpt: Option<u32>,
     ) -> Dispatch {
+        let store = if accumulate { Store::Add } else { Store::Write };
         match w {
-            Linear::Int4(m) => {
-                let (k, g) = self.pipeline(m.rows, rpt);
-                let params = Int4Params {
-                    rows: m.rows as u32,
-                    cols: m.cols as u32,
-                    group: m.spec.group.unwrap_or(m.cols) as u32,
-                    qmin: m.spec.qmin(),
-                    has_zeros: (!m.spec.sym) as u32,
-                    grid_x: g.0,
-                    stride: m.stride as u32,
-                    accumulate: accumulate as u32,
-                };
-                self.int4[k].dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
-            }
+            Linear::Int4(m) => self.int4_f32(gpu, m, x, y, store, rpt),
             Linear::Half(m) => {
                 let g = grid(m.rows, HALF_ROWS);
                 let params = HalfParams {
@@ -492,6 +505,47 @@ impl Products {
             .dispatch(gpu, &params, &[x, &codes.codes, &codes.scales], g)
     }
 
+    /// The int4 GEMV on f32 x, storing as `store` says.
+    fn int4_f32(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        store: Store,
+        rpt: Option<u32>,
+    ) -> Dispatch {
+        let (k, g) = self.pipeline(m.rows, store.rows_per_team(rpt, m.rows, self.software));
+        let params = Int4Params {
+            rows: m.rows as u32,
+            cols: m.cols as u32,
+            group: m.spec.group.unwrap_or(m.cols) as u32,
+            qmin: m.spec.qmin(),
+            has_zeros: (!m.spec.sym) as u32,
+            grid_x: g.0,
+            stride: m.stride as u32,
+            store: store as u32,
+        };
+        self.int4[k].dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
+    }
+
+    /// The gated MLP's middle in one GEMV: y [rows / 2] = SiLU(gate·x)·(up·x) for the gate
+    /// and up rows of `m` interleaved row by row
+    /// ([`super::host::HostLinear::interleave_rows`]), x f32 or integer codes.
+    pub fn launch_silu_mul(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: Input,
+        y: &wgpu::Buffer,
+        rpt: Option<u32>,
+    ) -> Result<Dispatch> {
+        match x {
+            Input::F32(x) => Ok(self.int4_f32(gpu, m, x, y, Store::SiluMul, rpt)),
+            Input::Codes(x) => self.int4_codes(gpu, m, x, y, Store::SiluMul, rpt),
+        }
+    }
+
     /// The launch of y (+)= W·x with x given as integer codes (integer accumulation, dequant
     /// epilogue per 32-column block); `rpt` overrides [`rows_per_team`].
     pub fn launch_w4a4(
@@ -503,8 +557,22 @@ impl Products {
         accumulate: bool,
         rpt: Option<u32>,
     ) -> Result<Dispatch> {
+        let store = if accumulate { Store::Add } else { Store::Write };
+        self.int4_codes(gpu, m, x, y, store, rpt)
+    }
+
+    /// The W4A4 GEMV, storing as `store` says.
+    fn int4_codes(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: &ActCodes,
+        y: &wgpu::Buffer,
+        store: Store,
+        rpt: Option<u32>,
+    ) -> Result<Dispatch> {
         let group = w4a4_group(m, x)?;
-        let (k, g) = self.pipeline(m.rows, rpt);
+        let (k, g) = self.pipeline(m.rows, store.rows_per_team(rpt, m.rows, self.software));
         let params = W4A4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
@@ -514,7 +582,7 @@ impl Products {
             has_zeros: (!m.spec.sym) as u32,
             grid_x: g.0,
             stride: m.stride as u32,
-            accumulate: accumulate as u32,
+            store: store as u32,
             _pad: [0; 3],
         };
         Ok(self.w4a4[k].dispatch(
@@ -585,7 +653,7 @@ impl Products {
             has_zeros: (!m.spec.sym) as u32,
             grid_x: x.tokens as u32, // the GEMM's token count
             stride: m.stride as u32,
-            accumulate: accumulate as u32,
+            store: accumulate as u32, // the GEMM's `accumulate` (Store::Write or Store::Add)
             _pad: [0; 3],
         };
         Ok(self.gemm_w4a4.dispatch(

@@ -13,9 +13,9 @@ use burn::tensor::wgpu::wgpu;
 use super::Gpu;
 use super::attention::{Attention, KvCache};
 use super::hadamard::GpuHadamard;
-use super::host::HostModel;
+use super::host::{HostLinear, HostModel};
 use super::kernel::{Dispatch, record_all};
-use super::linear::{ActCodes, Linear, Products};
+use super::linear::{ActCodes, Input, Linear, Products};
 use super::ops::{Ops, Pick, SampleParams};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::LlamaWeights;
@@ -25,17 +25,38 @@ use crate::model::qformat::ForwardSpec;
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
     ffn_norm: wgpu::Buffer,
-    /// q, k, v, o, gate, up, down
+    /// q, k, v, o, down
     linears: Vec<Linear>,
+    gate_up: GateUp,
     k_cache: KvCache,
     v_cache: KvCache,
 }
 
-/// One layer's weights on their way to the GPU: norms and the seven linears.
+/// The gated MLP's gate and up projections: both int4, one matrix of their rows interleaved
+/// (decode computes SiLU(gate)·up in the GEMV's epilogue: one launch instead of three); else
+/// two matrices.
+enum GateUp {
+    Fused(Linear),
+    Separate(Linear, Linear),
+}
+
+impl GpuLayer {
+    fn all_linears(&self) -> impl Iterator<Item = &Linear> {
+        let gate_up = match &self.gate_up {
+            GateUp::Fused(w) => [Some(w), None],
+            GateUp::Separate(g, u) => [Some(g), Some(u)],
+        };
+        self.linears.iter().chain(gate_up.into_iter().flatten())
+    }
+}
+
+/// One layer's weights on their way to the GPU: norms and the linears.
 struct LayerParts {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
+    /// q, k, v, o, down
     linears: Vec<Linear>,
+    gate_up: GateUp,
 }
 
 /// Scratch buffers of one forward over up to `tokens` positions, [tokens, width] each.
@@ -76,7 +97,8 @@ impl Scratch {
             k: gpu.output("k", t * nkv * hd),
             v: gpu.output("v", t * nkv * hd),
             a: gpu.output("a", t * nq * hd),
-            gate: gpu.output("gate", t * dff),
+            // Room for (gate, up) pairs of a fused gate/up product.
+            gate: gpu.output("gate", 2 * t * dff),
             up: gpu.output("up", t * dff),
             m: gpu.output("m", t * dff),
             m_h: gpu.output("m_h", t * dff),
@@ -204,14 +226,21 @@ impl GpuModel {
             .layers
             .iter()
             .map(|l| {
+                let [q, k, v, o, gate, up, down] = &l.linears;
+                let gate_up = match HostLinear::interleave_rows(gate, up) {
+                    Some(w) => GateUp::Fused(Linear::upload(&gpu, &w)?),
+                    None => {
+                        GateUp::Separate(Linear::upload(&gpu, gate)?, Linear::upload(&gpu, up)?)
+                    }
+                };
                 Ok(LayerParts {
                     attn_norm: l.attn_norm.clone(),
                     ffn_norm: l.ffn_norm.clone(),
-                    linears: l
-                        .linears
-                        .iter()
+                    linears: [q, k, v, o, down]
+                        .into_iter()
                         .map(|w| Linear::upload(&gpu, w))
                         .collect::<Result<_>>()?,
+                    gate_up,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -248,6 +277,7 @@ impl GpuModel {
                 attn_norm: gpu.storage("attn norm", &p.attn_norm),
                 ffn_norm: gpu.storage("ffn norm", &p.ffn_norm),
                 linears: p.linears,
+                gate_up: p.gate_up,
                 k_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
                 v_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
             })
@@ -319,10 +349,13 @@ impl GpuModel {
         // W?A≤7 folders whose shapes allow it run their linears on integer activation codes
         // (inputs: the attention/FFN norm output, the attention output, the down_proj input);
         // other folders fake-quantize the f32 input in place, where they quantize at all.
-        let int_weights = layers.iter().flat_map(|l| &l.linears).all(|w| match w {
-            Linear::Int4(m) => m.spec.group.is_none_or(|g| g.is_multiple_of(32)),
-            Linear::Half(_) => false,
-        });
+        let int_weights = layers
+            .iter()
+            .flat_map(|l| l.all_linears())
+            .all(|w| match w {
+                Linear::Int4(m) => m.spec.group.is_none_or(|g| g.is_multiple_of(32)),
+                Linear::Half(_) => false,
+            });
         let inputs = [(d, d), (nq * hd, hd), (dff, dff)];
         let codes = match f.act {
             Some(a) if int_weights && inputs.iter().all(|&(n, g)| ActCodes::fits(n, g, a.bits)) => {
@@ -357,7 +390,7 @@ impl GpuModel {
             Ok(Launch::Product(launch))
         };
         for (layer, l) in layers.iter().enumerate() {
-            let [wq, wk, wv, wo, wg, wu, wd] = [0, 1, 2, 3, 4, 5, 6].map(|j| &l.linears[j]);
+            let [wq, wk, wv, wo, wd] = [0, 1, 2, 3, 4].map(|j| &l.linears[j]);
             plan.push(fixed(ops.rms_norm(
                 gpu,
                 &s.h,
@@ -408,9 +441,26 @@ impl GpuModel {
             plan.push(product(wo, &s.a, 1, &s.h, true)?);
             plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, t, d, eps)));
             plan.extend(quantize(&s.n, 0));
-            plan.push(product(wg, &s.n, 0, &s.gate, false)?);
-            plan.push(product(wu, &s.n, 0, &s.up, false)?);
-            plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, t * dff)));
+            match (&l.gate_up, t) {
+                (GateUp::Fused(Linear::Int4(w)), 1) => {
+                    let x = match &codes {
+                        Some(c) => Input::Codes(&c[0]),
+                        None => Input::F32(&s.n),
+                    };
+                    let d = products.launch_silu_mul(gpu, w, x, &s.m, None)?;
+                    plan.push(Launch::Product(d));
+                }
+                (GateUp::Fused(w), _) => {
+                    // [t, 2·dff] of (gate, up) pairs, then SiLU·mul over the pairs.
+                    plan.push(product(w, &s.n, 0, &s.gate, false)?);
+                    plan.push(fixed(ops.silu_mul_pairs(gpu, &s.gate, &s.m, t * dff)));
+                }
+                (GateUp::Separate(wg, wu), _) => {
+                    plan.push(product(wg, &s.n, 0, &s.gate, false)?);
+                    plan.push(product(wu, &s.n, 0, &s.up, false)?);
+                    plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, t * dff)));
+                }
+            }
             let m = match &down_h {
                 Some(h) => {
                     plan.extend(h.dispatches(gpu, &s.m, &s.m_h, t).into_iter().map(fixed));
@@ -448,7 +498,7 @@ impl GpuModel {
         let linears: usize = self
             .layers
             .iter()
-            .flat_map(|l| &l.linears)
+            .flat_map(|l| l.all_linears())
             .map(Linear::bytes)
             .sum();
         linears + self.lm_head.bytes()

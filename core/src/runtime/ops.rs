@@ -188,6 +188,24 @@ impl Ops {
         elementwise(&self.silu_mul, gpu, len, &[gate, up, out])
     }
 
+    /// out = SiLU(gate)·up over `len` elements from one buffer of (gate, up) pairs [len, 2].
+    pub fn silu_mul_pairs(
+        &self,
+        gpu: &Gpu,
+        pairs: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        len: usize,
+    ) -> Dispatch {
+        let g = grid((len as u32).div_ceil(256));
+        let p = Four {
+            a: len as u32,
+            b: g.0,
+            c: 1, // interleaved
+            d: 0,
+        };
+        self.silu_mul.dispatch(gpu, &p, &[pairs, pairs, out], g)
+    }
+
     /// RoPE in place on x [tokens, heads, hd] with cos/sin tables [tokens, hd/2].
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
