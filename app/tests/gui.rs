@@ -380,3 +380,46 @@ fn chat_side_by_side_with_an_int4_folder() {
         }
     }
 }
+
+/// Settings and the recent models survive a restart: the app saves them into eframe's storage
+/// (a file under the user's data folder in the real app) and a new app reads them back.
+#[test]
+fn settings_and_recent_models_persist() {
+    #[derive(Default)]
+    struct Memory(std::collections::HashMap<String, String>);
+    impl eframe::Storage for Memory {
+        fn get_string(&self, key: &str) -> Option<String> {
+            self.0.get(key).cloned()
+        }
+        fn set_string(&mut self, key: &str, value: String) {
+            self.0.insert(key.to_string(), value);
+        }
+        fn remove_string(&mut self, key: &str) {
+            self.0.remove(key);
+        }
+        fn flush(&mut self) {}
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let mut h = harness(false);
+    open(&mut h, &dir);
+    let app = h.state_mut();
+    app.tab = Tab::Evaluate;
+    app.calibrate.form.steps = 123;
+    app.calibrate.form.bits = "W4A16KV16".into();
+    app.chat.form.temperature = 0.25;
+    app.chat.form.seed = 7;
+    let mut storage = Memory::default();
+    eframe::App::save(app, &mut storage);
+
+    let again = OstquantApp::new(Some(&storage), DeviceChoice::Cpu);
+    assert_eq!(again.recent(), std::slice::from_ref(&dir));
+    assert_eq!(again.tab, Tab::Evaluate);
+    assert_eq!(again.calibrate.form.steps, 123);
+    assert_eq!(again.calibrate.form.bits, "W4A16KV16");
+    assert_eq!(again.chat.form.temperature, 0.25);
+    assert_eq!(again.chat.form.seed, 7);
+    // Nothing saved yet: the defaults.
+    let fresh = OstquantApp::new(Some(&Memory::default()), DeviceChoice::Cpu);
+    assert!(fresh.recent().is_empty());
+}

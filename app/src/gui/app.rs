@@ -164,6 +164,11 @@ impl OstquantApp {
         self.loading.is_some()
     }
 
+    /// The recently opened models, newest first.
+    pub fn recent(&self) -> &[PathBuf] {
+        &self.recent
+    }
+
     fn remember(&mut self, dir: &Path) {
         self.recent.retain(|p| p != dir);
         self.recent.insert(0, dir.to_path_buf());
