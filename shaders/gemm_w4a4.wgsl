@@ -22,8 +22,8 @@ struct Params {
     tokens: u32,
     stride: u32,
     accumulate: u32,
-    _pad0: u32,
-    _pad1: u32,
+    split1: u32,
+    split2: u32,
     _pad2: u32,
 }
 
@@ -48,6 +48,20 @@ var<workgroup> xsum: array<f32, 32>;
 
 fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
     return dot4I8Packed(w & LOW, even) + dot4I8Packed((w >> 4u) & LOW, odd);
+}
+
+// Where row r of token tok goes: Y [tokens, rows] row-major; or, with split1 ≤ split2 < rows
+// (the rows of q, k and v stacked), part by part: rows [0, split1) as [tokens, split1], then
+// rows [split1, split2) as [tokens, split2 − split1], then the rest — each part contiguous for
+// the kernels that read it (split1 = split2 = rows: the plain layout).
+fn out_index(tok: u32, r: u32) -> u32 {
+    if (r < p.split1) {
+        return tok * p.split1 + r;
+    }
+    if (r < p.split2) {
+        return p.tokens * p.split1 + tok * (p.split2 - p.split1) + (r - p.split1);
+    }
+    return p.tokens * p.split2 + tok * (p.rows - p.split2) + (r - p.split2);
 }
 
 @compute @workgroup_size(256)
@@ -120,10 +134,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let tok = tok0 + tm * 2u + i / 4u;
         if (r < p.rows && tok < p.tokens) {
             var sum = acc[i];
+            let o = out_index(tok, r);
             if (p.accumulate != 0u) {
-                sum = sum + y[tok * p.rows + r];
+                sum = sum + y[o];
             }
-            y[tok * p.rows + r] = sum;
+            y[o] = sum;
         }
     }
 }

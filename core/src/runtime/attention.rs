@@ -7,7 +7,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::kernel::{Dispatch, Kernel};
+use super::kernel::{Bind, Dispatch, Kernel};
 
 /// One layer's cache of K or V: int4 codes [max_seq, heads, hd/8] with scales and zeros
 /// [max_seq, heads], or (`int4` false) the f32 bits themselves [max_seq, heads, hd].
@@ -116,15 +116,20 @@ impl Attention {
 
     /// The launch that writes `src` [tokens, nkv, hd] into positions pos.. of `cache`
     /// (quantized when it is int4), bound for up to `max_tokens` positions.
-    pub fn append(
+    pub fn append<'b>(
         &self,
         gpu: &Gpu,
-        src: &wgpu::Buffer,
+        src: impl Into<Bind<'b>>,
         cache: &KvCache,
         max_tokens: usize,
     ) -> Dispatch {
         let p = self.quant_params(cache, 0, max_tokens);
-        let bufs = [src, &cache.codes, &cache.scales, &cache.zeros];
+        let bufs = [
+            src.into(),
+            (&cache.codes).into(),
+            (&cache.scales).into(),
+            (&cache.zeros).into(),
+        ];
         let grid = (self.nkv as u32, max_tokens as u32, 1);
         self.quant.dispatch(gpu, &p, &bufs, grid)
     }
@@ -137,18 +142,25 @@ impl Attention {
     /// The launch of out [tokens, nq, hd] = softmax(q·Kᵀ/√hd)·V, query i at position pos0 + i
     /// attending to positions 0..=pos0 + i, bound for up to `max_tokens` queries.
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(
+    pub fn attend<'b>(
         &self,
         gpu: &Gpu,
-        q: &wgpu::Buffer,
+        q: impl Into<Bind<'b>>,
         k: &KvCache,
         v: &KvCache,
         out: &wgpu::Buffer,
         max_tokens: usize,
     ) -> Dispatch {
         let p = self.attn_params(k, 0, max_tokens);
-        let bufs = [
-            q, &k.codes, &k.scales, &k.zeros, &v.codes, &v.scales, &v.zeros, out,
+        let bufs: [Bind; 8] = [
+            q.into(),
+            (&k.codes).into(),
+            (&k.scales).into(),
+            (&k.zeros).into(),
+            (&v.codes).into(),
+            (&v.scales).into(),
+            (&v.zeros).into(),
+            out.into(),
         ];
         let grid = (self.nq as u32, max_tokens as u32, 1);
         self.attend.dispatch(gpu, &p, &bufs, grid)

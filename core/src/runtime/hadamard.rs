@@ -4,7 +4,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::kernel::{Dispatch, Kernel};
+use super::kernel::{Bind, Dispatch, Kernel};
 use crate::error::Result;
 use crate::transform::hadamard::Hadamard;
 
@@ -53,13 +53,14 @@ impl GpuHadamard {
 
     /// The launches of out = H·x for `rows` rows, in order; `x` is used as scratch (its
     /// contents are destroyed).
-    pub fn dispatches(
+    pub fn dispatches<'b>(
         &self,
         gpu: &Gpu,
-        x: &wgpu::Buffer,
+        x: impl Into<Bind<'b>>,
         out: &wgpu::Buffer,
         rows: usize,
     ) -> Vec<Dispatch> {
+        let x = x.into();
         let (n, k) = (self.n, self.k);
         let p = n / k;
         let mut params = Params {
@@ -83,7 +84,10 @@ impl GpuHadamard {
         }
         let g = grid(rows * n);
         params.grid_x = g.0;
-        out_d.push(self.mix.dispatch(gpu, &params, &[x, &self.hk, out], g));
+        out_d.push(
+            self.mix
+                .dispatch(gpu, &params, &[x, (&self.hk).into(), out.into()], g),
+        );
         out_d
     }
 }

@@ -142,6 +142,70 @@ impl HostLinear {
         })
     }
 
+    /// Matrices of one width (and spec) as one, their rows one after the other: q, k and v
+    /// for one product. None for mixed or mismatched matrices.
+    pub fn stack_rows(parts: &[&HostLinear]) -> Option<HostLinear> {
+        match parts.first()? {
+            HostLinear::Int4 { cols, spec, .. } => {
+                let (mut rows, mut words, mut scales, mut zeros) =
+                    (0, Vec::new(), Vec::new(), (!spec.sym).then(Vec::new));
+                for p in parts {
+                    let HostLinear::Int4 {
+                        rows: r,
+                        cols: c,
+                        spec: s,
+                        words: w,
+                        scales: sc,
+                        zeros: z,
+                    } = p
+                    else {
+                        return None;
+                    };
+                    if (c, s) != (cols, spec) {
+                        return None;
+                    }
+                    rows += r;
+                    words.extend_from_slice(w);
+                    scales.extend_from_slice(sc);
+                    if let (Some(all), Some(z)) = (zeros.as_mut(), z) {
+                        all.extend_from_slice(z);
+                    }
+                }
+                Some(HostLinear::Int4 {
+                    rows,
+                    cols: *cols,
+                    spec: *spec,
+                    words,
+                    scales,
+                    zeros,
+                })
+            }
+            HostLinear::Half { cols, .. } => {
+                let (mut rows, mut halves) = (0, Vec::new());
+                for p in parts {
+                    let HostLinear::Half {
+                        rows: r,
+                        cols: c,
+                        halves: h,
+                    } = p
+                    else {
+                        return None;
+                    };
+                    if c != cols {
+                        return None;
+                    }
+                    rows += r;
+                    halves.extend_from_slice(h);
+                }
+                Some(HostLinear::Half {
+                    rows,
+                    cols: *cols,
+                    halves,
+                })
+            }
+        }
+    }
+
     pub fn rows(&self) -> usize {
         match self {
             HostLinear::Int4 { rows, .. } | HostLinear::Half { rows, .. } => *rows,

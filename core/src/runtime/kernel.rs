@@ -10,6 +10,37 @@ use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
 
+/// A storage buffer bound to a kernel: all of it, or a range (offsets a multiple of the
+/// device's `min_storage_buffer_offset_alignment`), e.g. q, k and v in one buffer.
+#[derive(Clone, Copy)]
+pub struct Bind<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    /// Bytes; None: to the end of the buffer.
+    pub size: Option<std::num::NonZeroU64>,
+}
+
+impl<'a> From<&'a wgpu::Buffer> for Bind<'a> {
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        Bind {
+            buffer,
+            offset: 0,
+            size: None,
+        }
+    }
+}
+
+impl<'a> Bind<'a> {
+    /// `len` f32 values of `buffer` from value `start` on.
+    pub fn f32_range(buffer: &'a wgpu::Buffer, start: usize, len: usize) -> Self {
+        Bind {
+            buffer,
+            offset: start as u64 * 4,
+            size: std::num::NonZeroU64::new(len as u64 * 4),
+        }
+    }
+}
+
 pub struct Kernel {
     name: &'static str,
     pipeline: wgpu::ComputePipeline,
@@ -68,11 +99,11 @@ impl Kernel {
 
     /// Bind `params` (a `#[repr(C)]` Pod struct, padded to 16 bytes) and `buffers` (bindings 1,
     /// 2, …) for a launch of `groups` workgroups.
-    pub fn dispatch<P: bytemuck::Pod>(
+    pub fn dispatch<'b, P: bytemuck::Pod, B: Into<Bind<'b>> + Copy>(
         &self,
         gpu: &Gpu,
         params: &P,
-        buffers: &[&wgpu::Buffer],
+        buffers: &[B],
         groups: (u32, u32, u32),
     ) -> Dispatch {
         use wgpu::util::DeviceExt;
@@ -83,12 +114,16 @@ impl Kernel {
                 contents: bytemuck::bytes_of(params),
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             });
-        let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(&uniform)
-            .chain(buffers.iter().copied())
+        let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(Bind::from(&uniform))
+            .chain(buffers.iter().map(|&b| b.into()))
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: b.as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: b.size,
+                }),
             })
             .collect();
         let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {

@@ -224,6 +224,22 @@ pub enum Linear {
     Half(HalfMatrix),
 }
 
+/// A borrowed matrix of either kind.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    Int4(&'a Int4Matrix),
+    Half(&'a HalfMatrix),
+}
+
+impl<'a> From<&'a Linear> for Weights<'a> {
+    fn from(w: &'a Linear) -> Self {
+        match w {
+            Linear::Int4(m) => Weights::Int4(m),
+            Linear::Half(m) => Weights::Half(m),
+        }
+    }
+}
+
 impl Linear {
     /// Upload a host-side weight.
     pub fn upload(gpu: &Gpu, w: &HostLinear) -> Result<Self> {
@@ -309,7 +325,9 @@ struct W4A4Params {
     grid_x: u32,
     stride: u32,
     store: u32,
-    _pad: [u32; 3],
+    /// The GEMM's part boundaries (unused by the GEMV).
+    split: [u32; 2],
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -323,6 +341,8 @@ struct GemmParams {
     has_zeros: u32,
     stride: u32,
     accumulate: u32,
+    split: [u32; 2],
+    _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -333,7 +353,8 @@ struct HalfGemmParams {
     tokens: u32,
     stride: u32,
     accumulate: u32,
-    _pad: [u32; 3],
+    split: [u32; 2],
+    _pad: u32,
 }
 
 /// The weight group of `m` when the W4A4 kernels can take it with `x`: whole rows or blocks of
@@ -583,7 +604,8 @@ impl Products {
             grid_x: g.0,
             stride: m.stride as u32,
             store: store as u32,
-            _pad: [0; 3],
+            split: [0; 2],
+            _pad: 0,
         };
         Ok(self.w4a4[k].dispatch(
             gpu,
@@ -603,34 +625,9 @@ impl Products {
         tokens: usize,
         accumulate: bool,
     ) -> Dispatch {
-        let g = gemm_grid(w.rows(), tokens);
-        match w {
-            Linear::Int4(m) => {
-                let params = GemmParams {
-                    rows: m.rows as u32,
-                    cols: m.cols as u32,
-                    tokens: tokens as u32,
-                    group: m.spec.group.unwrap_or(m.cols) as u32,
-                    qmin: m.spec.qmin(),
-                    has_zeros: (!m.spec.sym) as u32,
-                    stride: m.stride as u32,
-                    accumulate: accumulate as u32,
-                };
-                self.gemm_w4a16
-                    .dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
-            }
-            Linear::Half(m) => {
-                let params = HalfGemmParams {
-                    rows: m.rows as u32,
-                    cols: m.cols as u32,
-                    tokens: tokens as u32,
-                    stride: m.stride as u32,
-                    accumulate: accumulate as u32,
-                    _pad: [0; 3],
-                };
-                self.gemm_f16.dispatch(gpu, &params, &[&m.words, x, y], g)
-            }
-        }
+        let plain = [w.rows(); 2];
+        self.gemm_parts(gpu, w.into(), Input::F32(x), y, tokens, accumulate, plain)
+            .expect("every matrix takes f32 input")
     }
 
     /// The launch of Y [tokens, rows] (+)= X·Wᵀ with X given as integer codes for all its
@@ -643,25 +640,112 @@ impl Products {
         y: &wgpu::Buffer,
         accumulate: bool,
     ) -> Result<Dispatch> {
-        let group = w4a4_group(m, x)?;
-        let params = W4A4Params {
-            rows: m.rows as u32,
-            cols: m.cols as u32,
-            group: group as u32,
-            agroup: x.group as u32,
-            qmin: m.spec.qmin(),
-            has_zeros: (!m.spec.sym) as u32,
-            grid_x: x.tokens as u32, // the GEMM's token count
-            stride: m.stride as u32,
-            store: accumulate as u32, // the GEMM's `accumulate` (Store::Write or Store::Add)
-            _pad: [0; 3],
-        };
-        Ok(self.gemm_w4a4.dispatch(
+        let plain = [m.rows; 2];
+        self.gemm_parts(
             gpu,
-            &params,
-            &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
-            gemm_grid(m.rows, x.tokens),
-        ))
+            Weights::Int4(m),
+            Input::Codes(x),
+            y,
+            x.tokens,
+            accumulate,
+            plain,
+        )
+    }
+
+    /// The launch of Y = X·Wᵀ for W the rows of several matrices stacked (q, k and v), split
+    /// at rows `splits` into parts stored one after the other, each [tokens, its rows].
+    pub fn gemm_stacked(
+        &self,
+        gpu: &Gpu,
+        w: &Linear,
+        x: Input,
+        y: &wgpu::Buffer,
+        tokens: usize,
+        splits: [usize; 2],
+    ) -> Result<Dispatch> {
+        self.gemm_parts(gpu, w.into(), x, y, tokens, false, splits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_parts(
+        &self,
+        gpu: &Gpu,
+        w: Weights,
+        x: Input,
+        y: &wgpu::Buffer,
+        tokens: usize,
+        accumulate: bool,
+        splits: [usize; 2],
+    ) -> Result<Dispatch> {
+        let rows = match w {
+            Weights::Int4(m) => m.rows,
+            Weights::Half(m) => m.rows,
+        };
+        let g = gemm_grid(rows, tokens);
+        let split = splits.map(|s| s as u32);
+        Ok(match (w, x) {
+            (Weights::Int4(m), Input::F32(x)) => {
+                let params = GemmParams {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    tokens: tokens as u32,
+                    group: m.spec.group.unwrap_or(m.cols) as u32,
+                    qmin: m.spec.qmin(),
+                    has_zeros: (!m.spec.sym) as u32,
+                    stride: m.stride as u32,
+                    accumulate: accumulate as u32,
+                    split,
+                    _pad: [0; 2],
+                };
+                self.gemm_w4a16
+                    .dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
+            }
+            (Weights::Int4(m), Input::Codes(x)) => {
+                let group = w4a4_group(m, x)?;
+                if x.tokens < tokens {
+                    return Err(Error::other(format!(
+                        "W4A4 GEMM: codes of {} tokens for a product over {tokens}",
+                        x.tokens
+                    )));
+                }
+                let params = W4A4Params {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    group: group as u32,
+                    agroup: x.group as u32,
+                    qmin: m.spec.qmin(),
+                    has_zeros: (!m.spec.sym) as u32,
+                    grid_x: tokens as u32, // the GEMM's token count
+                    stride: m.stride as u32,
+                    store: accumulate as u32, // the GEMM's `accumulate`
+                    split,
+                    _pad: 0,
+                };
+                self.gemm_w4a4.dispatch(
+                    gpu,
+                    &params,
+                    &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
+                    g,
+                )
+            }
+            (Weights::Half(m), Input::F32(x)) => {
+                let params = HalfGemmParams {
+                    rows: m.rows as u32,
+                    cols: m.cols as u32,
+                    tokens: tokens as u32,
+                    stride: m.stride as u32,
+                    accumulate: accumulate as u32,
+                    split,
+                    _pad: 0,
+                };
+                self.gemm_f16.dispatch(gpu, &params, &[&m.words, x, y], g)
+            }
+            (Weights::Half(_), Input::Codes(_)) => {
+                return Err(Error::other(
+                    "an f16 matrix has no integer-activation kernel",
+                ));
+            }
+        })
     }
 
     /// y = W·x, from and to the host (for tests and benchmarks of a single call).

@@ -14,7 +14,7 @@ use super::Gpu;
 use super::attention::{Attention, KvCache};
 use super::hadamard::GpuHadamard;
 use super::host::{HostLinear, HostModel};
-use super::kernel::{Dispatch, record_all};
+use super::kernel::{Bind, Dispatch, record_all};
 use super::linear::{ActCodes, Input, Linear, Products};
 use super::ops::{Ops, Pick, SampleParams};
 use crate::error::{Error, Result};
@@ -25,11 +25,20 @@ use crate::model::qformat::ForwardSpec;
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
     ffn_norm: wgpu::Buffer,
-    /// q, k, v, o, down
-    linears: Vec<Linear>,
+    qkv: Qkv,
+    o: Linear,
     gate_up: GateUp,
+    down: Linear,
     k_cache: KvCache,
     v_cache: KvCache,
+}
+
+/// The q, k and v projections: one matrix of their rows stacked, whose product is q, k and v
+/// one after the other in one buffer (each [tokens, width]; the kernels after it bind its
+/// ranges), where those ranges fall on the device's binding alignment; else three matrices.
+enum Qkv {
+    Fused(Linear),
+    Separate(Box<[Linear; 3]>),
 }
 
 /// The gated MLP's gate and up projections: both int4, one matrix of their rows interleaved
@@ -42,11 +51,16 @@ enum GateUp {
 
 impl GpuLayer {
     fn all_linears(&self) -> impl Iterator<Item = &Linear> {
+        let qkv = match &self.qkv {
+            Qkv::Fused(w) => [Some(w), None, None],
+            Qkv::Separate(w) => [Some(&w[0]), Some(&w[1]), Some(&w[2])],
+        };
         let gate_up = match &self.gate_up {
             GateUp::Fused(w) => [Some(w), None],
             GateUp::Separate(g, u) => [Some(g), Some(u)],
         };
-        self.linears.iter().chain(gate_up.into_iter().flatten())
+        let rest = [Some(&self.o), Some(&self.down)];
+        qkv.into_iter().chain(gate_up).chain(rest).flatten()
     }
 }
 
@@ -54,15 +68,17 @@ impl GpuLayer {
 struct LayerParts {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
-    /// q, k, v, o, down
-    linears: Vec<Linear>,
+    qkv: Qkv,
+    o: Linear,
     gate_up: GateUp,
+    down: Linear,
 }
 
 /// Scratch buffers of one forward over up to `tokens` positions, [tokens, width] each.
 struct Scratch {
     h: wgpu::Buffer,
     n: wgpu::Buffer,
+    /// q, k and v one after the other (room for a fused product), or only q.
     q: wgpu::Buffer,
     k: wgpu::Buffer,
     v: wgpu::Buffer,
@@ -93,7 +109,7 @@ impl Scratch {
         Scratch {
             h: gpu.output("h", t * d),
             n: gpu.output("n", t * d),
-            q: gpu.output("q", t * nq * hd),
+            q: gpu.output("q (k, v)", t * (nq + 2 * nkv) * hd),
             k: gpu.output("k", t * nkv * hd),
             v: gpu.output("v", t * nkv * hd),
             a: gpu.output("a", t * nq * hd),
@@ -222,25 +238,34 @@ impl GpuModel {
 
     /// Upload a model read into host memory.
     pub fn upload(m: &HostModel, gpu: Gpu, max_seq: usize) -> Result<Self> {
+        // q, k and v share one output buffer where k's and v's ranges start on the binding
+        // alignment for one position (then for any number of them).
+        let c = &m.config;
+        let align = gpu.device.limits().min_storage_buffer_offset_alignment as usize;
+        let q_bytes = c.num_attention_heads * c.head_dim() * 4;
+        let kv_bytes = c.n_kv_heads() * c.head_dim() * 4;
+        let qkv_fits = q_bytes.is_multiple_of(align) && kv_bytes.is_multiple_of(align);
         let layers = m
             .layers
             .iter()
             .map(|l| {
                 let [q, k, v, o, gate, up, down] = &l.linears;
+                let put = |w: &HostLinear| Linear::upload(&gpu, w);
+                let qkv = match HostLinear::stack_rows(&[q, k, v]).filter(|_| qkv_fits) {
+                    Some(w) => Qkv::Fused(put(&w)?),
+                    None => Qkv::Separate(Box::new([put(q)?, put(k)?, put(v)?])),
+                };
                 let gate_up = match HostLinear::interleave_rows(gate, up) {
-                    Some(w) => GateUp::Fused(Linear::upload(&gpu, &w)?),
-                    None => {
-                        GateUp::Separate(Linear::upload(&gpu, gate)?, Linear::upload(&gpu, up)?)
-                    }
+                    Some(w) => GateUp::Fused(put(&w)?),
+                    None => GateUp::Separate(put(gate)?, put(up)?),
                 };
                 Ok(LayerParts {
                     attn_norm: l.attn_norm.clone(),
                     ffn_norm: l.ffn_norm.clone(),
-                    linears: [q, k, v, o, down]
-                        .into_iter()
-                        .map(|w| Linear::upload(&gpu, w))
-                        .collect::<Result<_>>()?,
+                    qkv,
+                    o: put(o)?,
                     gate_up,
+                    down: put(down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -276,8 +301,10 @@ impl GpuModel {
             .map(|p| GpuLayer {
                 attn_norm: gpu.storage("attn norm", &p.attn_norm),
                 ffn_norm: gpu.storage("ffn norm", &p.ffn_norm),
-                linears: p.linears,
+                qkv: p.qkv,
+                o: p.o,
                 gate_up: p.gate_up,
+                down: p.down,
                 k_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
                 v_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
             })
@@ -390,7 +417,6 @@ impl GpuModel {
             Ok(Launch::Product(launch))
         };
         for (layer, l) in layers.iter().enumerate() {
-            let [wq, wk, wv, wo, wd] = [0, 1, 2, 3, 4].map(|j| &l.linears[j]);
             plan.push(fixed(ops.rms_norm(
                 gpu,
                 &s.h,
@@ -401,30 +427,57 @@ impl GpuModel {
                 eps,
             )));
             plan.extend(quantize(&s.n, 0));
-            plan.push(product(wq, &s.n, 0, &s.q, false)?);
-            plan.push(product(wk, &s.n, 0, &s.k, false)?);
-            plan.push(product(wv, &s.n, 0, &s.v, false)?);
-            plan.push(fixed(ops.rope(gpu, &s.q, &s.cos, &s.sin, t, nq, hd)));
-            plan.push(fixed(ops.rope(gpu, &s.k, &s.cos, &s.sin, t, nkv, hd)));
-            let (q, k) = match &qk_h {
+            let (q, k, v): (Bind, Bind, Bind) = match &l.qkv {
+                Qkv::Fused(w) => {
+                    // One product; q, k and v are consecutive ranges of s.q.
+                    let (nq_t, nkv_t) = (t * nq * hd, t * nkv * hd);
+                    let launch = match (t, &codes, w) {
+                        (1, _, _) => product(w, &s.n, 0, &s.q, false)?,
+                        (_, Some(c), _) => Launch::Product(products.gemm_stacked(
+                            gpu,
+                            w,
+                            Input::Codes(&c[0]),
+                            &s.q,
+                            t,
+                            [nq * hd, (nq + nkv) * hd],
+                        )?),
+                        (_, None, _) => Launch::Product(products.gemm_stacked(
+                            gpu,
+                            w,
+                            Input::F32(&s.n),
+                            &s.q,
+                            t,
+                            [nq * hd, (nq + nkv) * hd],
+                        )?),
+                    };
+                    plan.push(launch);
+                    (
+                        Bind::f32_range(&s.q, 0, nq_t),
+                        Bind::f32_range(&s.q, nq_t, nkv_t),
+                        Bind::f32_range(&s.q, nq_t + nkv_t, nkv_t),
+                    )
+                }
+                Qkv::Separate(w) => {
+                    let [wq, wk, wv] = &**w;
+                    plan.push(product(wq, &s.n, 0, &s.q, false)?);
+                    plan.push(product(wk, &s.n, 0, &s.k, false)?);
+                    plan.push(product(wv, &s.n, 0, &s.v, false)?);
+                    ((&s.q).into(), (&s.k).into(), (&s.v).into())
+                }
+            };
+            plan.push(fixed(ops.rope(gpu, q, &s.cos, &s.sin, t, nq, hd)));
+            plan.push(fixed(ops.rope(gpu, k, &s.cos, &s.sin, t, nkv, hd)));
+            let (q, k): (Bind, Bind) = match &qk_h {
                 Some(h) => {
                     let (q_rows, k_rows) = (t * nq, t * nkv);
-                    plan.extend(
-                        h.dispatches(gpu, &s.q, &s.q_h, q_rows)
-                            .into_iter()
-                            .map(fixed),
-                    );
-                    plan.extend(
-                        h.dispatches(gpu, &s.k, &s.k_h, k_rows)
-                            .into_iter()
-                            .map(fixed),
-                    );
-                    (&s.q_h, &s.k_h)
+                    plan.extend(h.dispatches(gpu, q, &s.q_h, q_rows).into_iter().map(fixed));
+                    plan.extend(h.dispatches(gpu, k, &s.k_h, k_rows).into_iter().map(fixed));
+                    ((&s.q_h).into(), (&s.k_h).into())
                 }
-                None => (&s.q, &s.k),
+                None => (q, k),
             };
             let d_k = attn.append(gpu, k, &l.k_cache, t);
-            let d_v = attn.append(gpu, &s.v, &l.v_cache, t);
+            let d_v = attn.append(gpu, v, &l.v_cache, t);
             let d_a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, t);
             plan.push(Launch::Append {
                 d: d_k,
@@ -438,7 +491,7 @@ impl GpuModel {
             });
             plan.push(Launch::Attend { d: d_a, layer });
             plan.extend(quantize(&s.a, 1));
-            plan.push(product(wo, &s.a, 1, &s.h, true)?);
+            plan.push(product(&l.o, &s.a, 1, &s.h, true)?);
             plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, t, d, eps)));
             plan.extend(quantize(&s.n, 0));
             match (&l.gate_up, t) {
@@ -469,7 +522,7 @@ impl GpuModel {
                 None => &s.m,
             };
             plan.extend(quantize(m, 2));
-            plan.push(product(wd, m, 2, &s.h, true)?);
+            plan.push(product(&l.down, m, 2, &s.h, true)?);
         }
         let last = if t > 1 { &s.last } else { &s.h };
         let tail = vec![

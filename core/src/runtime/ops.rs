@@ -4,7 +4,7 @@
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::kernel::{Dispatch, Kernel};
+use super::kernel::{Bind, Dispatch, Kernel};
 
 const MAX_GROUPS: u32 = 65535;
 
@@ -208,10 +208,10 @@ impl Ops {
 
     /// RoPE in place on x [tokens, heads, hd] with cos/sin tables [tokens, hd/2].
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(
+    pub fn rope<'b>(
         &self,
         gpu: &Gpu,
-        x: &wgpu::Buffer,
+        x: impl Into<Bind<'b>>,
         cos: &wgpu::Buffer,
         sin: &wgpu::Buffer,
         tokens: usize,
@@ -226,6 +226,7 @@ impl Ops {
             c: (hd / 2) as u32,
             d: g.0,
         };
-        self.rope.dispatch(gpu, &p, &[x, cos, sin], g)
+        self.rope
+            .dispatch(gpu, &p, &[x.into(), cos.into(), sin.into()], g)
     }
 }
