@@ -134,7 +134,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // Team sums: a butterfly of subgroup shuffles within each subgroup of SG lanes (none when
     // SG = 1), then a tree in shared memory across the team's 32 / SG subgroups (none when
     // SG = 32). After the butterfly every lane holds its subgroup's sum, so the tree steps of
-    // stride ≥ SG add whole subgroups.
+    // stride ≥ SG add whole subgroups. (Assumes subgroups are aligned runs of consecutive
+    // local invocation indices, as every current driver lays out a 1-D workgroup; the
+    // rows-per-team tests check it on the device they run on.)
     for (var m = SG / 2u; m > 0u; m = m >> 1u) {
         for (var r = 0u; r < RPT; r = r + 1u) {
             acc[r] = acc[r] + lane_xor(acc[r], m);

@@ -1,8 +1,10 @@
 // Online Hadamard transform of each row, y = H·x with H = (H_K ⊗ H_P)/√n, n = K·P (the
-// down_proj input of a rotated model; per head for Q/K). Works for any n = K·2^m in global
-// memory, so 11008- and 14336-wide rows need no large shared memory.
+// down_proj input of a rotated model; per head for Q/K).
 //
-// Two entry points, recorded back to back:
+// Rows of up to 4096 values (heads, SmolLM2's 1536-wide down_proj input): `whole`, one
+// workgroup per row, the row in shared memory (16 KB, the WebGPU minimum), every butterfly
+// stage and the K-mix in one launch. Wider rows (11008, 14336) work in global memory with two
+// entry points, recorded back to back:
 // - `butterfly`: one stage of the length-P Walsh–Hadamard transform of every K segment, in
 //   place: (a, b) ← (a + b, a − b) for the pairs `stride` apart. log2(P) dispatches.
 //   One thread per pair: rows · n/2 threads, 256 per workgroup.
@@ -24,6 +26,42 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read> hk: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+const WHOLE_MAX: u32 = 4096u;
+var<workgroup> buf: array<f32, 4096>;
+
+@compute @workgroup_size(256)
+fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let row = wid.y * prm.grid_x + wid.x;
+    if (row >= prm.rows) {
+        return; // the whole workgroup: control flow stays uniform for the barriers
+    }
+    let base = row * prm.n;
+    for (var i = t; i < prm.n; i = i + 256u) {
+        buf[i] = x[base + i];
+    }
+    workgroupBarrier();
+    // The length-P transforms of the K segments: the pairs of `butterfly`, stage by stage.
+    for (var s = 1u; s < prm.p; s = s * 2u) {
+        for (var q = t; q < prm.n / 2u; q = q + 256u) {
+            let a_idx = (q / s) * 2u * s + q % s;
+            let a = buf[a_idx];
+            let b = buf[a_idx + s];
+            buf[a_idx] = a + b;
+            buf[a_idx + s] = a - b;
+        }
+        workgroupBarrier();
+    }
+    for (var c = t; c < prm.n; c = c + 256u) {
+        let i = c / prm.p;
+        let j = c % prm.p;
+        var acc = 0.0;
+        for (var l = 0u; l < prm.k; l = l + 1u) {
+            acc = acc + hk[i * prm.k + l] * buf[l * prm.p + j];
+        }
+        out[base + c] = acc * prm.scale;
+    }
+}
 
 @compute @workgroup_size(256)
 fn butterfly(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {

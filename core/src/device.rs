@@ -148,6 +148,11 @@ pub fn share_wgpu(choice: DeviceChoice) -> Result<Option<&'static SharedWgpu>> {
     }
     let kind = match choice {
         DeviceChoice::Cpu => return Ok(None),
+        // The software device is shared only where it is all there is: with a GPU present the
+        // window should draw there, not on the CPU cores the compute uses.
+        DeviceChoice::Software if adapters().iter().any(|a| is_hardware(&a.info)) => {
+            return Ok(None);
+        }
         DeviceChoice::Software => DeviceKind::Cpu,
         DeviceChoice::Gpu | DeviceChoice::Auto => {
             if !adapters().iter().any(|a| is_hardware(&a.info)) {

@@ -511,19 +511,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             let f = decode(&mut m, 4, o.tokens)?;
             speed.push(f.tokens_per_s);
             row(out, name, w, &f).map_err(io)?;
-            if let Runtime::Gpu(g) = &m {
-                let b = g.breakdown(o.tokens)?;
-                writeln!(
-                    out,
-                    "{:<22} replayed without the host: {:.2} ms/tok; {} GEMV launches alone {:.2} ms, the other {} launches alone {:.2} ms",
-                    "",
-                    b.all * 1e3,
-                    b.gemv_launches,
-                    b.gemv * 1e3,
-                    b.launches - b.gemv_launches,
-                    b.rest * 1e3
-                )
-                .map_err(io)?;
+            if let Some(b) = breakdown(out, &m, o.tokens)? {
                 breakdowns.push(serde_json::json!({"model": name, "weights": w, "breakdown": b}));
             }
             for &len in &o.prefill {
@@ -596,8 +584,13 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         } else {
             "f16"
         };
-        let f = decode(&mut on(&host)?, 4, o.tokens)?;
-        row(out, &dir.display().to_string(), w, &f).map_err(io)?;
+        let mut m = on(&host)?;
+        let f = decode(&mut m, 4, o.tokens)?;
+        let name = dir.display().to_string();
+        row(out, &name, w, &f).map_err(io)?;
+        if let Some(b) = breakdown(out, &m, o.tokens)? {
+            breakdowns.push(serde_json::json!({"model": name, "weights": w, "breakdown": b}));
+        }
     }
     Ok(serde_json::json!({
         "device": device,
@@ -610,6 +603,31 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             .map(|(m, w, t, secs)| serde_json::json!({"model": m, "weights": w, "tokens": t, "seconds": secs}))
             .collect::<Vec<_>>(),
     }))
+}
+
+/// On a GPU, where a decode token's time goes ([`GpuModel::breakdown`]), printed under its
+/// decode row.
+fn breakdown(
+    out: &mut dyn Write,
+    m: &Runtime,
+    reps: usize,
+) -> Result<Option<super::model::Breakdown>> {
+    let Runtime::Gpu(g) = m else {
+        return Ok(None);
+    };
+    let b = g.breakdown(reps)?;
+    writeln!(
+        out,
+        "{:<22} replayed without the host: {:.2} ms/tok; {} GEMV launches alone {:.2} ms, the other {} launches alone {:.2} ms",
+        "",
+        b.all * 1e3,
+        b.gemv_launches,
+        b.gemv * 1e3,
+        b.launches - b.gemv_launches,
+        b.rest * 1e3
+    )
+    .map_err(|e| Error::other(format!("writing the report: {e}")))?;
+    Ok(Some(b))
 }
 
 /// The CPU's model name (Linux), or the architecture.

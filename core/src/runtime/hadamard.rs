@@ -23,11 +23,17 @@ struct Params {
     _pad: u32,
 }
 
+/// Widest row the one-launch kernel holds in shared memory (shaders/hadamard.wgsl's
+/// `WHOLE_MAX`).
+const WHOLE_MAX: usize = 4096;
+
 /// y = H·x for rows of one size n.
 pub struct GpuHadamard {
     n: usize,
     k: usize,
     hk: wgpu::Buffer,
+    /// One launch per transform (rows up to [`WHOLE_MAX`]), or the butterfly stages and the mix.
+    whole: Option<Kernel>,
     butterfly: Kernel,
     mix: Kernel,
 }
@@ -46,13 +52,15 @@ impl GpuHadamard {
             n,
             k: h.k,
             hk: gpu.storage("hadamard base", &hk),
+            whole: (n <= WHOLE_MAX).then(|| Kernel::entry(gpu, "hadamard", SHADER, "whole")),
             butterfly: Kernel::entry(gpu, "hadamard butterfly", SHADER, "butterfly"),
             mix: Kernel::entry(gpu, "hadamard mix", SHADER, "mix"),
         })
     }
 
-    /// The launches of out = H·x for `rows` rows, in order; `x` is used as scratch (its
-    /// contents are destroyed).
+    /// The launches of out = H·x for `rows` rows, in order: one, or for rows wider than
+    /// [`WHOLE_MAX`] the butterfly stages in place on `x` (its contents are destroyed) and the
+    /// mix.
     pub fn dispatches<'b>(
         &self,
         gpu: &Gpu,
@@ -73,6 +81,13 @@ impl GpuHadamard {
             scale: 1.0 / (n as f32).sqrt(),
             _pad: 0,
         };
+        if let Some(whole) = &self.whole {
+            let groups = rows.max(1) as u32;
+            let g = (groups.min(65535), groups.div_ceil(65535), 1);
+            params.grid_x = g.0;
+            let bufs = [x, (&self.hk).into(), out.into()];
+            return vec![whole.dispatch(gpu, &params, &bufs, g)];
+        }
         let g = grid(rows * n / 2);
         params.grid_x = g.0;
         let mut out_d = Vec::new();

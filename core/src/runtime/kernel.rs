@@ -31,12 +31,15 @@ impl<'a> From<&'a wgpu::Buffer> for Bind<'a> {
 }
 
 impl<'a> Bind<'a> {
-    /// `len` f32 values of `buffer` from value `start` on.
+    /// `len` (> 0) f32 values of `buffer` from value `start` on.
     pub fn f32_range(buffer: &'a wgpu::Buffer, start: usize, len: usize) -> Self {
+        // A zero size would mean "to the end of the buffer" to wgpu.
+        let size =
+            std::num::NonZeroU64::new(len as u64 * 4).expect("a range of at least one value");
         Bind {
             buffer,
             offset: start as u64 * 4,
-            size: std::num::NonZeroU64::new(len as u64 * 4),
+            size: Some(size),
         }
     }
 }

@@ -118,7 +118,8 @@ impl Scratch {
             up: gpu.output("up", t * dff),
             m: gpu.output("m", t * dff),
             m_h: gpu.output("m_h", t * dff),
-            q_h: gpu.output("q_h", t * nq * hd),
+            // Room for k after q (one Hadamard launch over both, when they are fused).
+            q_h: gpu.output("q_h", t * (nq + nkv) * hd),
             k_h: gpu.output("k_h", t * nkv * hd),
             cos: gpu.output("cos", t * hd / 2),
             sin: gpu.output("sin", t * hd / 2),
@@ -251,7 +252,10 @@ impl GpuModel {
             .map(|l| {
                 let [q, k, v, o, gate, up, down] = &l.linears;
                 let put = |w: &HostLinear| Linear::upload(&gpu, w);
-                let qkv = match HostLinear::stack_rows(&[q, k, v]).filter(|_| qkv_fits) {
+                let stacked = qkv_fits
+                    .then(|| HostLinear::stack_rows(&[q, k, v]))
+                    .flatten();
+                let qkv = match stacked {
                     Some(w) => Qkv::Fused(put(&w)?),
                     None => Qkv::Separate(Box::new([put(q)?, put(k)?, put(v)?])),
                 };
@@ -427,10 +431,10 @@ impl GpuModel {
                 eps,
             )));
             plan.extend(quantize(&s.n, 0));
+            let (nq_t, nkv_t) = (t * nq * hd, t * nkv * hd);
             let (q, k, v): (Bind, Bind, Bind) = match &l.qkv {
                 Qkv::Fused(w) => {
                     // One product; q, k and v are consecutive ranges of s.q.
-                    let (nq_t, nkv_t) = (t * nq * hd, t * nkv * hd);
                     let launch = match (t, &codes, w) {
                         (1, _, _) => product(w, &s.n, 0, &s.q, false)?,
                         (_, Some(c), _) => Launch::Product(products.gemm_stacked(
@@ -465,9 +469,27 @@ impl GpuModel {
                     ((&s.q).into(), (&s.k).into(), (&s.v).into())
                 }
             };
-            plan.push(fixed(ops.rope(gpu, q, &s.cos, &s.sin, t, nq, hd)));
-            plan.push(fixed(ops.rope(gpu, k, &s.cos, &s.sin, t, nkv, hd)));
+            // Where q and k are consecutive ranges of one buffer, per-head kernels take both
+            // in one launch: RoPE for one position ([1, nq + nkv, hd]; for more, the token
+            // index would need the parts' layout) and the Hadamard at any length (per row).
+            let fused = matches!(l.qkv, Qkv::Fused(_));
+            if fused && t == 1 {
+                let qk = Bind::f32_range(&s.q, 0, nq_t + nkv_t);
+                plan.push(fixed(ops.rope(gpu, qk, &s.cos, &s.sin, 1, nq + nkv, hd)));
+            } else {
+                plan.push(fixed(ops.rope(gpu, q, &s.cos, &s.sin, t, nq, hd)));
+                plan.push(fixed(ops.rope(gpu, k, &s.cos, &s.sin, t, nkv, hd)));
+            }
             let (q, k): (Bind, Bind) = match &qk_h {
+                Some(h) if fused => {
+                    let qk = Bind::f32_range(&s.q, 0, nq_t + nkv_t);
+                    let rows = t * (nq + nkv);
+                    plan.extend(h.dispatches(gpu, qk, &s.q_h, rows).into_iter().map(fixed));
+                    (
+                        Bind::f32_range(&s.q_h, 0, nq_t),
+                        Bind::f32_range(&s.q_h, nq_t, nkv_t),
+                    )
+                }
                 Some(h) => {
                     let (q_rows, k_rows) = (t * nq, t * nkv);
                     plan.extend(h.dispatches(gpu, q, &s.q_h, q_rows).into_iter().map(fixed));
