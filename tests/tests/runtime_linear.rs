@@ -486,3 +486,26 @@ fn silu_mul_gemv_matches_the_f64_reference() {
         }
     }
 }
+
+/// A buffer the device cannot hold (32 GB; the software device has 2 GB) is an error naming
+/// what was being allocated, not wgpu's default panic; the device stays usable.
+#[test]
+fn a_buffer_over_the_device_memory_is_an_error() {
+    let gpu = gpu();
+    let err = gpu
+        .checked("a 32 GB scratch buffer", || gpu.output("huge", 1 << 33))
+        .err()
+        .expect("an error");
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains("a 32 GB scratch buffer"), "{msg}");
+    assert!(
+        msg.contains("out of GPU memory") || msg.contains("refused"),
+        "{msg}"
+    );
+    let y = gpu
+        .checked("a small buffer", || gpu.storage("ok", &[1.0f32, 2.0]))
+        .unwrap();
+    let enc = gpu.device.create_command_encoder(&Default::default());
+    assert_eq!(gpu.finish_f32(enc, &y, 2).unwrap(), [1.0, 2.0]);
+}

@@ -137,6 +137,25 @@ impl Runtime {
     }
 }
 
+/// [`Gpu::checked`] for a device whose `Gpu` `f` consumes.
+fn checked<T>(device: &wgpu::Device, name: &str, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let value = f();
+    let invalid = pollster::block_on(invalid.pop());
+    let oom = pollster::block_on(oom.pop());
+    match (oom, invalid) {
+        (Some(e), _) => Err(Error::other(format!(
+            "{what}: out of GPU memory on {name}: {e}"
+        ))),
+        (None, Some(e)) => Err(Error::other(format!(
+            "{what}: {name} refused it (larger than the adapter allows: largest binding {:.2} GB): {e}",
+            device.limits().max_storage_buffer_binding_size as f64 / 1e9
+        ))),
+        (None, None) => Ok(value),
+    }
+}
+
 /// A wgpu device and queue for the runtime's kernels.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -198,6 +217,13 @@ impl Gpu {
             subgroup_lanes,
             allocated: Default::default(),
         }
+    }
+
+    /// Run `f` (allocations, pipelines, bind groups) and turn any error the device raises
+    /// meanwhile — out of memory, a buffer over the adapter's limits — into an `Err` naming
+    /// `what`, instead of wgpu's default of a panic.
+    pub fn checked<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        checked(&self.device, &self.info.name, what, f)
     }
 
     /// An empty f32 storage buffer of `n` values that kernels write and the host can read.

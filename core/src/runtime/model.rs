@@ -237,8 +237,17 @@ impl GpuModel {
         Self::upload(&HostModel::from_weights(w)?, gpu, max_seq)
     }
 
-    /// Upload a model read into host memory.
+    /// Upload a model read into host memory; a device out of memory (or a matrix over its
+    /// limits) is an error, not a panic.
     pub fn upload(m: &HostModel, gpu: Gpu, max_seq: usize) -> Result<Self> {
+        let (device, name) = (gpu.device.clone(), gpu.info.name.clone());
+        let what = "loading the model onto the GPU";
+        super::checked(&device, &name, what, || {
+            Self::upload_unchecked(m, gpu, max_seq)
+        })?
+    }
+
+    fn upload_unchecked(m: &HostModel, gpu: Gpu, max_seq: usize) -> Result<Self> {
         // q, k and v share one output buffer where k's and v's ranges start on the binding
         // alignment for one position (then for any number of them).
         let c = &m.config;
