@@ -494,8 +494,7 @@ fn a_buffer_over_the_device_memory_is_an_error() {
     let gpu = gpu();
     let err = gpu
         .checked("a 32 GB scratch buffer", || gpu.output("huge", 1 << 33))
-        .err()
-        .expect("an error");
+        .expect_err("an error");
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(msg.contains("a 32 GB scratch buffer"), "{msg}");

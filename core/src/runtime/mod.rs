@@ -144,13 +144,22 @@ fn checked<T>(device: &wgpu::Device, name: &str, what: &str, f: impl FnOnce() ->
     let value = f();
     let invalid = pollster::block_on(invalid.pop());
     let oom = pollster::block_on(oom.pop());
+    // The description, not the error's one-word Display.
+    let detail = |e: wgpu::Error| match e {
+        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+            description.trim().to_string()
+        }
+        other => other.to_string(),
+    };
     match (oom, invalid) {
         (Some(e), _) => Err(Error::other(format!(
-            "{what}: out of GPU memory on {name}: {e}"
+            "{what}: out of GPU memory on {name} ({})",
+            detail(e)
         ))),
         (None, Some(e)) => Err(Error::other(format!(
-            "{what}: {name} refused it (larger than the adapter allows: largest binding {:.2} GB): {e}",
-            device.limits().max_storage_buffer_binding_size as f64 / 1e9
+            "{what}: {name} refused it (more than the adapter allows; its largest binding is {:.2} GB): {}",
+            device.limits().max_storage_buffer_binding_size as f64 / 1e9,
+            detail(e)
         ))),
         (None, None) => Ok(value),
     }
