@@ -144,12 +144,19 @@ fn checked<T>(device: &wgpu::Device, name: &str, what: &str, f: impl FnOnce() ->
     let value = f();
     let invalid = pollster::block_on(invalid.pop());
     let oom = pollster::block_on(oom.pop());
-    // The description, not the error's one-word Display.
+    // The underlying cause, not the error's one-word Display.
     let detail = |e: wgpu::Error| match e {
-        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
-            description.trim().to_string()
+        wgpu::Error::Validation { source, .. }
+        | wgpu::Error::Internal { source, .. }
+        | wgpu::Error::OutOfMemory { source } => {
+            let mut s = source.to_string();
+            let mut cause = source.source();
+            while let Some(c) = cause {
+                s = format!("{s}: {c}");
+                cause = c.source();
+            }
+            s
         }
-        other => other.to_string(),
     };
     match (oom, invalid) {
         (Some(e), _) => Err(Error::other(format!(
