@@ -508,3 +508,54 @@ fn a_buffer_over_the_device_memory_is_an_error() {
     let enc = gpu.device.create_command_encoder(&Default::default());
     assert_eq!(gpu.finish_f32(enc, &y, 2).unwrap(), [1.0, 2.0]);
 }
+
+/// RMSNorm straight into activation codes (one launch) gives the codes of the two-launch path,
+/// RMSNorm then quantization: the W4A4 GEMV on either gives the same bits, on several tokens.
+#[test]
+fn rms_norm_into_codes_equals_norm_then_quantize() {
+    use ostquant_core::runtime::linear::ActCodes;
+    use ostquant_core::runtime::ops::Ops;
+    let gpu = gpu();
+    let (kernels, ops) = (Products::new(&gpu), Ops::new(&gpu));
+    let mut rng = StdRng::seed_from_u64(31);
+    let (tokens, cols, rows) = (3, 576, 64);
+    let h: Vec<f32> = (0..tokens * cols)
+        .map(|_| rng.random_range(-3.0..3.0))
+        .collect();
+    let w: Vec<f32> = (0..cols).map(|_| rng.random_range(0.5..1.5)).collect();
+    let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
+    let scales: Vec<f32> = (0..rows).map(|_| rng.random_range(0.001..0.05)).collect();
+    let m = Int4Matrix::upload(&gpu, rows, cols, QuantSpec::sym(4), &words, &scales, None).unwrap();
+    let (hb, wb, nb) = (
+        gpu.storage("h", &h),
+        gpu.storage("w", &w),
+        gpu.output("n", tokens * cols),
+    );
+    let eps = 1e-5;
+    let mut outs = Vec::new();
+    for fused in [false, true] {
+        let codes = ActCodes::new(&gpu, tokens, cols, cols, 4).unwrap();
+        let y = gpu.output("y", tokens * rows);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        if fused {
+            kernels
+                .norm_quantize(&gpu, &hb, &wb, eps, &codes)
+                .unwrap()
+                .record(&mut enc);
+        } else {
+            ops.rms_norm(&gpu, &hb, &wb, &nb, tokens, cols, eps)
+                .record(&mut enc);
+            kernels.quantize(&gpu, &nb, &codes).record(&mut enc);
+        }
+        kernels
+            .gemm_w4a4(&gpu, &m, &codes, &y, false)
+            .unwrap()
+            .record(&mut enc);
+        outs.push(gpu.finish_f32(enc, &y, tokens * rows).unwrap());
+    }
+    assert!(outs[0].iter().any(|&v| v != 0.0));
+    assert_eq!(outs[0], outs[1]);
+    // Groups narrower than a token cannot take the norm.
+    let heads = ActCodes::new(&gpu, 1, cols, 64, 4).unwrap();
+    assert!(kernels.norm_quantize(&gpu, &hb, &wb, eps, &heads).is_err());
+}

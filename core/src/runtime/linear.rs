@@ -382,6 +382,9 @@ struct CodesParams {
     group: u32,
     qmax: f32,
     grid_x: u32,
+    norm: u32,
+    eps: f32,
+    _pad: [u32; 2],
 }
 
 /// The compiled GEMV kernels.
@@ -514,6 +517,36 @@ impl Products {
     /// The launch that quantizes `x` [tokens, cols] into `codes` (dynamic, per group;
     /// act_codes.wgsl).
     pub fn quantize(&self, gpu: &Gpu, x: &wgpu::Buffer, codes: &ActCodes) -> Dispatch {
+        self.codes(gpu, x, None, codes)
+    }
+
+    /// The launch that RMS-normalizes each token of the residual stream `h` [tokens, cols]
+    /// with the norm weight `w` and quantizes the result into `codes` (one group per token):
+    /// the norm and the quantization of a linear's input in one launch.
+    pub fn norm_quantize(
+        &self,
+        gpu: &Gpu,
+        h: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        eps: f32,
+        codes: &ActCodes,
+    ) -> Result<Dispatch> {
+        if codes.group != codes.cols {
+            return Err(Error::other(format!(
+                "RMSNorm into codes needs one group per token, not groups of {} in {}",
+                codes.group, codes.cols
+            )));
+        }
+        Ok(self.codes(gpu, h, Some((w, eps)), codes))
+    }
+
+    fn codes(
+        &self,
+        gpu: &Gpu,
+        x: &wgpu::Buffer,
+        norm: Option<(&wgpu::Buffer, f32)>,
+        codes: &ActCodes,
+    ) -> Dispatch {
         let groups = (codes.tokens * codes.cols / codes.group) as u32;
         let g = (groups.min(65535), groups.div_ceil(65535), 1);
         let params = CodesParams {
@@ -521,9 +554,13 @@ impl Products {
             group: codes.group as u32,
             qmax: ((1u32 << codes.bits) - 1) as f32,
             grid_x: g.0,
+            norm: norm.is_some() as u32,
+            eps: norm.map_or(0.0, |n| n.1),
+            _pad: [0; 2],
         };
+        let w = norm.map_or(x, |n| n.0);
         self.act_codes
-            .dispatch(gpu, &params, &[x, &codes.codes, &codes.scales], g)
+            .dispatch(gpu, &params, &[x, &codes.codes, &codes.scales, w], g)
     }
 
     /// The int4 GEMV on f32 x, storing as `store` says.

@@ -429,17 +429,19 @@ impl GpuModel {
             };
             Ok(Launch::Product(launch))
         };
+        // RMSNorm of the residual stream into the input of the next linears: with integer
+        // activations straight into their codes (one launch), else into s.n, then the float
+        // path's fake quantization where the folder has one.
+        let norm_input = |w: &wgpu::Buffer| -> Result<Vec<Launch>> {
+            Ok(match &codes {
+                Some(c) => vec![fixed(products.norm_quantize(gpu, &s.h, w, eps, &c[0])?)],
+                None => std::iter::once(fixed(ops.rms_norm(gpu, &s.h, w, &s.n, t, d, eps)))
+                    .chain(quantize(&s.n, 0))
+                    .collect(),
+            })
+        };
         for (layer, l) in layers.iter().enumerate() {
-            plan.push(fixed(ops.rms_norm(
-                gpu,
-                &s.h,
-                &l.attn_norm,
-                &s.n,
-                t,
-                d,
-                eps,
-            )));
-            plan.extend(quantize(&s.n, 0));
+            plan.extend(norm_input(&l.attn_norm)?);
             let (nq_t, nkv_t) = (t * nq * hd, t * nkv * hd);
             let (q, k, v): (Bind, Bind, Bind) = match &l.qkv {
                 Qkv::Fused(w) => {
@@ -523,8 +525,7 @@ impl GpuModel {
             plan.push(Launch::Attend { d: d_a, layer });
             plan.extend(quantize(&s.a, 1));
             plan.push(product(&l.o, &s.a, 1, &s.h, true)?);
-            plan.push(fixed(ops.rms_norm(gpu, &s.h, &l.ffn_norm, &s.n, t, d, eps)));
-            plan.extend(quantize(&s.n, 0));
+            plan.extend(norm_input(&l.ffn_norm)?);
             match (&l.gate_up, t) {
                 (GateUp::Fused(Linear::Int4(w)), 1) => {
                     let x = match &codes {
