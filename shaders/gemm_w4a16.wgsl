@@ -38,20 +38,7 @@ const TM: u32 = 32u; // tokens per tile
 var<workgroup> ws: array<f32, 2048>; // [32 columns][64 rows]
 var<workgroup> xs: array<f32, 1024>; // [32 columns][32 tokens]
 
-// Where row r of token tok goes: Y [tokens, rows] row-major; or, with split1 ≤ split2 < rows
-// (the rows of q, k and v stacked), part by part: rows [0, split1) as [tokens, split1], then
-// rows [split1, split2) as [tokens, split2 − split1], then the rest — each part contiguous for
-// the kernels that read it (split1 = split2 = rows: the plain layout).
-fn out_index(tok: u32, r: u32) -> u32 {
-    if (r < p.split1) {
-        return tok * p.split1 + r;
-    }
-    if (r < p.split2) {
-        return p.tokens * p.split1 + tok * (p.split2 - p.split1) + (r - p.split1);
-    }
-    return p.tokens * p.split2 + tok * (p.rows - p.split2) + (r - p.split2);
-}
-
+// out_index (row, token → Y): shaders/gemm_out.wgsl, prepended by the host.
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row0 = wid.x * TN;

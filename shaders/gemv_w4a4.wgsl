@@ -39,21 +39,10 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
 const TEAM: u32 = 32u;
-
-// What the results become (`store`): y = W·x, y += W·x (a residual connection folded into the
-// product), or, for a gate and an up projection interleaved row by row (gate_0, up_0, gate_1,
-// …), y_i = SiLU(gate_i·x)·(up_i·x) — the gated MLP's middle in the epilogue, y [rows / 2].
-const STORE_WRITE: u32 = 0u;
-const STORE_ADD: u32 = 1u;
-const STORE_SILU_MUL: u32 = 2u;
 const LOW: u32 = 0x0F0F0F0Fu;
 const ONES: u32 = 0x01010101u;
 override RPT: u32 = 4u; // rows per team, at most 4
-// Lanes per subgroup used in the team sums: the adapter's smallest subgroup size up to 32 where
-// it has subgroup operations (the host then prepends shaders/lanes_subgroup.wgsl), else 1
-// (shaders/lanes_shared.wgsl). Either file defines `lane_xor`.
-override SG: u32 = 1u;
-var<workgroup> partial: array<f32, 1024>; // [thread][row of the team]
+// The team sums and the store: shaders/gemv_store.wgsl (`team_store`), prepended by the host.
 
 // Σ code_w·code_x over one weight word and its two x words (even, odd columns).
 fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
@@ -91,53 +80,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    // Team sums: a butterfly of subgroup shuffles within each subgroup of SG lanes (none when
-    // SG = 1), then a tree in shared memory across the team's 32 / SG subgroups (none when
-    // SG = 32). After the butterfly every lane holds its subgroup's sum, so the tree steps of
-    // stride ≥ SG add whole subgroups. (Assumes subgroups are aligned runs of consecutive
-    // local invocation indices, as every current driver lays out a 1-D workgroup; the
-    // rows-per-team tests check it on the device they run on.)
-    for (var m = SG / 2u; m > 0u; m = m >> 1u) {
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            acc[r] = acc[r] + lane_xor(acc[r], m);
-        }
-    }
-    if (SG < TEAM) {
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            partial[t * RPT + r] = acc[r];
-        }
-        workgroupBarrier();
-        for (var s = TEAM / 2u; s >= SG; s = s >> 1u) {
-            if (lane < s) {
-                for (var r = 0u; r < RPT; r = r + 1u) {
-                    partial[t * RPT + r] = partial[t * RPT + r] + partial[(t + s) * RPT + r];
-                }
-            }
-            workgroupBarrier();
-        }
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            acc[r] = partial[t * RPT + r];
-        }
-    }
-    if (lane == 0u) {
-        if (p.store == STORE_SILU_MUL) {
-            // Rows come in (gate, up) pairs, a pair never split between teams (RPT even).
-            for (var r = 0u; r + 1u < RPT; r = r + 2u) {
-                if (row0 + r + 1u < p.rows) {
-                    let g = acc[r];
-                    y[(row0 + r) / 2u] = g / (1.0 + exp(-g)) * acc[r + 1u];
-                }
-            }
-        } else {
-            for (var r = 0u; r < RPT; r = r + 1u) {
-                if (row0 + r < p.rows) {
-                    var sum = acc[r];
-                    if (p.store == STORE_ADD) {
-                        sum = sum + y[row0 + r];
-                    }
-                    y[row0 + r] = sum;
-                }
-            }
-        }
-    }
+    team_store(t, lane, row0, acc);
 }

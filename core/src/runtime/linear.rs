@@ -423,8 +423,10 @@ impl Products {
         } else {
             include_str!("../../../shaders/lanes_shared.wgsl")
         };
+        let store = include_str!("../../../shaders/gemv_store.wgsl");
+        let gemm_out = include_str!("../../../shaders/gemm_out.wgsl");
         let variants = |name: &'static str, body: &str| -> Vec<Kernel> {
-            let source = format!("{prefix}\n{body}");
+            let source = format!("{prefix}\n{store}\n{body}");
             ROWS_PER_TEAM
                 .iter()
                 .map(|&r| {
@@ -448,17 +450,26 @@ impl Products {
             gemm_w4a16: Kernel::new(
                 gpu,
                 "gemm_w4a16",
-                include_str!("../../../shaders/gemm_w4a16.wgsl"),
+                &format!(
+                    "{gemm_out}\n{}",
+                    include_str!("../../../shaders/gemm_w4a16.wgsl")
+                ),
             ),
             gemm_w4a4: Kernel::new(
                 gpu,
                 "gemm_w4a4",
-                include_str!("../../../shaders/gemm_w4a4.wgsl"),
+                &format!(
+                    "{gemm_out}\n{}",
+                    include_str!("../../../shaders/gemm_w4a4.wgsl")
+                ),
             ),
             gemm_f16: Kernel::new(
                 gpu,
                 "gemm_f16",
-                include_str!("../../../shaders/gemm_f16.wgsl"),
+                &format!(
+                    "{gemm_out}\n{}",
+                    include_str!("../../../shaders/gemm_f16.wgsl")
+                ),
             ),
             half: Kernel::new(
                 gpu,
