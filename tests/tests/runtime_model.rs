@@ -1,4 +1,5 @@
-//! The whole model on both int4 runtimes — the WGSL kernels on the software Vulkan device, and
+//! The whole model on both int4 runtimes — the WGSL kernels on the software Vulkan device (with
+//! the fused q/k/v and gate/up products and without), and
 //! the CPU path — against the burn forward of the same folder (dequantized weights, the same
 //! fake quantizers), logits per position: int4 folders at W4A4KV4 and W4A16KV16, and the
 //! unquantized folder on the f16 path.
@@ -11,7 +12,8 @@ use ostquant_core::model::qformat::{self, Header};
 use ostquant_core::quant::method::{Calibration, Method, quantize_weights_rtn, transform};
 use ostquant_core::quant::quantizer::QuantSpec;
 use ostquant_core::runtime::Runtime;
-use ostquant_core::runtime::model::GpuModel;
+use ostquant_core::runtime::host::HostModel;
+use ostquant_core::runtime::model::{Fusion, GpuModel};
 use ostquant_tests::write_tiny_model;
 
 #[test]
@@ -128,7 +130,15 @@ fn compare(dir: &std::path::Path, what: &str) {
     assert_eq!(gpu.integer_activations, a4 && blocks, "{what}");
     let cpu = Runtime::load(dir, DeviceChoice::Cpu, 64).unwrap();
     assert!(matches!(cpu, Runtime::Cpu(_)));
-    for (mut rt, name) in [(Runtime::Gpu(Box::new(gpu)), "GPU"), (cpu, "CPU")] {
+    // The same kernels with q, k, v and gate, up as separate products.
+    let host = HostModel::load(dir).unwrap();
+    let separate =
+        GpuModel::upload_with(&host, ostquant_tests::test_gpu(), 64, Fusion::NONE).unwrap();
+    for (mut rt, name) in [
+        (Runtime::Gpu(Box::new(gpu)), "GPU"),
+        (Runtime::Gpu(Box::new(separate)), "GPU, unfused products"),
+        (cpu, "CPU"),
+    ] {
         check_runtime(
             &mut rt,
             &tokens,

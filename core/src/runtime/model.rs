@@ -41,6 +41,24 @@ enum Qkv {
     Separate(Box<[Linear; 3]>),
 }
 
+/// Which products the upload may fuse where the model allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Fusion {
+    pub qkv: bool,
+    pub gate_up: bool,
+}
+
+impl Fusion {
+    pub const ALL: Fusion = Fusion {
+        qkv: true,
+        gate_up: true,
+    };
+    pub const NONE: Fusion = Fusion {
+        qkv: false,
+        gate_up: false,
+    };
+}
+
 /// The gated MLP's gate and up projections: both int4, one matrix of their rows interleaved
 /// (decode computes SiLU(gate)·up in the GEMV's epilogue: one launch instead of three); else
 /// two matrices.
@@ -98,7 +116,10 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(gpu: &Gpu, c: &LlamaConfig, t: usize) -> Self {
+    /// The buffers for `t` positions of `layers`: q with room for k and v where q, k and v
+    /// are one product (separate k and v only where they are not), gate with room for the
+    /// (gate, up) pairs of a fused gate/up product (a separate up only where it is not).
+    fn new(gpu: &Gpu, c: &LlamaConfig, t: usize, layers: &[GpuLayer]) -> Self {
         let (d, hd, nq, nkv, dff) = (
             c.hidden_size,
             c.head_dim(),
@@ -106,21 +127,28 @@ impl Scratch {
             c.n_kv_heads(),
             c.intermediate_size,
         );
+        // Room for what any layer needs (every layer has the same shapes in practice).
+        let any = |f: fn(&GpuLayer) -> bool| layers.iter().any(f);
+        let fused_qkv = any(|l| matches!(l.qkv, Qkv::Fused(_)));
+        let separate_qkv = any(|l| matches!(l.qkv, Qkv::Separate(_)));
+        let fused_gate_up = any(|l| matches!(l.gate_up, GateUp::Fused(_)));
+        let separate_gate_up = any(|l| matches!(l.gate_up, GateUp::Separate(..)));
+        let (q, kv) = (t * nq * hd, t * nkv * hd);
+        let when = |cond: bool, n: usize| if cond { n } else { 0 };
         Scratch {
             h: gpu.output("h", t * d),
             n: gpu.output("n", t * d),
-            q: gpu.output("q (k, v)", t * (nq + 2 * nkv) * hd),
-            k: gpu.output("k", t * nkv * hd),
-            v: gpu.output("v", t * nkv * hd),
+            q: gpu.output("q (k, v)", q + when(fused_qkv, 2 * kv)),
+            k: gpu.output("k", when(separate_qkv, kv)),
+            v: gpu.output("v", when(separate_qkv, kv)),
             a: gpu.output("a", t * nq * hd),
-            // Room for (gate, up) pairs of a fused gate/up product.
-            gate: gpu.output("gate", 2 * t * dff),
-            up: gpu.output("up", t * dff),
+            gate: gpu.output("gate", t * dff + when(fused_gate_up, t * dff)),
+            up: gpu.output("up", when(separate_gate_up, t * dff)),
             m: gpu.output("m", t * dff),
             m_h: gpu.output("m_h", t * dff),
             // Room for k after q (one Hadamard launch over both, when they are fused).
-            q_h: gpu.output("q_h", t * (nq + nkv) * hd),
-            k_h: gpu.output("k_h", t * nkv * hd),
+            q_h: gpu.output("q_h", q + when(fused_qkv, kv)),
+            k_h: gpu.output("k_h", when(separate_qkv, kv)),
             cos: gpu.output("cos", t * hd / 2),
             sin: gpu.output("sin", t * hd / 2),
             last: gpu.output("last", if t > 1 { d } else { 1 }),
@@ -240,21 +268,28 @@ impl GpuModel {
     /// Upload a model read into host memory; a device out of memory (or a matrix over its
     /// limits) is an error, not a panic.
     pub fn upload(m: &HostModel, gpu: Gpu, max_seq: usize) -> Result<Self> {
+        Self::upload_with(m, gpu, max_seq, Fusion::ALL)
+    }
+
+    /// [`GpuModel::upload`] with only the fused products `fusion` allows (tests compare the
+    /// fused and the separate paths).
+    pub fn upload_with(m: &HostModel, gpu: Gpu, max_seq: usize, fusion: Fusion) -> Result<Self> {
         let (device, name) = (gpu.device.clone(), gpu.info.name.clone());
         let what = "loading the model onto the GPU";
         super::checked(&device, &name, what, || {
-            Self::upload_unchecked(m, gpu, max_seq)
+            Self::upload_unchecked(m, gpu, max_seq, fusion)
         })?
     }
 
-    fn upload_unchecked(m: &HostModel, gpu: Gpu, max_seq: usize) -> Result<Self> {
+    fn upload_unchecked(m: &HostModel, gpu: Gpu, max_seq: usize, fusion: Fusion) -> Result<Self> {
         // q, k and v share one output buffer where k's and v's ranges start on the binding
         // alignment for one position (then for any number of them).
         let c = &m.config;
         let align = gpu.device.limits().min_storage_buffer_offset_alignment as usize;
         let q_bytes = c.num_attention_heads * c.head_dim() * 4;
         let kv_bytes = c.n_kv_heads() * c.head_dim() * 4;
-        let qkv_fits = q_bytes.is_multiple_of(align) && kv_bytes.is_multiple_of(align);
+        let qkv_fits =
+            fusion.qkv && q_bytes.is_multiple_of(align) && kv_bytes.is_multiple_of(align);
         let layers = m
             .layers
             .iter()
@@ -268,7 +303,11 @@ impl GpuModel {
                     Some(w) => Qkv::Fused(put(&w)?),
                     None => Qkv::Separate(Box::new([put(q)?, put(k)?, put(v)?])),
                 };
-                let gate_up = match HostLinear::interleave_rows(gate, up) {
+                let interleaved = fusion
+                    .gate_up
+                    .then(|| HostLinear::interleave_rows(gate, up))
+                    .flatten();
+                let gate_up = match interleaved {
                     Some(w) => GateUp::Fused(put(&w)?),
                     None => GateUp::Separate(put(gate)?, put(up)?),
                 };
@@ -375,7 +414,7 @@ impl GpuModel {
             c.intermediate_size,
         );
         let eps = c.rms_norm_eps as f32;
-        let s = Scratch::new(gpu, c, t);
+        let s = Scratch::new(gpu, c, t, layers);
         let down_h = f
             .down_hadamard
             .then(|| GpuHadamard::new(gpu, dff))
