@@ -152,7 +152,10 @@ fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str, choice: Dev
         row(
             ui,
             "Chat with an int4 folder",
-            "the WGSL int4 runtime on a GPU; the CPU int4 runtime otherwise",
+            match device::shared_wgpu(choice) {
+                Some(s) => format!("the WGSL int4 runtime on {}", s.info.name),
+                None => "the WGSL int4 runtime on a GPU; the CPU int4 runtime otherwise".into(),
+            },
         );
         if let Some(s) = device::shared_wgpu(choice) {
             let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
