@@ -384,3 +384,26 @@ pub fn test_gpu() -> ostquant_core::runtime::Gpu {
         panic!("{e}: the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup")
     })
 }
+
+/// Random packed int4 codes of a [rows, cols] matrix quantized as `spec`: the words, one scale
+/// per row and group drawn from `scales`, and for asymmetric specs one zero point in 0..16 per
+/// row and group (drawn in that order, so a seeded test sees the same matrix every run).
+pub fn random_int4(
+    rng: &mut impl Rng,
+    rows: usize,
+    cols: usize,
+    spec: &ostquant_core::quant::quantizer::QuantSpec,
+    scales: std::ops::Range<f32>,
+) -> (Vec<u32>, Vec<f32>, Option<Vec<f32>>) {
+    let groups = rows * (cols / spec.group.unwrap_or(cols));
+    let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
+    let scales: Vec<f32> = (0..groups)
+        .map(|_| rng.random_range(scales.clone()))
+        .collect();
+    let zeros = (!spec.sym).then(|| {
+        (0..groups)
+            .map(|_| rng.random_range(0..16) as f32)
+            .collect()
+    });
+    (words, scales, zeros)
+}

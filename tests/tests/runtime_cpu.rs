@@ -35,16 +35,8 @@ fn int4_gemv_matches_the_f64_reference() {
         (130, 24, QuantSpec::sym(4).with_group(8)),
     ];
     for (rows, cols, spec) in cases {
-        let groups = cols / spec.group.unwrap_or(cols);
-        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-        let scales: Vec<f32> = (0..rows * groups)
-            .map(|_| rng.random_range(0.001..0.05))
-            .collect();
-        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
-            (0..rows * groups)
-                .map(|_| rng.random_range(0..16) as f32)
-                .collect()
-        });
+        let (words, scales, zeros) =
+            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         let m = HostLinear::int4(rows, cols, spec, words, scales, zeros).unwrap();
@@ -181,16 +173,8 @@ fn cpu_gemm_matches_the_f64_reference() {
         (576, 576, 8, QuantSpec::sym(4)),
         (20, 1536, 3, QuantSpec::sym(4).with_group(128)),
     ] {
-        let groups = cols / spec.group.unwrap_or(cols);
-        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-        let scales: Vec<f32> = (0..rows * groups)
-            .map(|_| rng.random_range(0.001..0.05))
-            .collect();
-        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
-            (0..rows * groups)
-                .map(|_| rng.random_range(0..16) as f32)
-                .collect()
-        });
+        let (words, scales, zeros) =
+            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let x: Vec<f32> = (0..tokens * cols)
             .map(|_| rng.random_range(-2.0..2.0))
             .collect();

@@ -40,16 +40,8 @@ fn gemv_matches_the_f64_reference() {
         (9, 40, QuantSpec::sym(4)),
     ];
     for (rows, cols, spec) in cases {
-        let groups = cols / spec.group.unwrap_or(cols);
-        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-        let scales: Vec<f32> = (0..rows * groups)
-            .map(|_| rng.random_range(0.001..0.05))
-            .collect();
-        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
-            (0..rows * groups)
-                .map(|_| rng.random_range(0..16) as f32)
-                .collect()
-        });
+        let (words, scales, zeros) =
+            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let m = Linear::Int4(
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap(),
@@ -157,14 +149,9 @@ fn gemv_accumulates_for_every_rows_per_team() {
     let mut rng = StdRng::seed_from_u64(9);
     let (rows, cols) = (37, 96);
     let spec = QuantSpec::asym(4).with_group(32);
-    let groups = cols / 32;
-    let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-    let scales: Vec<f32> = (0..rows * groups)
-        .map(|_| rng.random_range(0.001..0.05))
-        .collect();
-    let zeros: Vec<f32> = (0..rows * groups)
-        .map(|_| rng.random_range(0..16) as f32)
-        .collect();
+    let (words, scales, zeros) =
+        ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
+    let zeros = zeros.expect("asymmetric");
     let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
     let y0: Vec<f32> = (0..rows).map(|_| rng.random_range(-5.0..5.0)).collect();
     let w4 = unpack(&words, &scales, Some(&zeros), rows, cols, &spec);
@@ -227,16 +214,8 @@ fn w4a4_gemv_matches_the_f64_reference() {
         (5, 11008, 11008, QuantSpec::asym(4)),
     ];
     for (rows, cols, agroup, spec) in cases {
-        let groups = cols / spec.group.unwrap_or(cols);
-        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-        let scales: Vec<f32> = (0..rows * groups)
-            .map(|_| rng.random_range(0.001..0.05))
-            .collect();
-        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
-            (0..rows * groups)
-                .map(|_| rng.random_range(0..16) as f32)
-                .collect()
-        });
+        let (words, scales, zeros) =
+            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let mut x = Vec::with_capacity(cols);
         for _ in 0..cols / agroup {
             let z = rng.random_range(0..16) as f32;
@@ -297,16 +276,8 @@ fn prefill_gemms_match_the_f64_reference() {
         (9, 40, 3, QuantSpec::asym(4).with_group(8)),
     ];
     for (rows, cols, tokens, spec) in cases {
-        let groups = cols / spec.group.unwrap_or(cols);
-        let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-        let scales: Vec<f32> = (0..rows * groups)
-            .map(|_| rng.random_range(0.001..0.05))
-            .collect();
-        let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
-            (0..rows * groups)
-                .map(|_| rng.random_range(0..16) as f32)
-                .collect()
-        });
+        let (words, scales, zeros) =
+            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let m =
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
@@ -412,17 +383,9 @@ fn silu_mul_gemv_matches_the_f64_reference() {
         (1536, 576, QuantSpec::sym(4)),
         (37, 256, QuantSpec::asym(4).with_group(64)),
     ] {
-        let groups = cols / spec.group.unwrap_or(cols);
         let mut half = || {
-            let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-            let scales: Vec<f32> = (0..rows * groups)
-                .map(|_| rng.random_range(0.001..0.02))
-                .collect();
-            let zeros: Option<Vec<f32>> = (!spec.sym).then(|| {
-                (0..rows * groups)
-                    .map(|_| rng.random_range(0..16) as f32)
-                    .collect()
-            });
+            let (words, scales, zeros) =
+                ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.02);
             let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
             (
                 HostLinear::int4(rows, cols, spec, words, scales, zeros).unwrap(),
@@ -523,9 +486,9 @@ fn rms_norm_into_codes_equals_norm_then_quantize() {
         .map(|_| rng.random_range(-3.0..3.0))
         .collect();
     let w: Vec<f32> = (0..cols).map(|_| rng.random_range(0.5..1.5)).collect();
-    let words: Vec<u32> = (0..rows * cols / 8).map(|_| rng.random()).collect();
-    let scales: Vec<f32> = (0..rows).map(|_| rng.random_range(0.001..0.05)).collect();
-    let m = Int4Matrix::upload(&gpu, rows, cols, QuantSpec::sym(4), &words, &scales, None).unwrap();
+    let spec = QuantSpec::sym(4);
+    let (words, scales, _) = ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
+    let m = Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, None).unwrap();
     let (hb, wb, nb) = (
         gpu.storage("h", &h),
         gpu.storage("w", &w),
