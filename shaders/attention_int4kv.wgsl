@@ -8,7 +8,8 @@
 // Workgroup plan: one workgroup of 64 threads per (query head, query), a grid sized for the
 // most tokens the launch is bound for (workgroups past `tokens` return). The positions are
 // taken 64 at a time with an online softmax, so no score buffer is needed: thread t scores
-// position base + t (q·k/√hd, K dequantized on the fly), the chunk's max is reduced in shared
+// position base + t (q·k/√hd from the codes a word at a time, against q held in shared memory;
+// the key's scale and zero apply once to the sum), the chunk's max is reduced in shared
 // memory, the running sum and outputs are rescaled by exp(m_old − m_new), and thread t then
 // accumulates Σ p_s·v_s[d] for its dims d = t, t + 64, … over the chunk's positions.
 
@@ -36,18 +37,34 @@ struct Params {
 const WG: u32 = 64u;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> weight: array<f32, 64>;
+var<workgroup> qs: array<f32, 256>; // this workgroup's query
 
 fn code(word: u32, j: u32) -> f32 {
     return f32((word >> (4u * j)) & 0xFu);
 }
 
-// Element d of the key at cache slot `slot` (position · nkv + head).
-fn key(slot: u32, d: u32) -> f32 {
+// q·k for the key at cache slot `slot` (position · nkv + head); `q_sum` = Σ q. With codes c,
+// k = (c − zero)·scale, so q·k = (Σ q·c − zero·Σ q)·scale.
+fn q_dot_key(slot: u32, q_sum: f32) -> f32 {
     if (p.raw != 0u) {
-        return bitcast<f32>(k_codes[slot * p.hd + d]);
+        var raw = 0.0;
+        for (var d = 0u; d < p.hd; d = d + 1u) {
+            raw = raw + qs[d] * bitcast<f32>(k_codes[slot * p.hd + d]);
+        }
+        return raw;
     }
-    let word = k_codes[slot * (p.hd / 8u) + d / 8u];
-    return (code(word, d % 8u) - k_zeros[slot]) * k_scales[slot];
+    let words = p.hd / 8u;
+    var sum = 0.0;
+    for (var w = 0u; w < words; w = w + 1u) {
+        // Byte j of the word holds elements 2j (low nibble) and 2j + 1 (high nibble).
+        let word = k_codes[slot * words + w];
+        let even = vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu));
+        let odd = vec4<f32>(unpack4xU8((word >> 4u) & 0x0F0F0F0Fu));
+        let b = 8u * w;
+        sum = sum + dot(even, vec4<f32>(qs[b], qs[b + 2u], qs[b + 4u], qs[b + 6u]))
+            + dot(odd, vec4<f32>(qs[b + 1u], qs[b + 3u], qs[b + 5u], qs[b + 7u]));
+    }
+    return (sum - k_zeros[slot] * q_sum) * k_scales[slot];
 }
 
 fn value(slot: u32, d: u32) -> f32 {
@@ -68,6 +85,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let kv = h / (p.nq / p.nkv);
     let len = p.pos0 + i + 1u;
     let qo = (i * p.nq + h) * p.hd;
+    for (var d = t; d < p.hd; d = d + WG) {
+        qs[d] = q[qo + d];
+    }
+    workgroupBarrier();
+    var q_sum = 0.0;
+    for (var d = 0u; d < p.hd; d = d + 1u) {
+        q_sum = q_sum + qs[d];
+    }
     var m = -3.0e38;
     var total = 0.0;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
@@ -75,12 +100,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let s = base + t;
         var score = -3.0e38;
         if (s < len) {
-            let slot = s * p.nkv + kv;
-            var dot_qk = 0.0;
-            for (var d = 0u; d < p.hd; d = d + 1u) {
-                dot_qk = dot_qk + q[qo + d] * key(slot, d);
-            }
-            score = dot_qk * p.scale;
+            score = q_dot_key(s * p.nkv + kv, q_sum) * p.scale;
         }
         red[t] = score;
         workgroupBarrier();

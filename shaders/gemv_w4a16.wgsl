@@ -9,13 +9,16 @@
 // SiLU(gate)·up of interleaved rows (see `store`).
 //
 // Workgroup plan: 256 threads = 8 teams of 32 lanes; a workgroup covers 8·RPT rows, each team
-// RPT of them (a 2-D grid past `grid_x` workgroups). Lane l walks the vec4s l, l + 32, … of its
-// rows: 16-byte loads, consecutive lanes on consecutive addresses, so the weights stream from
-// memory once, coalesced. One vec4 of codes spans 32 columns, i.e. 128 bytes of x for 16
-// bytes of weights: each lane loads its 32 x values once and applies them to its team's RPT
-// rows, which divides the x traffic from cache by RPT. RPT (1, 2 or 4, a pipeline constant)
-// trades that reuse against the number of workgroups: the host picks it per shape. Nibbles
-// unpack with two masks and two byte unpacks per word; the RPT rows' partial sums of a team
+// RPT of them (a 2-D grid past `grid_x` workgroups). Lane l walks the words l, l + 32, … of its
+// rows, four per step: consecutive lanes on consecutive words, so the weights stream from
+// memory once, coalesced (4 × 128 bytes per team and row per step). A word spans 8 columns,
+// i.e. 32 bytes of x (two vec4 loads): each lane loads them once and applies them to its
+// team's RPT rows, which divides the x traffic from cache by RPT; a team's x load covers 1 KB
+// in 8 cache lines (lanes taking 16-byte vec4s of words would read 128 contiguous bytes of x
+// each, 32 lines per load). On an H100 the two layouts measure about the same, near a quarter
+// of the read roofline inside a 7B decode (results/bench-h100.md, runs 7–10); what bounds the
+// kernel there is not yet settled. RPT (1, 2 or 4, a pipeline constant) trades reuse against
+// the number of workgroups: the host picks it per shape. The RPT rows' partial sums of a team
 // are reduced with subgroup shuffles where the adapter has them, and in shared memory across
 // subgroups (or entirely, where it has none).
 
@@ -31,7 +34,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> words: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> words: array<u32>;
 @group(0) @binding(2) var<storage, read> scales: array<f32>;
 @group(0) @binding(3) var<storage, read> zeros: array<f32>;
 @group(0) @binding(4) var<storage, read> x: array<vec4<f32>>;
@@ -41,30 +44,27 @@ const TEAM: u32 = 32u;
 override RPT: u32 = 4u; // rows per team, at most 4
 // The team sums and the store: shaders/gemv_store.wgsl (`team_store`), prepended by the host.
 
-// The x values of columns 8w .. 8w+7, split by column parity (see `nibbles`).
+// The x values of columns 8w .. 8w+3 (a) and 8w+4 .. 8w+7 (b), and their sum.
 struct Chunk {
-    even: vec4<f32>,
-    odd: vec4<f32>,
+    a: vec4<f32>,
+    b: vec4<f32>,
     sum: f32,
 }
 
 fn chunk(w: u32) -> Chunk {
     let a = x[2u * w];
     let b = x[2u * w + 1u];
-    return Chunk(
-        vec4<f32>(a.x, a.z, b.x, b.z),
-        vec4<f32>(a.y, a.w, b.y, b.w),
-        dot(a + b, vec4<f32>(1.0)),
-    );
+    return Chunk(a, b, dot(a + b, vec4<f32>(1.0)));
 }
 
-// Σ code·x over one packed word. Byte k of the word holds columns 2k (low nibble) and 2k+1
-// (high nibble): masking the low nibbles and unpacking the bytes gives the even columns, the
-// shifted word the odd ones.
+// Σ code·x over one packed word: code j (column 8w + j) sits in bits 4j..4j+3, so byte k holds
+// columns 2k (low nibble) and 2k + 1 (high nibble): the masked bytes are the even columns, the
+// shifted ones the odd.
 fn nibbles(word: u32, c: Chunk) -> f32 {
     let even = vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu));
     let odd = vec4<f32>(unpack4xU8((word >> 4u) & 0x0F0F0F0Fu));
-    return dot(even, c.even) + dot(odd, c.odd);
+    return dot(even, vec4<f32>(c.a.x, c.a.z, c.b.x, c.b.z))
+        + dot(odd, vec4<f32>(c.a.y, c.a.w, c.b.y, c.b.w));
 }
 
 // The integer offset of group g: codes c mean c + qmin − zero.
@@ -75,48 +75,47 @@ fn offset(g: u32) -> f32 {
     return p.qmin;
 }
 
+// Word w of `row` (codes `word`, x values `c`) dequantized and multiplied: Σ weight·x.
+fn term(row: u32, groups: u32, w: u32, word: u32, c: Chunk) -> f32 {
+    let g = row * groups + (8u * w) / p.group;
+    return scales[g] * (nibbles(word, c) + offset(g) * c.sum);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
     let row0 = ((wid.y * p.grid_x + wid.x) * 8u + t / TEAM) * RPT;
     let words_per_row = p.cols / 8u;
+    let row_words = 4u * p.stride;
     let groups = p.cols / p.group;
-    // Groups of a multiple of 32 columns never split a vec4: one scale per load.
-    let whole = p.group % 32u == 0u;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var v = lane; v < p.stride; v = v + TEAM) {
-        let base = 4u * v;
-        if (whole && base + 3u < words_per_row) {
-            let c0 = chunk(base);
-            let c1 = chunk(base + 1u);
-            let c2 = chunk(base + 2u);
-            let c3 = chunk(base + 3u);
-            let sum_x = c0.sum + c1.sum + c2.sum + c3.sum;
-            for (var r = 0u; r < RPT; r = r + 1u) {
-                let row = row0 + r;
-                if (row < p.rows) {
-                    let q = words[row * p.stride + v];
-                    let g = row * groups + (base * 8u) / p.group;
-                    let d = nibbles(q.x, c0) + nibbles(q.y, c1) + nibbles(q.z, c2)
-                        + nibbles(q.w, c3);
-                    acc[r] = acc[r] + scales[g] * (d + offset(g) * sum_x);
-                }
+    // Four words per lane per step (w, w + 32, w + 64, w + 96): all their loads are issued
+    // before any is used, so a step has as many bytes in flight as a 16-byte load would.
+    var w = lane;
+    for (; w + 3u * TEAM < words_per_row; w = w + 4u * TEAM) {
+        let c0 = chunk(w);
+        let c1 = chunk(w + TEAM);
+        let c2 = chunk(w + 2u * TEAM);
+        let c3 = chunk(w + 3u * TEAM);
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                let at = row * row_words + w;
+                let q = vec4<u32>(words[at], words[at + TEAM], words[at + 2u * TEAM],
+                    words[at + 3u * TEAM]);
+                acc[r] = acc[r] + term(row, groups, w, q.x, c0)
+                    + term(row, groups, w + TEAM, q.y, c1)
+                    + term(row, groups, w + 2u * TEAM, q.z, c2)
+                    + term(row, groups, w + 3u * TEAM, q.w, c3);
             }
-        } else {
-            // Odd shapes: word by word, each with its own group.
-            for (var j = 0u; j < 4u; j = j + 1u) {
-                let w = base + j;
-                if (w < words_per_row) {
-                    let c = chunk(w);
-                    for (var r = 0u; r < RPT; r = r + 1u) {
-                        let row = row0 + r;
-                        if (row < p.rows) {
-                            let q = words[row * p.stride + v];
-                            let g = row * groups + (w * 8u) / p.group;
-                            acc[r] = acc[r] + scales[g] * (nibbles(q[j], c) + offset(g) * c.sum);
-                        }
-                    }
-                }
+        }
+    }
+    for (; w < words_per_row; w = w + TEAM) {
+        let c = chunk(w);
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                acc[r] = acc[r] + term(row, groups, w, words[row * row_words + w], c);
             }
         }
     }

@@ -45,14 +45,17 @@ pub struct GemvFigure {
     pub max_rel_err: f64,
 }
 
-/// Time `iters` launches of `d` recorded in one compute pass (after one warm-up launch), then
+/// Time `iters` launches of `d` recorded in one compute pass (after an untimed one), then
 /// read `sync` back: seconds per launch.
 fn time(gpu: &Gpu, iters: usize, sync: &wgpu::Buffer, d: &Dispatch) -> Result<f64> {
-    let mut enc = gpu.device.create_command_encoder(&Default::default());
-    d.record(&mut enc);
-    gpu.finish_f32(enc, sync, 1)?;
-    let mut enc = gpu.device.create_command_encoder(&Default::default());
-    record_all(&mut enc, std::iter::repeat_n(d, iters));
+    // An untimed pass of the same length first: the GPU's clocks rise with load.
+    let pass = || {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        record_all(&mut enc, std::iter::repeat_n(d, iters));
+        enc
+    };
+    gpu.finish_f32(pass(), sync, 1)?;
+    let enc = pass();
     let t0 = Instant::now();
     gpu.finish_f32(enc, sync, 1)?;
     Ok(t0.elapsed().as_secs_f64() / iters as f64)
@@ -625,6 +628,18 @@ fn breakdown(
         b.gemv * 1e3,
         b.launches - b.gemv_launches,
         b.rest * 1e3
+    )
+    .map_err(|e| Error::other(format!("writing the report: {e}")))?;
+    let kernels: Vec<String> = b
+        .kernels
+        .iter()
+        .map(|(name, n, secs)| format!("{name} ×{n} {:.2}", secs * 1e3))
+        .collect();
+    writeln!(
+        out,
+        "{:<22} the rest by kernel (ms): {}",
+        "",
+        kernels.join(", ")
     )
     .map_err(|e| Error::other(format!("writing the report: {e}")))?;
     Ok(Some(b))

@@ -51,6 +51,8 @@ pub struct Kernel {
 
 /// One kernel launch, bound and ready to record (any number of times).
 pub struct Dispatch {
+    /// The kernel's name (for timings split by kernel).
+    pub name: &'static str,
     pipeline: wgpu::ComputePipeline,
     bind: wgpu::BindGroup,
     params: wgpu::Buffer,
@@ -135,6 +137,7 @@ impl Kernel {
             entries: &entries,
         });
         Dispatch {
+            name: self.name,
             pipeline: self.pipeline.clone(),
             bind,
             params: uniform,

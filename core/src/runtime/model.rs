@@ -224,6 +224,9 @@ pub struct Breakdown {
     pub rest: f64,
     pub launches: usize,
     pub gemv_launches: usize,
+    /// The launches other than the GEMVs by kernel: (name, launches, seconds per token of
+    /// replaying those alone), slowest first.
+    pub kernels: Vec<(&'static str, usize, f64)>,
 }
 
 /// Positions of the prefill plans: long prompts run in chunks of 128, the rest in chunks of 16
@@ -644,9 +647,9 @@ impl GpuModel {
     }
 
     /// Where a token's time goes: seconds per token of replaying the decode plan's launches
-    /// `reps` times in one command buffer — all of them, only the GEMVs, only the rest — and
-    /// the number of launches (all, GEMVs). The replays repeat the last position; only for
-    /// timing.
+    /// `reps` times in one command buffer — all of them, only the GEMVs, only the rest, and
+    /// the rest kernel by kernel — and the number of launches (all, GEMVs). The replays repeat
+    /// the last position; only for timing.
     pub fn breakdown(&self, reps: usize) -> Result<Breakdown> {
         let plan = &self.decode;
         let all: Vec<&Launch> = plan.body.iter().chain(&plan.tail).collect();
@@ -669,12 +672,29 @@ impl GpuModel {
             Ok(t0.elapsed().as_secs_f64() / reps as f64)
         };
         let is_gemv = |l: &Launch| matches!(l, Launch::Product(_));
+        let mut names: Vec<&'static str> = all
+            .iter()
+            .filter(|l| !is_gemv(l))
+            .map(|l| l.dispatch().name)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut kernels = names
+            .into_iter()
+            .map(|name| {
+                let of = |l: &Launch| !is_gemv(l) && l.dispatch().name == name;
+                let count = all.iter().filter(|l| of(l)).count();
+                Ok((name, count, time(&of)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        kernels.sort_by(|a, b| b.2.total_cmp(&a.2));
         Ok(Breakdown {
             all: time(&|_| true)?,
             gemv: time(&is_gemv)?,
             rest: time(&|l| !is_gemv(l))?,
             launches: all.len(),
             gemv_launches: all.iter().filter(|l| is_gemv(l)).count(),
+            kernels,
         })
     }
 
