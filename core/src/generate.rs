@@ -152,6 +152,34 @@ pub trait Decoder {
         let logits = self.last_logits(ids)?;
         Ok(sampler.sample(&logits))
     }
+    /// Decode from `first` (the token after the positions seen), handing each token `sampler`
+    /// picks to `on_token` until it returns `false` or the context is full; afterwards the
+    /// positions seen include `first` and every token handed over but the last. (A GPU decoder
+    /// keeps the next token's work in flight meanwhile.)
+    fn stream(
+        &mut self,
+        first: u32,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        stream_step_by_step(self, first, sampler, on_token)
+    }
+}
+
+/// [`Decoder::stream`] one [`Decoder::next_token`] at a time.
+pub fn stream_step_by_step<D: Decoder + ?Sized>(
+    decoder: &mut D,
+    first: u32,
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<()> {
+    let mut id = first;
+    loop {
+        id = decoder.next_token(&[id], sampler)?;
+        if !on_token(id) {
+            return Ok(());
+        }
+    }
 }
 
 /// The burn forward with its KV cache.
@@ -204,6 +232,14 @@ impl Decoder for crate::runtime::Runtime {
     }
     fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
         self.sample_next(ids, sampler)
+    }
+    fn stream(
+        &mut self,
+        first: u32,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        crate::runtime::Runtime::stream(self, first, sampler, on_token)
     }
     fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         crate::runtime::Runtime::reset(self);
@@ -265,6 +301,14 @@ impl<D: Decoder + ?Sized> Decoder for &mut D {
     }
     fn next_token(&mut self, ids: &[u32], sampler: &mut Sampler) -> Result<u32> {
         (**self).next_token(ids, sampler)
+    }
+    fn stream(
+        &mut self,
+        first: u32,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        (**self).stream(first, sampler, on_token)
     }
     fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         (**self).window_logits(ids)
@@ -339,27 +383,49 @@ impl<'m> Session<'m> {
         let mut out = Vec::new();
 
         let t0 = Instant::now();
-        let mut id = self.decoder.next_token(&new, &mut sampler)?;
+        let first = self.decoder.next_token(&new, &mut sampler)?;
         self.tokens.extend_from_slice(&new);
         stats.prefill_secs = t0.elapsed().as_secs_f64();
 
-        let t1 = Instant::now();
-        while out.len() < params.max_new_tokens && self.tokens.len() < max_ctx {
+        // Whether to go on after `id` (counted, streamed as text), given whether the context
+        // has room to run it.
+        let mut failed = None;
+        let mut accept = |id: u32, room: bool| -> bool {
             out.push(id);
             stats.new_tokens += 1;
             if tok.eos_ids.contains(&id) {
-                break;
+                return false;
             }
-            let piece = stream.push(tok, id)?;
-            if !piece.is_empty() && !on_text(&piece) {
-                break;
+            match stream.push(tok, id) {
+                Ok(piece) if !piece.is_empty() && !on_text(&piece) => return false,
+                Ok(_) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    return false;
+                }
             }
-            if out.len() == params.max_new_tokens {
-                break;
+            out.len() < params.max_new_tokens && room
+        };
+        let t1 = Instant::now();
+        let held = self.tokens.len();
+        // The tokens run after the prompt: each one handed over means the one before it ran.
+        let mut ran = Vec::new();
+        if params.max_new_tokens > 0 && accept(first, held < max_ctx) {
+            let mut last = first;
+            let streamed = self.decoder.stream(first, &mut sampler, &mut |next| {
+                ran.push(last);
+                last = next;
+                accept(next, held + ran.len() < max_ctx)
+            });
+            if let Err(e) = streamed {
+                // What the cache holds is unknown: the next prompt starts over.
+                self.tokens.clear();
+                return Err(e);
             }
-            let next = self.decoder.next_token(&[id], &mut sampler)?;
-            self.tokens.push(id);
-            id = next;
+        }
+        self.tokens.extend(ran);
+        if let Some(e) = failed {
+            return Err(e);
         }
         stats.decode_secs = t1.elapsed().as_secs_f64();
         Ok((out, stats))

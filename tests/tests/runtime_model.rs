@@ -201,3 +201,81 @@ fn check_runtime(rt: &mut Runtime, tokens: &[u32], want: &[f32], what: &str) {
         "{what}: largest relative logit difference {worst}"
     );
 }
+
+/// Streaming decode (each next token looked up on the GPU, the following step submitted before
+/// the host reads the current one) picks the same tokens as stepping with `next_token`, greedy
+/// and top-p, with the embedding table in f32 and in f16; after a stop the cache holds what
+/// stepping leaves, so both go on with the same token.
+#[test]
+fn streaming_decode_matches_step_by_step() {
+    use ostquant_core::runtime::ops::Pick;
+    let w = ostquant_tests::random_weights(&ostquant_tests::tiny_config(64), 7);
+    let mut host = HostModel::from_weights(&w).unwrap();
+    let mut m = GpuModel::upload(&host, ostquant_tests::test_gpu(), 64).unwrap();
+    // Every embedding value an f16 exactly: the table is stored in f16.
+    for v in &mut host.embed {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+    let mut m16 = GpuModel::upload(&host, ostquant_tests::test_gpu(), 64).unwrap();
+    let prompt = [1u32, 5, 9, 3, 17];
+    let n = 12;
+    let greedy = |_: usize| Pick::Greedy;
+    let top_p = |k: usize| Pick::TopP {
+        temperature: 1.5,
+        top_p: 0.9,
+        u: (k * 37 % 100) as f32 / 100.0,
+    };
+    for (model, what) in [(&mut m, "f32 table"), (&mut m16, "f16 table")] {
+        for (pick, rule) in [
+            (&greedy as &dyn Fn(usize) -> Pick, "greedy"),
+            (&top_p, "top-p"),
+        ] {
+            model.len = 0;
+            let mut stepped = vec![model.next_token(&prompt, pick(0)).unwrap()];
+            for k in 1..=n {
+                let last = *stepped.last().unwrap();
+                stepped.push(model.next_token(&[last], pick(k)).unwrap());
+            }
+            let held = model.len;
+            let after_stepping = model.next_token(&[stepped[n]], pick(n + 1)).unwrap();
+
+            // One step in flight (the software device's choice) and two (a GPU's).
+            for ahead in [1, 2] {
+                model.len = 0;
+                let mut streamed = vec![model.next_token(&prompt, pick(0)).unwrap()];
+                let mut k = 0;
+                model
+                    .stream_ahead(
+                        ahead,
+                        streamed[0],
+                        &mut || {
+                            k += 1;
+                            pick(k)
+                        },
+                        &mut |t| {
+                            streamed.push(t);
+                            streamed.len() <= n
+                        },
+                    )
+                    .unwrap();
+                let case = format!("{what}, {rule}, {ahead} in flight");
+                assert_eq!(streamed, stepped, "{case}: streamed tokens");
+                assert_eq!(model.len, held, "{case}: positions held after a stop");
+                let after_streaming = model.next_token(&[streamed[n]], pick(n + 1)).unwrap();
+                assert_eq!(after_streaming, after_stepping, "{case}: going on");
+            }
+        }
+    }
+    // Streaming stops when the cache is full: 64 positions, 5 of them the prompt.
+    for ahead in [1, 2] {
+        m.len = 0;
+        let first = m.next_token(&prompt, Pick::Greedy).unwrap();
+        let mut handed = 0;
+        m.stream_ahead(ahead, first, &mut || Pick::Greedy, &mut |_| {
+            handed += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!((handed, m.len), (59, 64), "{ahead} in flight: a full cache");
+    }
+}

@@ -12,6 +12,7 @@ struct Counting {
     vocab: usize,
     feeds: Vec<Vec<u32>>,
     resets: usize,
+    context: usize,
 }
 
 impl Decoder for Counting {
@@ -25,7 +26,7 @@ impl Decoder for Counting {
         Ok(logits)
     }
     fn max_context(&self) -> usize {
-        256
+        self.context
     }
 }
 
@@ -38,6 +39,7 @@ fn a_resumed_session_runs_only_the_new_tokens() {
         vocab: w.config.vocab_size,
         feeds: Vec::new(),
         resets: 0,
+        context: 256,
     };
     let params = SamplingParams {
         max_new_tokens: 3,
@@ -82,4 +84,46 @@ fn a_resumed_session_runs_only_the_new_tokens() {
         dec.resets, 2,
         "the first turn and the unrelated prompt reset the cache"
     );
+}
+
+/// A reply ends where the caller stops it, at the end of the context, or at max_new_tokens (0:
+/// no reply); the positions held are the prompt and every reply token but the last.
+#[test]
+fn a_reply_stops_at_the_caller_the_context_or_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = ostquant_tests::write_tiny_model(tmp.path(), 3);
+    let tok = Tokenizer::load(tmp.path(), &w.config).unwrap();
+    let run = |context: usize, max_new_tokens: usize, stop_after: usize| {
+        let mut dec = Counting {
+            vocab: w.config.vocab_size,
+            feeds: Vec::new(),
+            resets: 0,
+            context,
+        };
+        let params = SamplingParams {
+            max_new_tokens,
+            ..Default::default()
+        };
+        let mut session = Session::with_decoder(Box::new(&mut dec));
+        let mut pieces = 0;
+        let (out, stats) = session
+            .generate(&tok, &[10, 11, 12], params, &mut |_| {
+                pieces += 1;
+                pieces < stop_after
+            })
+            .unwrap();
+        assert_eq!(stats.new_tokens, out.len());
+        (out, session.into_tokens())
+    };
+    // The caller stops after the second piece of text.
+    let (out, held) = run(256, 10, 2);
+    assert_eq!((out, held), (vec![13, 14], vec![10, 11, 12, 13]));
+    // A context of 6 positions: three reply tokens fill it; a fourth is picked, not run.
+    let (out, held) = run(6, 10, usize::MAX);
+    assert_eq!(
+        (out, held),
+        (vec![13, 14, 15, 16], vec![10, 11, 12, 13, 14, 15])
+    );
+    let (out, held) = run(256, 0, usize::MAX);
+    assert_eq!((out, held), (vec![], vec![10, 11, 12]));
 }

@@ -308,6 +308,9 @@ pub struct DecodeFigure {
     /// Memory the model holds on its device: GPU memory allocated (weights, caches, scratch),
     /// or the host bytes of the weights on the CPU.
     pub device_bytes: usize,
+    /// On a GPU, ms per token of the streaming decode loop ([`Runtime::stream`], greedy): each
+    /// token picked on the GPU and the next step submitted before the host reads it.
+    pub streamed_ms_per_token: Option<f64>,
 }
 
 /// Decode `tokens` tokens (after `warmup` more) from position 0 and time them.
@@ -330,7 +333,27 @@ pub fn decode(model: &mut Runtime, warmup: usize, tokens: usize) -> Result<Decod
         weight_bytes,
         gb_per_s: weight_bytes as f64 / secs / 1e9,
         device_bytes: model.device_bytes(),
+        streamed_ms_per_token: streamed(model, warmup, tokens)?.map(|s| s * 1e3),
     })
+}
+
+/// Seconds per token of the GPU's streaming decode (greedy, from position 0), timed after
+/// `warmup` tokens; `None` on the CPU, which steps.
+fn streamed(model: &mut Runtime, warmup: usize, tokens: usize) -> Result<Option<f64>> {
+    if !matches!(model, Runtime::Gpu(_)) || tokens == 0 {
+        return Ok(None);
+    }
+    model.reset();
+    let mut sampler = crate::generate::Sampler::new(Default::default());
+    let (mut seen, mut t0) = (0, Instant::now());
+    model.stream(1, &mut sampler, &mut |_| {
+        seen += 1;
+        if seen == warmup {
+            t0 = Instant::now();
+        }
+        seen < warmup + tokens
+    })?;
+    Ok(Some(t0.elapsed().as_secs_f64() / tokens as f64))
 }
 
 /// What `ostquant bench` measures.
@@ -491,7 +514,16 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             f.weight_bytes as f64 / 1e6,
             f.gb_per_s,
             f.device_bytes as f64 / 1e6
-        )
+        )?;
+        match f.streamed_ms_per_token {
+            Some(ms) => writeln!(
+                out,
+                "{:<22} streamed (the next step submitted before the host reads the token): {ms:.2} ms/tok, {:.1} tok/s",
+                "",
+                1e3 / ms
+            ),
+            None => Ok(()),
+        }
     };
     for name in wanted {
         let Some((_, config)) = configs.iter().find(|(n, _)| *n == name) else {

@@ -84,22 +84,28 @@ impl Runtime {
         sampler: &mut crate::generate::Sampler,
     ) -> Result<u32> {
         match self {
-            Runtime::Gpu(m) => {
-                let params = sampler.params();
-                let pick = match sampler.draw() {
-                    None => ops::Pick::Greedy,
-                    Some(u) => ops::Pick::TopP {
-                        temperature: params.temperature,
-                        top_p: params.top_p,
-                        u,
-                    },
-                };
-                m.next_token(ids, pick)
-            }
+            Runtime::Gpu(m) => m.next_token(ids, gpu_pick(sampler)),
             Runtime::Cpu(_) => {
                 let logits = self.prefill(ids)?;
                 Ok(sampler.sample(&logits))
             }
+        }
+    }
+
+    /// Decode from `first` (the token after the positions held), handing each token `sampler`
+    /// picks to `on_token` until it returns `false` or the cache is full; afterwards the cache
+    /// holds `first` and every token handed over but the last. On a GPU the next token's work
+    /// is submitted before the host reads the current one ([`GpuModel::stream`]); on the CPU,
+    /// step by step.
+    pub fn stream(
+        &mut self,
+        first: u32,
+        sampler: &mut crate::generate::Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        match self {
+            Runtime::Gpu(m) => m.stream(first, &mut || gpu_pick(sampler), on_token),
+            Runtime::Cpu(_) => crate::generate::stream_step_by_step(self, first, sampler, on_token),
         }
     }
 
@@ -323,5 +329,18 @@ impl Gpu {
         drop(view);
         staging.unmap();
         Ok(out)
+    }
+}
+
+/// The GPU sampler's rule for `sampler`'s next draw (greedy, or top-p with its uniform number).
+fn gpu_pick(sampler: &mut crate::generate::Sampler) -> ops::Pick {
+    let params = sampler.params();
+    match sampler.draw() {
+        None => ops::Pick::Greedy,
+        Some(u) => ops::Pick::TopP {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            u,
+        },
     }
 }
