@@ -786,11 +786,26 @@ fn wiki_split() -> Result<wiki::WikiSplit> {
     Ok(wiki::split(&wiki::read_articles(&assets::wiki_dump())?))
 }
 
-/// A progress bar for a job made of stages; the callback names the stage.
+/// A progress bar for a job made of stages; the callback names the stage. Without a terminal
+/// (scripts, servers, logs) the bar is hidden: a line when a stage starts and ends, and at most
+/// one every 30 s between.
 pub fn stage_bar() -> (ProgressBar, impl FnMut(&str, usize, usize)) {
     let bar = progress_bar("");
     let b = bar.clone();
+    // The stage last printed, when, and whether as finished.
+    let mut last: Option<(String, std::time::Instant, bool)> = None;
     (bar, move |what: &str, d, t| {
+        let done = t > 0 && d >= t;
+        let print = match &last {
+            None => true,
+            Some((w, at, was_done)) => {
+                w != what || (done && !was_done) || (!done && at.elapsed().as_secs() >= 30)
+            }
+        };
+        if b.is_hidden() && print {
+            eprintln!("ostquant: {what} {d}/{t}");
+            last = Some((what.to_string(), std::time::Instant::now(), done));
+        }
         b.set_message(what.to_string());
         progress(&b, d, t)
     })
