@@ -57,6 +57,7 @@ enum Command {
     Generate {
         #[command(flatten)]
         model: ModelArgs,
+        /// The user's message (wrapped in the model's chat template unless --raw)
         #[arg(long)]
         prompt: String,
         /// Send the prompt as is, without the chat template
@@ -186,17 +187,18 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// none (the original model), smoothquant, quarot, or a learned method (ostquant,
-        /// spinquant, …: its calibrated transforms, learned first if not cached); nothing is
-        /// quantized
+        /// spinquant, …: its calibrated transforms, learned first if not cached, which takes
+        /// tens of minutes on a CPU); nothing is quantized
         #[arg(long, default_value = "none")]
         method: String,
         /// The bit setting a learned method was calibrated for
         #[arg(long, default_value = "W4A4KV4")]
         bits: Bits,
-        /// Calibration size of a learned method
+        /// Calibration size of a learned method: cpu (sized for two CPU cores) or paper
         #[arg(long, default_value = "cpu")]
         preset: Preset,
-        /// Calibration windows of 512 tokens
+        /// Calibration windows of 512 tokens. An activation gets a QSUR only from more tokens
+        /// than its width (SmolLM2: 2 windows for the q/k/v, o and up/gate inputs, 4 for down)
         #[arg(long, default_value_t = 8)]
         windows: usize,
         /// Write every statistic (spectra and max |x| profiles included) as JSON here
@@ -378,13 +380,18 @@ impl CalibArgs {
 
 #[derive(Args)]
 struct SamplingArgs {
-    /// 0 = greedy
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature; 0 = greedy
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 0.9)]
+    /// Sample from the smallest set of most likely tokens whose probability reaches this
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     top_p: f32,
+    /// Random seed: the same seed and settings pick the same tokens from the same logits on
+    /// every device (a 4-bit model's logits can differ between devices in the last bits,
+    /// which can change a pick)
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Most new tokens per reply
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
 }
@@ -396,6 +403,9 @@ impl SamplingArgs {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1]");
+        }
+        if self.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1");
         }
         Ok(SamplingParams {
             temperature: self.temperature,
@@ -628,6 +638,9 @@ fn stop_flag() -> Arc<AtomicBool> {
 
 fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) -> Result<()> {
     let params = sampling.params()?;
+    if prompt.trim().is_empty() {
+        bail!("--prompt is empty");
+    }
     let (m, dev) = load(args)?;
     let tok = &m.tokenizer;
     let text = if raw || !tok.has_chat_template() {
@@ -638,13 +651,14 @@ fn generate(args: &ModelArgs, prompt: &str, raw: bool, sampling: &SamplingArgs) 
     let ids = tok.encode_with_bos(&text)?;
     let stop = stop_flag();
     let mut session = Session::with_decoder(decoder(&m, args.device, &dev)?);
-    let mut out = std::io::stdout().lock();
+    let mut out = Printer::new();
     let (_, stats) = session.generate(tok, &ids, params, &mut |piece| {
-        let _ = write!(out, "{piece}");
-        let _ = out.flush();
-        !stop.load(Ordering::SeqCst)
+        out.print(piece) && !stop.load(Ordering::SeqCst)
     })?;
-    println!();
+    if !out.print("\n") {
+        // The reader went away (`| head`): what it wanted was printed.
+        return Ok(());
+    }
     eprintln!(
         "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s]",
         stats.prompt_tokens,
@@ -699,6 +713,7 @@ fn chat(args: &ModelArgs, system: Option<String>, sampling: &SamplingArgs) -> Re
             "/quit" | "/exit" => break,
             "/reset" => {
                 history = base.clone();
+                eprintln!("(conversation cleared)");
                 continue;
             }
             _ => {}
@@ -707,18 +722,49 @@ fn chat(args: &ModelArgs, system: Option<String>, sampling: &SamplingArgs) -> Re
         let ids = tok.encode_with_bos(&tok.render_chat(&history, true)?)?;
         stop.store(false, Ordering::SeqCst);
         let mut reply = String::new();
-        let mut out = std::io::stdout().lock();
+        let mut out = Printer::new();
         let (_, stats) = session.generate(tok, &ids, params, &mut |piece| {
             reply.push_str(piece);
-            let _ = write!(out, "{piece}");
-            let _ = out.flush();
-            !stop.load(Ordering::SeqCst)
+            out.print(piece) && !stop.load(Ordering::SeqCst)
         })?;
-        writeln!(out)?;
-        eprintln!("[{:.1} tok/s]", stats.decode_tokens_per_sec());
+        if !out.print("\n") {
+            return Ok(());
+        }
+        eprintln!(
+            "[{} new prompt tokens, {} reply tokens at {:.1} tok/s]",
+            stats.prompt_tokens,
+            stats.new_tokens,
+            stats.decode_tokens_per_sec()
+        );
         history.push(ChatMessage::new("assistant", reply));
     }
+    eprintln!();
     Ok(())
+}
+
+/// Streamed text on stdout, flushed piece by piece; once a write fails (the reader closed the
+/// pipe) it prints nothing more and says so, so the generation can stop.
+struct Printer {
+    out: std::io::StdoutLock<'static>,
+    open: bool,
+}
+
+impl Printer {
+    fn new() -> Self {
+        Printer {
+            out: std::io::stdout().lock(),
+            open: true,
+        }
+    }
+
+    /// Print `text`; false once stdout is gone.
+    fn print(&mut self, text: &str) -> bool {
+        self.open = self.open
+            && write!(self.out, "{text}")
+                .and_then(|_| self.out.flush())
+                .is_ok();
+        self.open
+    }
 }
 
 /// Read a text file for perplexity: it must be non-empty UTF-8 text.
@@ -1006,6 +1052,9 @@ fn inspect(
     } else {
         method.parse().map_err(anyhow::Error::msg)?
     };
+    if windows == 0 {
+        bail!("--windows must be at least 1");
+    }
     let bar = progress_bar("importing tensors");
     let dir = assets::resolve_model(args.model.as_deref(), &mut |d, t| progress(&bar, d, t))?;
     bar.finish_and_clear();
@@ -1038,7 +1087,7 @@ fn inspect(
     bar.finish_and_clear();
     let names = ostquant_core::analysis::inspect::TENSOR_NAMES;
     println!(
-        "QSUR per dimension (1 = ideal; '-' where a weight has fewer rows than columns) of {} after '{method}', {} calibration tokens",
+        "QSUR per dimension (1 = ideal; '-' where there are no more samples than dimensions: an activation over too few calibration tokens for its width, more --windows help; a weight with no more rows than columns) of {} after '{method}', {} calibration tokens",
         dir.display(),
         ins.tokens
     );

@@ -203,6 +203,65 @@ fn generate_streams_from_a_tiny_model() {
     assert!(err.contains("new tokens at"), "{err}");
 }
 
+/// A reader that goes away (`generate … | head -c 5`) ends the generation quietly: no panic,
+/// exit code 0.
+#[test]
+fn generate_stops_quietly_when_stdout_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ostquant"))
+        .args(["generate", "--model", s(dir.path()), "--device", "cpu"])
+        .args(["--prompt", "hello", "--max-tokens", "64"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ostquant");
+    // Closed before the model has loaded: the first write fails.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+}
+
+/// Sizes of zero are refused, not quietly read as one; an empty prompt and a missing folder get
+/// one line each.
+#[test]
+fn zero_sizes_and_empty_prompts_are_refused() {
+    let text = "the cat sat on the mat. ".repeat(40);
+    let (_dir, model, file) = model_and_text("t.txt", text.as_bytes());
+    let m = s(&model);
+    let err = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(err.contains("--max-tokens must be at least 1"), "{err}");
+    let err = fails(&["generate", "--model", m, "--prompt", "  "]);
+    assert!(err.contains("--prompt is empty"), "{err}");
+    let err = fails(&[
+        "ppl",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--text",
+        s(&file),
+        "--ctx",
+        "16",
+        "--windows",
+        "0",
+    ]);
+    assert!(err.contains("0 windows"), "{err}");
+    let err = fails(&["inspect", "--model", m, "--device", "cpu", "--windows", "0"]);
+    assert!(err.contains("--windows must be at least 1"), "{err}");
+    let err = fails(&["info", "--model", "/nonexistent/model"]);
+    assert_eq!(err.matches("no such file or folder").count(), 1, "{err}");
+}
+
 #[test]
 fn eval_scores_a_method_and_caches_the_result() {
     let tmp = tempfile::tempdir().unwrap();

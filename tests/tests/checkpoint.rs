@@ -133,10 +133,22 @@ fn truncated_safetensors_is_reported() {
     write_tiny_model(dir.path(), 1);
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let half = bytes.len() / 2;
+    std::fs::write(&path, &bytes[..half]).unwrap();
+    let err = err_of(dir.path());
+    let want = format!(
+        "truncated: the file has {half} bytes, its header describes {}",
+        bytes.len()
+    );
+    assert!(
+        err.contains("model.safetensors") && err.contains(&want),
+        "{err}"
+    );
+    // Cut inside the header: still named as truncated.
+    std::fs::write(&path, &bytes[..20]).unwrap();
     let err = err_of(dir.path());
     assert!(
-        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        err.contains("model.safetensors") && err.contains("truncated"),
         "{err}"
     );
 }
@@ -149,10 +161,16 @@ fn safetensors_header_lying_about_offsets_is_reported() {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend(header.as_bytes());
     bytes.extend([0u8; 64]);
+    let len = bytes.len();
     std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
     let err = err_of(dir.path());
+    // Shorter than its header says: reported as a cut file, with both lengths.
+    let want = format!(
+        "truncated: the file has {len} bytes, its header describes {}",
+        8 + header.len() + 999999
+    );
     assert!(
-        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        err.contains("model.safetensors") && err.contains(&want),
         "{err}"
     );
 }

@@ -152,7 +152,7 @@ impl Panel {
         ui.weak(
             "Cells: per-dimension QSUR ratio (0–1). Red = poor use of the 4-bit grid, green = \
              good; click a cell for its spectrum. '–': fewer samples than dimensions (more \
-             windows help; a weight with fewer rows than columns has none).",
+             windows help; a weight with no more rows than columns has none).",
         );
         let value = |s: &TensorStats| s.qsur.map(|q| q.rel);
         let layers = before.stats.iter().map(|s| s.layer + 1).max().unwrap_or(0);

@@ -102,7 +102,10 @@ pub fn text_windows(
         )));
     }
     if let Some(n) = max_windows {
-        wins.truncate(n.max(1));
+        if n == 0 {
+            return Err(Error::other("0 windows asked for: score at least 1"));
+        }
+        wins.truncate(n);
     }
     Ok(wins)
 }

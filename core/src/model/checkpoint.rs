@@ -57,6 +57,39 @@ pub fn stored_dtypes(dir: &Path) -> Result<BTreeMap<String, usize>> {
     Shards::open(dir)?.dtype_counts()
 }
 
+/// Parse the safetensors file `path` (its bytes): errors name the file, and a file shorter
+/// than its header describes (a copy or download cut short) says so.
+pub fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        let why = match described_len(bytes) {
+            Some(want) if want > bytes.len() => format!(
+                "truncated: the file has {} bytes, its header describes {want}",
+                bytes.len()
+            ),
+            _ => format!("not a valid safetensors file: {e}"),
+        };
+        Error::format(path, why)
+    })
+}
+
+/// The length a safetensors file's header describes (8 bytes of header size, the JSON header,
+/// then the data up to the last tensor's end), where the header can be read.
+fn described_len(bytes: &[u8]) -> Option<usize> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header_end = 8usize.checked_add(n)?;
+    let Some(header) = bytes.get(8..header_end) else {
+        // The header itself is cut: at least that much was meant to be there.
+        return Some(header_end);
+    };
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let data_end = header
+        .values()
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0) as usize;
+    header_end.checked_add(data_end)
+}
+
 /// Hugging Face tensor names of one layer, in [`LayerWeights`] field order.
 pub fn layer_tensor_names(i: usize) -> [String; 9] {
     let p = format!("model.layers.{i}");
@@ -220,8 +253,7 @@ impl Shards {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: read-only map of a checkpoint nobody writes while it is loaded.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+            let st = parse_safetensors(&path, &map)?;
             for name in st.names() {
                 index.insert(name.to_string(), files.len());
             }
@@ -234,8 +266,7 @@ impl Shards {
     fn dtype_counts(&self) -> Result<BTreeMap<String, usize>> {
         let mut counts = BTreeMap::new();
         for (path, map) in &self.files {
-            let st = SafeTensors::deserialize(map)
-                .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+            let st = parse_safetensors(path, map)?;
             for (_, t) in st.tensors() {
                 *counts.entry(format!("{:?}", t.dtype())).or_default() += 1;
             }
@@ -271,8 +302,7 @@ impl Shards {
             return Err(Error::format(dir, format!("tensor {name} is missing")));
         };
         let (path, map) = &self.files[i];
-        let st = SafeTensors::deserialize(map)
-            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+        let st = parse_safetensors(path, map)?;
         let view = st
             .tensor(name)
             .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
@@ -296,8 +326,7 @@ impl Shards {
             return Err(Error::format(dir, format!("tensor {name} is missing")));
         };
         let (path, map) = &self.files[i];
-        let st = SafeTensors::deserialize(map)
-            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+        let st = parse_safetensors(path, map)?;
         let view = st
             .tensor(name)
             .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;

@@ -303,8 +303,7 @@ impl HostModel {
         };
         let path = dir.join("model.safetensors");
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+        let st = crate::model::checkpoint::parse_safetensors(&path, &bytes)?;
         let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let names = layer_tensor_names(i);
