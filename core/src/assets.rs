@@ -83,8 +83,36 @@ pub fn ensure_default_model(progress: &mut dyn FnMut(usize, usize)) -> Result<Pa
     Ok(dir)
 }
 
+/// Where a .gguf file is imported: `models/<file stem>-<8 hex digits>`, the digits from the
+/// file's full path, size and modification time, so that another file of the same name, or this
+/// one changed, is imported anew instead of reusing an import of something else.
+pub fn gguf_import_dir(path: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let full = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    // FNV-1a: the same digits on every run and platform (std's hasher promises neither).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = full.to_string_lossy().into_owned().into_bytes();
+    for b in bytes
+        .iter()
+        .chain(&meta.len().to_le_bytes())
+        .chain(&mtime.to_le_bytes())
+    {
+        hash = (hash ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(models_dir().join(format!("{stem}-{:08x}", hash as u32)))
+}
+
 /// Turn what the user named into a model folder: a folder as is; a `.gguf` file imported once
-/// into `models/<file stem>`; nothing at all → the default model.
+/// into [`gguf_import_dir`]; nothing at all → the default model.
 pub fn resolve_model(
     path: Option<&Path>,
     progress: &mut dyn FnMut(usize, usize),
@@ -105,11 +133,7 @@ pub fn resolve_model(
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let dir = models_dir().join(stem);
+        let dir = gguf_import_dir(path)?;
         if !dir.join("model.safetensors").exists() {
             eprintln!(
                 "ostquant: importing {} into {}",

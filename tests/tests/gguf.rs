@@ -356,3 +356,36 @@ fn tiny_gguf_small() -> Vec<u8> {
         &t,
     )
 }
+
+/// Two .gguf files of the same name, or one file changed, import into different folders; the
+/// same file finds its earlier import.
+#[test]
+fn gguf_files_of_the_same_name_import_apart() {
+    use ostquant_core::assets::gguf_import_dir;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (fa, fb) = (a.join("model.gguf"), b.join("model.gguf"));
+    std::fs::write(&fa, b"GGUF one").unwrap();
+    std::fs::write(&fb, b"GGUF one").unwrap();
+    let da = gguf_import_dir(&fa).unwrap();
+    assert_eq!(
+        da,
+        gguf_import_dir(&fa).unwrap(),
+        "the same file, the same folder"
+    );
+    assert_ne!(
+        da,
+        gguf_import_dir(&fb).unwrap(),
+        "another file of the same name"
+    );
+    assert!(
+        da.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("model-")
+    );
+    std::fs::write(&fa, b"GGUF two, longer").unwrap();
+    assert_ne!(da, gguf_import_dir(&fa).unwrap(), "the file changed");
+}
