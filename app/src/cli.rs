@@ -578,7 +578,14 @@ fn info(args: &ModelArgs) -> Result<()> {
         c.model_type,
         c.architectures.join(", ")
     );
-    println!("params:     {:.1} M", c.n_params() as f64 / 1e6);
+    // A quantized folder stores the head apart from the embedding (the residual rotation
+    // makes them differ), so it counts one more vocab × hidden matrix than its original.
+    let untied = if !c.tie_word_embeddings && ostquant_core::model::qformat::is_quantized(&m.dir) {
+        " (embedding and head stored apart)"
+    } else {
+        ""
+    };
+    println!("params:     {:.1} M{untied}", c.n_params() as f64 / 1e6);
     println!(
         "layers:     {}, hidden {}, ffn {}",
         c.num_hidden_layers, c.hidden_size, c.intermediate_size
