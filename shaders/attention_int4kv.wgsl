@@ -10,8 +10,11 @@
 // taken 64 at a time with an online softmax, so no score buffer is needed: thread t scores
 // position base + t (q·k/√hd from the codes a word at a time, against q held in shared memory;
 // the key's scale and zero apply once to the sum), the chunk's max is reduced in shared
-// memory, the running sum and outputs are rescaled by exp(m_old − m_new), and thread t then
-// accumulates Σ p_s·v_s[d] for its dims d = t, t + 64, … over the chunk's positions.
+// memory, the running sum and outputs are rescaled by exp(m_old − m_new), and the values are
+// accumulated a word of codes at a time: thread t takes word w = t mod W of each value (dims
+// 8w..8w+7, W = hd/8) at the chunk's positions g, g + G, … (g = t div W, G = 64 div W groups),
+// one load of codes, scale and zero per 8 dims. The G partial sums of each dim are added at
+// the end, in shared memory.
 
 struct Params {
     nq: u32,
@@ -38,10 +41,7 @@ const WG: u32 = 64u;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> weight: array<f32, 64>;
 var<workgroup> qs: array<f32, 256>; // this workgroup's query
-
-fn code(word: u32, j: u32) -> f32 {
-    return f32((word >> (4u * j)) & 0xFu);
-}
+var<workgroup> partial: array<f32, 512>; // [group][dim] value sums (G·hd ≤ 64·8)
 
 // q·k for the key at cache slot `slot` (position · nkv + head); `q_sum` = Σ q. With codes c,
 // k = (c − zero)·scale, so q·k = (Σ q·c − zero·Σ q)·scale.
@@ -67,12 +67,28 @@ fn q_dot_key(slot: u32, q_sum: f32) -> f32 {
     return (sum - k_zeros[slot] * q_sum) * k_scales[slot];
 }
 
-fn value(slot: u32, d: u32) -> f32 {
+// Adds `wt`·v for dims 8w..8w+7 of the value at cache slot `slot` to `acc`.
+fn add_value(acc: ptr<function, array<f32, 8>>, slot: u32, w: u32, wt: f32) {
     if (p.raw != 0u) {
-        return bitcast<f32>(v_codes[slot * p.hd + d]);
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            (*acc)[j] = (*acc)[j] + wt * bitcast<f32>(v_codes[slot * p.hd + 8u * w + j]);
+        }
+        return;
     }
-    let word = v_codes[slot * (p.hd / 8u) + d / 8u];
-    return (code(word, d % 8u) - v_zeros[slot]) * v_scales[slot];
+    // Byte j of the word holds dims 2j (low nibble) and 2j + 1 (high nibble).
+    let word = v_codes[slot * (p.hd / 8u) + w];
+    let z = v_zeros[slot];
+    let f = wt * v_scales[slot];
+    let even = (vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu)) - z) * f;
+    let odd = (vec4<f32>(unpack4xU8((word >> 4u) & 0x0F0F0F0Fu)) - z) * f;
+    (*acc)[0] = (*acc)[0] + even.x;
+    (*acc)[1] = (*acc)[1] + odd.x;
+    (*acc)[2] = (*acc)[2] + even.y;
+    (*acc)[3] = (*acc)[3] + odd.y;
+    (*acc)[4] = (*acc)[4] + even.z;
+    (*acc)[5] = (*acc)[5] + odd.z;
+    (*acc)[6] = (*acc)[6] + even.w;
+    (*acc)[7] = (*acc)[7] + odd.w;
 }
 
 @compute @workgroup_size(64)
@@ -95,7 +111,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     var m = -3.0e38;
     var total = 0.0;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    let words = p.hd / 8u;
+    let groups = WG / words;
+    let w = t % words;
+    let g = t / words;
+    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     for (var base = 0u; base < len; base = base + WG) {
         let s = base + t;
         var score = -3.0e38;
@@ -124,23 +144,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             chunk = chunk + weight[u];
         }
         total = total * rescale + chunk;
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let d = t + j * WG;
-            if (d < p.hd) {
-                var a = acc[j] * rescale;
-                for (var u = 0u; u < n; u = u + 1u) {
-                    a = a + weight[u] * value((base + u) * p.nkv + kv, d);
-                }
-                acc[j] = a;
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            acc[j] = acc[j] * rescale;
+        }
+        if (g < groups) {
+            for (var u = g; u < n; u = u + groups) {
+                add_value(&acc, (base + u) * p.nkv + kv, w, weight[u]);
             }
         }
         m = m_new;
         workgroupBarrier();
     }
-    for (var j = 0u; j < 4u; j = j + 1u) {
-        let d = t + j * WG;
-        if (d < p.hd) {
-            out[qo + d] = acc[j] / total;
+    if (g < groups) {
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            partial[g * p.hd + 8u * w + j] = acc[j];
         }
+    }
+    workgroupBarrier();
+    for (var d = t; d < p.hd; d = d + WG) {
+        var sum = 0.0;
+        for (var k = 0u; k < groups; k = k + 1u) {
+            sum = sum + partial[k * p.hd + d];
+        }
+        out[qo + d] = sum / total;
     }
 }

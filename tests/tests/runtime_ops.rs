@@ -171,6 +171,8 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
         (32, 8, 128, 130, 1),
         (9, 3, 64, 70, 5),
         (4, 2, 256, 65, 2),
+        // 12 words per head: 64 threads make 5 groups of 12, 4 threads idle.
+        (6, 2, 96, 70, 2),
     ];
     for ((nq, nkv, hd, len, queries), int4) in
         cases.into_iter().flat_map(|c| [(c, true), (c, false)])
