@@ -216,10 +216,17 @@ fn detail(ui: &mut egui::Ui, b: &TensorStats, a: &TensorStats, method: &str) {
     } else {
         "input activations"
     };
-    ui.strong(format!(
-        "layer {} · {} ({kind}, {} dims)",
-        b.layer, b.name, b.dim
-    ));
+    ui.horizontal(|ui| {
+        ui.strong(format!(
+            "layer {} · {} ({kind}, {} dims)",
+            b.layer, b.name, b.dim
+        ));
+        // Otherwise a rotation's two identical spectra look like a missing line.
+        ui.weak(
+            "A rotation leaves the eigenvalues as they are (the two spectra coincide); \
+             it spreads the channel maxima. Scales change both.",
+        );
+    });
     let log_points = |v: &[f64]| -> PlotPoints {
         v.iter()
             .enumerate()
