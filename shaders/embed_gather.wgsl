@@ -6,7 +6,8 @@
 // 2i in the low half) when `HALF` (used where every value of the model's embedding is exactly
 // an f16, so the rows are the same either way); h f32 [d].
 // Workgroup plan: one workgroup of 256 threads, thread t copying elements t, t + 256, …
-// A token outside the vocabulary (the sampler never picks one) reads the last row.
+// A token outside the vocabulary (the sampler's "none" when no logit is finite; the host
+// reports it) reads the last row.
 
 struct Params {
     d: u32,

@@ -852,7 +852,12 @@ impl GpuModel {
             )));
         }
         if self.streaming.is_none() {
-            self.streaming = Some(self.streaming_parts()?);
+            match self.streaming_parts() {
+                Ok(parts) => self.streaming = Some(parts),
+                // No room for the embedding table on the device: step by step, the host
+                // looking the rows up as before.
+                Err(_) => return self.stream_step_by_step(first, pick, on_token),
+            }
         }
         let token = &self.decode.s.token;
         self.gpu
@@ -870,6 +875,13 @@ impl GpuModel {
                 return Ok(());
             };
             let next = self.read_token(slot, oldest)?;
+            if next as usize >= self.config.vocab_size {
+                // The sampler found no finite logit (a model whose numbers overflowed).
+                return Err(Error::other(format!(
+                    "{}: the sampler picked no token (are the logits NaN?)",
+                    self.gpu.info.name
+                )));
+            }
             if !on_token(next) {
                 for (_, submitted) in submitted {
                     self.wait(submitted)?;
@@ -880,15 +892,34 @@ impl GpuModel {
         }
     }
 
+    /// [`GpuModel::stream`] one [`GpuModel::next_token`] at a time (the host reads each token
+    /// before the next step is recorded).
+    fn stream_step_by_step(
+        &mut self,
+        first: u32,
+        pick: &mut dyn FnMut() -> Pick,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        let mut id = first;
+        while self.len < self.attn.max_seq {
+            id = self.next_token(&[id], pick())?;
+            if !on_token(id) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// The embedding table, the RoPE tables and the readback buffers of [`GpuModel::stream`].
     fn streaming_parts(&self) -> Result<Streaming> {
         let (gpu, c) = (&self.gpu, &self.config);
         let (d, vocab) = (c.hidden_size, c.vocab_size);
         // f16 where every value is one exactly (half the memory, the same rows), else f32.
-        let exact = self
-            .embed
-            .iter()
-            .all(|&v| half::f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        // Subnormal halves are left out: some drivers flush them to zero when unpacking.
+        let exact = self.embed.iter().all(|&v| {
+            let h = half::f16::from_f32(v);
+            h.to_f32().to_bits() == v.to_bits() && (h.is_normal() || v == 0.0)
+        });
         let words: Vec<u32> = if exact && d % 2 == 0 {
             self.embed
                 .chunks_exact(2)
