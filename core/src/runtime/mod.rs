@@ -103,9 +103,15 @@ impl Runtime {
         sampler: &mut crate::generate::Sampler,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<()> {
+        // Where the embedding table does not fit the device, step by step (the host looks
+        // the rows up), as on the CPU.
+        let streams = match self {
+            Runtime::Gpu(m) => m.prepare_streaming().is_ok(),
+            Runtime::Cpu(_) => false,
+        };
         match self {
-            Runtime::Gpu(m) => m.stream(first, &mut || gpu_pick(sampler), on_token),
-            Runtime::Cpu(_) => crate::generate::stream_step_by_step(self, first, sampler, on_token),
+            Runtime::Gpu(m) if streams => m.stream(first, &mut || gpu_pick(sampler), on_token),
+            _ => crate::generate::stream_step_by_step(self, first, sampler, on_token),
         }
     }
 

@@ -823,7 +823,7 @@ impl GpuModel {
     ///
     /// On a software device (lavapipe) no step is submitted ahead: its worker threads share the
     /// CPU with the host, and recording the next step beside a running one slowed SmolLM2
-    /// decode from about 205 to 260 ms per token on 2 cores.
+    /// decode from 232 to 260 ms per token on 2 cores (`bench`'s "streamed" line).
     pub fn stream(
         &mut self,
         first: u32,
@@ -851,14 +851,7 @@ impl GpuModel {
                 "token {first} is outside the vocabulary"
             )));
         }
-        if self.streaming.is_none() {
-            match self.streaming_parts() {
-                Ok(parts) => self.streaming = Some(parts),
-                // No room for the embedding table on the device: step by step, the host
-                // looking the rows up as before.
-                Err(_) => return self.stream_step_by_step(first, pick, on_token),
-            }
-        }
+        self.prepare_streaming()?;
         let token = &self.decode.s.token;
         self.gpu
             .queue
@@ -892,20 +885,11 @@ impl GpuModel {
         }
     }
 
-    /// [`GpuModel::stream`] one [`GpuModel::next_token`] at a time (the host reads each token
-    /// before the next step is recorded).
-    fn stream_step_by_step(
-        &mut self,
-        first: u32,
-        pick: &mut dyn FnMut() -> Pick,
-        on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<()> {
-        let mut id = first;
-        while self.len < self.attn.max_seq {
-            id = self.next_token(&[id], pick())?;
-            if !on_token(id) {
-                break;
-            }
+    /// Build what [`GpuModel::stream`] needs on the device, once; an error where it does not
+    /// fit (the embedding table over the device's memory or largest binding).
+    pub fn prepare_streaming(&mut self) -> Result<()> {
+        if self.streaming.is_none() {
+            self.streaming = Some(self.streaming_parts()?);
         }
         Ok(())
     }
