@@ -8,19 +8,24 @@
 // x is f32 [cols] read as vec4; y is f32 [rows], overwritten or added to, or [rows / 2] with
 // SiLU(gate)·up of interleaved rows (see `store`).
 //
-// Workgroup plan: 256 threads = 8 teams of 32 lanes; a workgroup covers 8·RPT rows, each team
-// RPT of them (a 2-D grid past `grid_x` workgroups). Lane l walks the words l, l + 32, … of its
-// rows, four per step: consecutive lanes on consecutive words, so the weights stream from
-// memory once, coalesced (4 × 128 bytes per team and row per step). A word spans 8 columns,
-// i.e. 32 bytes of x (two vec4 loads): each lane loads them once and applies them to its
-// team's RPT rows, which divides the x traffic from cache by RPT; a team's x load covers 1 KB
-// in 8 cache lines (lanes taking 16-byte vec4s of words would read 128 contiguous bytes of x
-// each, 32 lines per load). On an H100 the two layouts measure about the same, near a quarter
-// of the read roofline inside a 7B decode (results/bench-h100.md, runs 7–10); what bounds the
-// kernel there is not yet settled. RPT (1, 2 or 4, a pipeline constant) trades reuse against
-// the number of workgroups: the host picks it per shape. The RPT rows' partial sums of a team
-// are reduced with subgroup shuffles where the adapter has them, and in shared memory across
-// subgroups (or entirely, where it has none).
+// Workgroup plan: 256 threads = 8 teams of 32 lanes. A team covers RPT rows (1, 2 or 4) and
+// one of KS slices of their columns (KS = 1, 2, 4 or 8 teams per row set, all pipeline
+// constants the host picks per shape); a workgroup covers 8 / KS row sets (a 2-D grid past
+// `grid_x` workgroups). Lane l of slice k walks the words 32·k + l, then 32·KS further on, …,
+// four per step: consecutive lanes on consecutive words, so the weights stream from memory
+// once, coalesced (4 × 128 bytes per team and row per step). A word spans 8 columns, i.e. 32
+// bytes of x (two vec4 loads) against 4 bytes of weights: each lane loads them once and applies
+// them to its RPT rows, which divides the x traffic by RPT. KS > 1 keeps that reuse without
+// shrinking the grid: on an H100 the x loads, not the weights, look like the bound (the W4A4
+// GEMV, with 1-byte x codes, runs ~1.6× faster on the same weights; results/bench-h100.md).
+// The partial sums are reduced per team with subgroup shuffles where the adapter has them, in
+// shared memory across subgroups (or entirely, where it has none), then across the KS slices
+// (shaders/gemv_store.wgsl).
+//
+// Per-channel scales (one group per row) are applied once per row after the walk; groups
+// within a row per word. With `norm` (pipeline constant NORM), x is the residual stream and
+// the product is W·RMSNorm(x) with weight `gamma`: the walk also sums x² (the teams of a row set
+// see all of x between them), so the RMSNorm launch before the product disappears.
 
 struct Params {
     rows: u32,
@@ -31,6 +36,10 @@ struct Params {
     grid_x: u32,
     stride: u32,
     store: u32,
+    eps: f32, // RMSNorm's, with NORM
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,24 +48,31 @@ struct Params {
 @group(0) @binding(3) var<storage, read> zeros: array<f32>;
 @group(0) @binding(4) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read> gamma: array<vec4<f32>>; // RMSNorm weight, with NORM
 
 const TEAM: u32 = 32u;
-override RPT: u32 = 4u; // rows per team, at most 4
-// The team sums and the store: shaders/gemv_store.wgsl (`team_store`), prepended by the host.
+// RPT, KS, NORM, the team sums and the store: shaders/gemv_store.wgsl, prepended by the host.
 
-// The x values of columns 8w .. 8w+3 (a) and 8w+4 .. 8w+7 (b), and their sum.
+// The x values of columns 8w .. 8w+3 (a) and 8w+4 .. 8w+7 (b) (times gamma with NORM), their
+// sum, and the sum of the squares of the raw values (with NORM).
 struct Chunk {
     a: vec4<f32>,
     b: vec4<f32>,
     sum: f32,
+    sq: f32,
 }
 
 fn chunk(w: u32) -> Chunk {
-    let a = x[2u * w];
-    let b = x[2u * w + 1u];
-    return Chunk(a, b, dot(a + b, vec4<f32>(1.0)));
+    var a = x[2u * w];
+    var b = x[2u * w + 1u];
+    var sq = 0.0;
+    if (NORM) {
+        sq = dot(a, a) + dot(b, b);
+        a = a * gamma[2u * w];
+        b = b * gamma[2u * w + 1u];
+    }
+    return Chunk(a, b, dot(a + b, vec4<f32>(1.0)), sq);
 }
-
 // Σ code·x over one packed word: code j (column 8w + j) sits in bits 4j..4j+3, so byte k holds
 // columns 2k (low nibble) and 2k + 1 (high nibble): the masked bytes are the even columns, the
 // shifted ones the odd.
@@ -75,8 +91,12 @@ fn offset(g: u32) -> f32 {
     return p.qmin;
 }
 
-// Word w of `row` (codes `word`, x values `c`) dequantized and multiplied: Σ weight·x.
+// Word w of `row` (codes `word`, x values `c`) dequantized and multiplied: Σ weight·x. With
+// one group per row, Σ code·x only: the scale and offset come once per row, after the walk.
 fn term(row: u32, groups: u32, w: u32, word: u32, c: Chunk) -> f32 {
+    if (groups == 1u) {
+        return nibbles(word, c);
+    }
     let g = row * groups + (8u * w) / p.group;
     return scales[g] * (nibbles(word, c) + offset(g) * c.sum);
 }
@@ -84,34 +104,42 @@ fn term(row: u32, groups: u32, w: u32, word: u32, c: Chunk) -> f32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
-    let row0 = ((wid.y * p.grid_x + wid.x) * 8u + t / TEAM) * RPT;
+    let team = t / TEAM;
+    let row0 = ((wid.y * p.grid_x + wid.x) * (8u / KS) + team / KS) * RPT;
     let words_per_row = p.cols / 8u;
     let row_words = 4u * p.stride;
     let groups = p.cols / p.group;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    // Four words per lane per step (w, w + 32, w + 64, w + 96): all their loads are issued
-    // before any is used, so a step has as many bytes in flight as a 16-byte load would.
-    var w = lane;
-    for (; w + 3u * TEAM < words_per_row; w = w + 4u * TEAM) {
+    let step = TEAM * KS; // words between a lane's consecutive words
+    // The RPT rows' sums, then x² (gemv_store.wgsl's slot SQ).
+    var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
+    var x_sum = 0.0; // Σ x over the lane's words, for the per-row offsets
+    // Four words per lane per step (w, w + step, w + 2·step, w + 3·step): all their loads are
+    // issued before any is used, so a step has as many bytes in flight as a 16-byte load would.
+    var w = (team % KS) * TEAM + lane;
+    for (; w + 3u * step < words_per_row; w = w + 4u * step) {
         let c0 = chunk(w);
-        let c1 = chunk(w + TEAM);
-        let c2 = chunk(w + 2u * TEAM);
-        let c3 = chunk(w + 3u * TEAM);
+        let c1 = chunk(w + step);
+        let c2 = chunk(w + 2u * step);
+        let c3 = chunk(w + 3u * step);
+        x_sum = x_sum + c0.sum + c1.sum + c2.sum + c3.sum;
+        acc[SQ] = acc[SQ] + c0.sq + c1.sq + c2.sq + c3.sq;
         for (var r = 0u; r < RPT; r = r + 1u) {
             let row = row0 + r;
             if (row < p.rows) {
                 let at = row * row_words + w;
-                let q = vec4<u32>(words[at], words[at + TEAM], words[at + 2u * TEAM],
-                    words[at + 3u * TEAM]);
+                let q = vec4<u32>(words[at], words[at + step], words[at + 2u * step],
+                    words[at + 3u * step]);
                 acc[r] = acc[r] + term(row, groups, w, q.x, c0)
-                    + term(row, groups, w + TEAM, q.y, c1)
-                    + term(row, groups, w + 2u * TEAM, q.z, c2)
-                    + term(row, groups, w + 3u * TEAM, q.w, c3);
+                    + term(row, groups, w + step, q.y, c1)
+                    + term(row, groups, w + 2u * step, q.z, c2)
+                    + term(row, groups, w + 3u * step, q.w, c3);
             }
         }
     }
-    for (; w < words_per_row; w = w + TEAM) {
+    for (; w < words_per_row; w = w + step) {
         let c = chunk(w);
+        x_sum = x_sum + c.sum;
+        acc[SQ] = acc[SQ] + c.sq;
         for (var r = 0u; r < RPT; r = r + 1u) {
             let row = row0 + r;
             if (row < p.rows) {
@@ -119,5 +147,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    team_store(t, lane, row0, acc);
+    if (groups == 1u) {
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                acc[r] = scales[row] * (acc[r] + offset(row) * x_sum);
+            }
+        }
+    }
+    team_store(t, lane, row0, acc, p.eps);
 }

@@ -12,8 +12,9 @@
 // y f32 [rows], overwritten or accumulated into, or SiLU(gate)·up of interleaved rows
 // (`store`). Weight groups and `agroup` are multiples of 32 columns, so each block has one
 // weight scale and one activation scale.
-// Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows per team (a pipeline
-// constant), 16-byte coalesced weight loads, the same subgroup / shared-memory team sums.
+// Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows and one of KS column
+// slices per team (pipeline constants), 16-byte coalesced weight loads, the same subgroup /
+// shared-memory team sums and slice sums.
 
 struct Params {
     rows: u32,
@@ -41,8 +42,7 @@ struct Params {
 const TEAM: u32 = 32u;
 const LOW: u32 = 0x0F0F0F0Fu;
 const ONES: u32 = 0x01010101u;
-override RPT: u32 = 4u; // rows per team, at most 4
-// The team sums and the store: shaders/gemv_store.wgsl (`team_store`), prepended by the host.
+// RPT, KS, the team sums and the store: shaders/gemv_store.wgsl, prepended by the host.
 
 // Σ code_w·code_x over one weight word and its two x words (even, odd columns).
 fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
@@ -52,11 +52,12 @@ fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
-    let row0 = ((wid.y * p.grid_x + wid.x) * 8u + t / TEAM) * RPT;
+    let team = t / TEAM;
+    let row0 = ((wid.y * p.grid_x + wid.x) * (8u / KS) + team / KS) * RPT;
     let groups = p.cols / p.group;
     let agroups = p.cols / p.agroup;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var v = lane; v < p.stride; v = v + TEAM) {
+    var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
+    for (var v = (team % KS) * TEAM + lane; v < p.stride; v = v + TEAM * KS) {
         let a = xc[2u * v];
         let b = xc[2u * v + 1u];
         let n = dot4I8Packed(a.x, ONES) + dot4I8Packed(a.y, ONES) + dot4I8Packed(a.z, ONES)
@@ -80,5 +81,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    team_store(t, lane, row0, acc);
+    team_store(t, lane, row0, acc, 0.0);
 }

@@ -1,18 +1,29 @@
 //! The linear layers' GPU products on the software Vulkan device against f64 references on the
-//! same packed codes: the W4A16 GEMV (every rows-per-team pipeline, every team sum: shared
-//! memory, and subgroup shuffles where the device has them; accumulate path) on odd and
-//! real LLaMA shapes, symmetric per channel and asymmetric in groups; the W4A4 integer GEMV;
-//! the prefill GEMMs (W4A16, W4A4, f16); the f16 GEMV on the rounded weights.
+//! same packed codes: the W4A16 GEMV (every tiling, every team sum: shared memory, and
+//! subgroup shuffles where the device has them; plain, RMS-normalizing its input, and
+//! accumulating) on odd and real LLaMA shapes, symmetric per channel and asymmetric in groups;
+//! the W4A4 integer GEMV; the prefill GEMMs (W4A16, W4A4, f16); the f16 GEMV on the rounded
+//! weights.
 
 use ostquant_core::model::qformat::unpack;
 use ostquant_core::quant::quantizer::QuantSpec;
 use ostquant_core::runtime::Gpu;
-use ostquant_core::runtime::linear::{HalfMatrix, Int4Matrix, Linear, Products};
+use ostquant_core::runtime::linear::{HalfMatrix, Input, Int4Matrix, Linear, Products, Tiling};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Gpu {
     ostquant_tests::test_gpu()
+}
+
+/// RMSNorm in f64: x / sqrt(mean(x²) + eps) · gamma.
+fn rms_normed(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f64> {
+    let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps as f64).sqrt();
+    x.iter()
+        .zip(gamma)
+        .map(|(&v, &g)| v as f64 * inv * g as f64)
+        .collect()
 }
 
 /// The kernels with every team-sum variant the device allows: shared memory only (1 lane),
@@ -24,11 +35,12 @@ fn every_team_sum(gpu: &Gpu) -> Vec<Products> {
         .collect()
 }
 
+/// y = W·x, and y = W·RMSNorm(x) with the norm inside the GEMV (the residual stream as x).
 #[test]
 fn gemv_matches_the_f64_reference() {
     let gpu = gpu();
     let mut rng = StdRng::seed_from_u64(1);
-    use ostquant_core::runtime::linear::ROWS_PER_TEAM;
+    let eps = 1e-5;
     let cases = [
         (576, 576, QuantSpec::sym(4)),
         (1536, 576, QuantSpec::sym(4)),
@@ -43,31 +55,52 @@ fn gemv_matches_the_f64_reference() {
         let (words, scales, zeros) =
             ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let gamma: Vec<f32> = (0..cols).map(|_| rng.random_range(0.5..1.5)).collect();
         let m = Linear::Int4(
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap(),
         );
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
-        let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
+        let (xb, gb, yb) = (
+            gpu.storage("x", &x),
+            gpu.storage("gamma", &gamma),
+            gpu.output("y", rows),
+        );
+        let plain: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let normed = rms_normed(&x, &gamma, eps);
         let variants = every_team_sum(&gpu);
-        for (gemv, rpt) in variants.iter().flat_map(|g| ROWS_PER_TEAM.map(|r| (g, r))) {
-            let lanes = gemv.subgroup_lanes;
-            let mut enc = gpu.device.create_command_encoder(&Default::default());
-            gemv.launch(&gpu, &m, &xb, &yb, false, Some(rpt))
-                .record(&mut enc);
-            let got = gpu.finish_f32(enc, &yb, rows).unwrap();
-            for r in 0..rows {
-                let want: f64 = (0..cols)
-                    .map(|c| w[r * cols + c] as f64 * x[c] as f64)
-                    .sum();
-                let scale: f64 = (0..cols)
-                    .map(|c| (w[r * cols + c] as f64 * x[c] as f64).abs())
-                    .sum();
-                let err = (got[r] as f64 - want).abs();
-                assert!(
-                    err <= 1e-5 * scale.max(1e-3),
-                    "{rows}×{cols} {spec:?} rows per team {rpt}, {lanes} subgroup lanes, row {r}: {} vs {want}",
-                    got[r]
-                );
+        for (gemv, tiling) in variants.iter().flat_map(|g| Tiling::ALL.map(|t| (g, t))) {
+            for norm in [false, true] {
+                let lanes = gemv.subgroup_lanes;
+                let (input, x) = match norm {
+                    false => (Input::F32(&xb), &plain),
+                    true => {
+                        let h = &xb;
+                        (
+                            Input::RmsNormed {
+                                h,
+                                weight: &gb,
+                                eps,
+                            },
+                            &normed,
+                        )
+                    }
+                };
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                gemv.launch(&gpu, &m, input, &yb, false, Some(tiling))
+                    .unwrap()
+                    .record(&mut enc);
+                let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c]);
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    let err = (got[r] as f64 - want).abs();
+                    assert!(
+                        err <= 1e-5 * scale.max(1e-3),
+                        "{rows}×{cols} {spec:?} tiling {tiling}, norm {norm}, {lanes} subgroup lanes, row {r}: {} vs {want}",
+                        got[r]
+                    );
+                }
             }
         }
     }
@@ -140,10 +173,9 @@ fn f16_gemv_matches_the_f64_reference() {
 }
 
 /// y += W·x (the residual connection folded into o_proj and down_proj) for every int4
-/// rows-per-team pipeline and the f16 kernel, against y0 + the f64 product.
+/// tiling and the f16 kernel, against y0 + the f64 product.
 #[test]
-fn gemv_accumulates_for_every_rows_per_team() {
-    use ostquant_core::runtime::linear::ROWS_PER_TEAM;
+fn gemv_accumulates_for_every_tiling() {
     let gpu = gpu();
     let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(9);
@@ -166,15 +198,17 @@ fn gemv_accumulates_for_every_rows_per_team() {
         .iter()
         .map(|&v| half::f16::from_f32(v).to_f32())
         .collect();
-    let mut cases: Vec<(&Linear, &[f32], Option<u32>)> = ROWS_PER_TEAM
+    let mut cases: Vec<(&Linear, &[f32], Option<Tiling>)> = Tiling::ALL
         .iter()
-        .map(|&r| (&int4, w4.as_slice(), Some(r)))
+        .map(|&t| (&int4, w4.as_slice(), Some(t)))
         .collect();
     cases.push((&f16, &rounded, None));
-    for (m, w, rpt) in cases {
+    for (m, w, tiling) in cases {
         let (xb, yb) = (gpu.storage("x", &x), gpu.storage("y", &y0));
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        gemv.launch(&gpu, m, &xb, &yb, true, rpt).record(&mut enc);
+        gemv.launch(&gpu, m, Input::F32(&xb), &yb, true, tiling)
+            .unwrap()
+            .record(&mut enc);
         let got = gpu.finish_f32(enc, &yb, rows).unwrap();
         for r in 0..rows {
             let row = &w[r * cols..(r + 1) * cols];
@@ -186,7 +220,7 @@ fn gemv_accumulates_for_every_rows_per_team() {
                     .sum::<f64>();
             assert!(
                 (got[r] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                "rows per team {rpt:?} row {r}: {} vs {want}",
+                "tiling {tiling:?} row {r}: {} vs {want}",
                 got[r]
             );
         }
@@ -194,13 +228,13 @@ fn gemv_accumulates_for_every_rows_per_team() {
 }
 
 /// The W4A4 path: activations quantized to integer codes on the GPU (act_codes.wgsl), then the
-/// integer GEMV with its dequant epilogue, for every rows-per-team pipeline, against the f64
+/// integer GEMV with its dequant epilogue, for every tiling, against the f64
 /// product of the unpacked weights and the fake-quantized activations. The activations are
 /// grid points (q − z)·2⁻³ with q = 0 and q = 15 present in every group, so the quantizer's
 /// rounding is unambiguous and the reference knows the codes exactly.
 #[test]
 fn w4a4_gemv_matches_the_f64_reference() {
-    use ostquant_core::runtime::linear::{ActCodes, ROWS_PER_TEAM};
+    use ostquant_core::runtime::linear::ActCodes;
     let gpu = gpu();
     let variants = every_team_sum(&gpu);
     let gemv = &variants[0];
@@ -228,16 +262,17 @@ fn w4a4_gemv_matches_the_f64_reference() {
                 x.push((q - z) * 0.125);
             }
         }
-        let m =
-            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
+        let m = Linear::Int4(
+            Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap(),
+        );
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         let codes = ActCodes::new(&gpu, 1, cols, agroup, 4).unwrap();
         let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
-        for (k, rpt) in variants.iter().flat_map(|g| ROWS_PER_TEAM.map(|r| (g, r))) {
+        for (k, tiling) in variants.iter().flat_map(|g| Tiling::ALL.map(|t| (g, t))) {
             let lanes = k.subgroup_lanes;
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             gemv.quantize(&gpu, &xb, &codes).record(&mut enc);
-            k.launch_w4a4(&gpu, &m, &codes, &yb, false, Some(rpt))
+            k.launch(&gpu, &m, Input::Codes(&codes), &yb, false, Some(tiling))
                 .unwrap()
                 .record(&mut enc);
             let got = gpu.finish_f32(enc, &yb, rows).unwrap();
@@ -247,7 +282,7 @@ fn w4a4_gemv_matches_the_f64_reference() {
                 let scale: f64 = terms.map(f64::abs).sum();
                 assert!(
                     (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
-                    "W4A4 {rows}×{cols} act groups {agroup} {spec:?} rows per team {rpt}, {lanes} subgroup lanes, row {r}: {} vs {want}",
+                    "W4A4 {rows}×{cols} act groups {agroup} {spec:?} tiling {tiling}, {lanes} subgroup lanes, row {r}: {} vs {want}",
                     got[r]
                 );
             }
@@ -371,14 +406,16 @@ fn f16_gemm_matches_the_f64_reference() {
 }
 
 /// The gated MLP's middle in one GEMV: gate and up int4 matrices interleaved row by row, the
-/// epilogue storing SiLU(gate·x)·(up·x), on f32 activations and on integer codes, for every
-/// team sum and rows-per-team choice that holds whole pairs, against f64.
+/// epilogue storing SiLU(gate·x)·(up·x), on f32 activations, on f32 activations RMS-normalized
+/// in the GEMV, and on integer codes, for every team sum and tiling that holds whole pairs,
+/// against f64.
 #[test]
 fn silu_mul_gemv_matches_the_f64_reference() {
     use ostquant_core::runtime::host::HostLinear;
-    use ostquant_core::runtime::linear::{ActCodes, Input};
+    use ostquant_core::runtime::linear::ActCodes;
     let gpu = gpu();
     let mut rng = StdRng::seed_from_u64(21);
+    let eps = 1e-5;
     for (rows, cols, spec) in [
         (1536, 576, QuantSpec::sym(4)),
         (37, 256, QuantSpec::asym(4).with_group(64)),
@@ -407,38 +444,54 @@ fn silu_mul_gemv_matches_the_f64_reference() {
                 _ => (rng.random_range(0..16) as f32 - z) * 0.125,
             })
             .collect();
-        let want: Vec<f64> = (0..rows)
-            .map(|r| {
-                let dot = |w: &[f32]| -> f64 {
-                    (0..cols)
-                        .map(|c| w[r * cols + c] as f64 * x[c] as f64)
-                        .sum()
-                };
-                let g = dot(&wg);
-                g / (1.0 + (-g).exp()) * dot(&wu)
-            })
-            .collect();
-        let xb = gpu.storage("x", &x);
+        let gamma: Vec<f32> = (0..cols).map(|_| rng.random_range(0.5..1.5)).collect();
+        let silu_mul = |x: &[f64]| -> Vec<f64> {
+            (0..rows)
+                .map(|r| {
+                    let dot = |w: &[f32]| -> f64 {
+                        (0..cols).map(|c| w[r * cols + c] as f64 * x[c]).sum()
+                    };
+                    let g = dot(&wg);
+                    g / (1.0 + (-g).exp()) * dot(&wu)
+                })
+                .collect()
+        };
+        let plain = silu_mul(&x.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        let normed = silu_mul(&rms_normed(&x, &gamma, eps));
+        let (xb, gb) = (gpu.storage("x", &x), gpu.storage("gamma", &gamma));
         let codes = ActCodes::new(&gpu, 1, cols, cols, 4).unwrap();
         let yb = gpu.output("y", rows);
+        let tilings = Tiling::ALL.into_iter().filter(|t| t.rows >= 2).map(Some);
         for k in every_team_sum(&gpu) {
-            for rpt in [Some(2), Some(4), None] {
-                for integer in [false, true] {
+            for tiling in tilings.clone().chain([None]) {
+                for input in ["f32", "normed", "codes"] {
                     let mut enc = gpu.device.create_command_encoder(&Default::default());
-                    let input = if integer {
-                        k.quantize(&gpu, &xb, &codes).record(&mut enc);
-                        Input::Codes(&codes)
-                    } else {
-                        Input::F32(&xb)
+                    let (x, want) = match input {
+                        "codes" => {
+                            k.quantize(&gpu, &xb, &codes).record(&mut enc);
+                            (Input::Codes(&codes), &plain)
+                        }
+                        "normed" => {
+                            let h = &xb;
+                            (
+                                Input::RmsNormed {
+                                    h,
+                                    weight: &gb,
+                                    eps,
+                                },
+                                &normed,
+                            )
+                        }
+                        _ => (Input::F32(&xb), &plain),
                     };
-                    k.launch_silu_mul(&gpu, &m, input, &yb, rpt)
+                    k.launch_silu_mul(&gpu, &m, x, &yb, tiling)
                         .unwrap()
                         .record(&mut enc);
                     let got = gpu.finish_f32(enc, &yb, rows).unwrap();
                     for r in 0..rows {
                         assert!(
                             (got[r] as f64 - want[r]).abs() <= 1e-4 * (1.0 + want[r].abs()),
-                            "{rows}×{cols} {spec:?} rows per team {rpt:?}, {} lanes, codes {integer}, row {r}: {} vs {}",
+                            "{rows}×{cols} {spec:?} tiling {tiling:?}, {} lanes, input {input}, row {r}: {} vs {}",
                             k.subgroup_lanes,
                             got[r],
                             want[r]

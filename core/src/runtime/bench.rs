@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::host::{HostLinear, HostModel, SyntheticWeights};
 use super::kernel::{Dispatch, Kernel, record_all};
-use super::linear::{ActCodes, Linear, Products, ROWS_PER_TEAM, rows_per_team};
+use super::linear::{ActCodes, Input, Linear, Products, Tiling};
 use super::model::GpuModel;
 use super::{Gpu, Runtime, cpu};
 use crate::device::DeviceChoice;
@@ -35,7 +35,7 @@ pub const SHAPES: [(usize, usize); 7] = [
 pub struct GemvFigure {
     pub rows: usize,
     pub cols: usize,
-    /// "int4" or "f16"; on a GPU "int4 rN" names the kernel's rows per team.
+    /// "int4" or "f16"; on a GPU "int4 rNkM" names the kernel's tiling ([`Tiling`]).
     pub weights: String,
     /// Bytes the kernel must read per call: weights, scales, the input vector.
     pub bytes: usize,
@@ -119,34 +119,34 @@ enum Target<'g> {
     Cpu,
 }
 
-/// One timed kernel: its input (f32, or the W4A4 path's integer codes), rows per team, and
+/// One timed kernel: its input (f32, or the W4A4 path's integer codes), its int4 tiling, and
 /// whether it sums in shared memory only.
 #[derive(Clone, Copy)]
 struct Variant {
     codes: bool,
-    rpt: Option<u32>,
+    tiling: Option<Tiling>,
     shared: bool,
 }
 
 impl Target<'_> {
-    /// The kernel variants to time for `w`: on a GPU every int4 rows-per-team choice, with
-    /// f32 activations and with 4-bit integer activation codes, and the runtime's choice again
-    /// with shared-memory sums where the runtime's use subgroups.
+    /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`],
+    /// with f32 activations and with 4-bit integer activation codes, and the runtime's choice
+    /// again with shared-memory sums where the runtime's use subgroups.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         match (self, w) {
             (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => {
-                let picked = rows_per_team(w.rows(), k.software);
+                let picked = Tiling::for_rows(w.rows(), k.software);
                 [false, true]
                     .iter()
                     .flat_map(|&codes| {
-                        let all = ROWS_PER_TEAM.iter().map(move |&r| Variant {
+                        let all = Tiling::ALL.iter().map(move |&t| Variant {
                             codes,
-                            rpt: Some(r),
+                            tiling: Some(t),
                             shared: false,
                         });
                         let smem = shared.as_ref().map(|_| Variant {
                             codes,
-                            rpt: Some(picked),
+                            tiling: Some(picked),
                             shared: true,
                         });
                         all.chain(smem)
@@ -155,7 +155,7 @@ impl Target<'_> {
             }
             _ => vec![Variant {
                 codes: false,
-                rpt: None,
+                tiling: None,
                 shared: false,
             }],
         }
@@ -174,16 +174,16 @@ impl Target<'_> {
                 };
                 let m = Linear::upload(gpu, w)?;
                 let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
-                let d = match (&m, v.codes) {
-                    (Linear::Int4(m4), true) => {
-                        let codes = ActCodes::new(gpu, 1, w.cols(), w.cols(), 4)?;
-                        let mut enc = gpu.device.create_command_encoder(&Default::default());
-                        kernel.quantize(gpu, &xb, &codes).record(&mut enc);
-                        gpu.queue.submit([enc.finish()]);
-                        kernel.launch_w4a4(gpu, m4, &codes, &y, false, v.rpt)?
-                    }
-                    _ => kernel.launch(gpu, &m, &xb, &y, false, v.rpt),
+                let codes = ActCodes::new(gpu, 1, w.cols(), w.cols(), 4)?;
+                let x = if v.codes {
+                    let mut enc = gpu.device.create_command_encoder(&Default::default());
+                    kernel.quantize(gpu, &xb, &codes).record(&mut enc);
+                    gpu.queue.submit([enc.finish()]);
+                    Input::Codes(&codes)
+                } else {
+                    Input::F32(&xb)
                 };
+                let d = kernel.launch(gpu, &m, x, &y, false, v.tiling)?;
                 for _ in 0..3 {
                     rounds.push(time(gpu, iters, &y, &d)?);
                 }
@@ -250,7 +250,7 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                 // Codes are one byte per column, f32 activations four.
                 let bytes = m.bytes() + cols * if v.codes { 1 } else { 4 };
                 let software = matches!(target, Target::Gpu(_, g, _) if g.software);
-                let picked = if v.rpt == Some(rows_per_team(rows, software)) {
+                let picked = if v.tiling == Some(Tiling::for_rows(rows, software)) {
                     "*"
                 } else {
                     ""
@@ -264,8 +264,8 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                 out.push(GemvFigure {
                     rows,
                     cols,
-                    weights: match v.rpt {
-                        Some(r) => format!("{name} r{r}{picked}"),
+                    weights: match v.tiling {
+                        Some(t) => format!("{name} {t}{picked}"),
                         None => name.to_string(),
                     },
                     bytes,
@@ -424,7 +424,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass, median of 3 rounds; int4 rN: N rows per team, * the one the runtime picks, smem: summed in shared memory only",
+                "{} launches per shape in one pass, median of 3 rounds; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only",
                 o.iters
             ),
         )

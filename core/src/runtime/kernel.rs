@@ -44,6 +44,7 @@ impl<'a> Bind<'a> {
     }
 }
 
+#[derive(Clone)]
 pub struct Kernel {
     name: &'static str,
     pipeline: wgpu::ComputePipeline,

@@ -14,21 +14,71 @@ use crate::quant::quantizer::QuantSpec;
 
 /// Workgroups per grid row; more use a second grid dimension.
 const GRID_X: u32 = 32768;
-/// Rows per workgroup of the f16 kernel: 8 teams of 32 lanes, one row each. The int4 kernel's
-/// teams take 1, 2 or 4 rows each (see the shaders' workgroup plans).
+/// Rows per workgroup of the f16 kernel: 8 teams of 32 lanes, one row each.
 const HALF_ROWS: u32 = 8;
-/// The int4 kernel's compiled rows-per-team choices.
-pub const ROWS_PER_TEAM: [u32; 3] = [1, 2, 4];
 
-/// Rows per team of the int4 kernel for a matrix of `rows` rows. On a GPU: reuse of x across
-/// rows where there are rows enough to keep ≥ 256 workgroups, one row per team (most
-/// workgroups) below. On a software device (CPU threads, compute-bound) always the most reuse.
-pub fn rows_per_team(rows: usize, software: bool) -> u32 {
-    match rows {
-        _ if software => 4,
-        r if r >= 8192 => 4,
-        r if r >= 4096 => 2,
-        _ => 1,
+/// How an int4 GEMV shares a matrix among its workgroups' 8 teams of 32 lanes (the shaders'
+/// RPT and KS; shaders/gemv_w4a16.wgsl).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Tiling {
+    /// Rows per team (1, 2 or 4): each x load serves this many rows.
+    pub rows: u32,
+    /// Teams per set of rows (1, 2, 4 or 8), each walking a slice of the columns.
+    pub slices: u32,
+}
+
+impl Tiling {
+    /// The tilings the tests check and the benchmarks time: every rows-per-team choice alone,
+    /// and the column splits that keep 2 or 4 rows' reuse on a grid as large as 1 row's.
+    pub const ALL: [Tiling; 7] = [
+        Tiling::new(1, 1),
+        Tiling::new(2, 1),
+        Tiling::new(4, 1),
+        Tiling::new(2, 2),
+        Tiling::new(2, 4),
+        Tiling::new(4, 4),
+        Tiling::new(4, 8),
+    ];
+
+    pub const fn new(rows: u32, slices: u32) -> Self {
+        Tiling { rows, slices }
+    }
+
+    /// The runtime's tiling for a matrix of `rows` rows. On a GPU: reuse of x across rows
+    /// where there are rows enough to keep ≥ 256 workgroups, one row per team (most
+    /// workgroups) below; the column splits wait for a GPU measurement (`ostquant bench`
+    /// times them all). On a software device (CPU threads, compute-bound) always the most
+    /// reuse.
+    pub fn for_rows(rows: usize, software: bool) -> Self {
+        let r = match rows {
+            _ if software => 4,
+            r if r >= 8192 => 4,
+            r if r >= 4096 => 2,
+            _ => 1,
+        };
+        Tiling::new(r, 1)
+    }
+
+    /// Rows a workgroup covers.
+    fn rows_per_workgroup(self) -> u32 {
+        8 / self.slices * self.rows
+    }
+
+    fn check(self) {
+        assert!(
+            matches!(self.rows, 1 | 2 | 4) && matches!(self.slices, 1 | 2 | 4 | 8),
+            "int4 GEMV tiling {self:?}: 1, 2 or 4 rows per team, 1, 2, 4 or 8 slices"
+        );
+    }
+}
+
+impl std::fmt::Display for Tiling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "r{}", self.rows)?;
+        if self.slices > 1 {
+            write!(f, "k{}", self.slices)?;
+        }
+        Ok(())
     }
 }
 
@@ -61,19 +111,29 @@ enum Store {
 }
 
 impl Store {
-    /// Rows per team: `rpt` or the shape's choice, at least 2 for `SiluMul` (a team holds
-    /// whole (gate, up) pairs).
-    fn rows_per_team(self, rpt: Option<u32>, rows: usize, software: bool) -> Option<u32> {
-        let r = rpt.unwrap_or_else(|| rows_per_team(rows, software));
-        Some(if self == Store::SiluMul { r.max(2) } else { r })
+    /// The tiling for `rows` rows: `tiling` or the shape's choice, with at least 2 rows per
+    /// team for `SiluMul` (a team holds whole (gate, up) pairs).
+    fn tiling(self, tiling: Option<Tiling>, rows: usize, software: bool) -> Tiling {
+        let t = tiling.unwrap_or_else(|| Tiling::for_rows(rows, software));
+        match self {
+            Store::SiluMul => Tiling::new(t.rows.max(2), t.slices),
+            _ => t,
+        }
     }
 }
 
-/// The input of an int4 GEMV: f32 values, or integer codes (the W4A4 kernel).
+/// The input of a product: f32 values, integer codes (the W4A4 kernels), or the residual
+/// stream `h` to RMS-normalize with `weight` on the way in (the int4 GEMV only: the RMSNorm
+/// launch before the product disappears).
 #[derive(Clone, Copy)]
 pub enum Input<'a> {
     F32(&'a wgpu::Buffer),
     Codes(&'a ActCodes),
+    RmsNormed {
+        h: &'a wgpu::Buffer,
+        weight: &'a wgpu::Buffer,
+        eps: f32,
+    },
 }
 
 /// An int4 matrix [rows, cols] on the GPU, in the model folder's packing.
@@ -300,6 +360,8 @@ struct Int4Params {
     grid_x: u32,
     stride: u32,
     store: u32,
+    eps: f32,
+    _pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -387,17 +449,28 @@ struct CodesParams {
     _pad: [u32; 2],
 }
 
+/// The two int4 GEMVs, compiled per tiling on first use.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Gemv {
+    /// f32 x (gemv_w4a16.wgsl), `bool`: x RMS-normalized on the way in.
+    W4A16(bool),
+    /// Integer activation codes (gemv_w4a4.wgsl).
+    W4A4,
+}
+
 /// The compiled GEMV kernels.
 pub struct Products {
-    /// One int4 pipeline per entry of [`ROWS_PER_TEAM`], for f32 and for integer inputs.
-    int4: Vec<Kernel>,
-    w4a4: Vec<Kernel>,
+    /// The int4 GEMVs' sources (the lane exchange and store prepended) and their pipelines,
+    /// one per kind and tiling, compiled when first launched.
+    w4a16_source: String,
+    w4a4_source: String,
+    int4: std::sync::Mutex<std::collections::HashMap<(Gemv, Tiling), Kernel>>,
     act_codes: Kernel,
     gemm_w4a16: Kernel,
     gemm_w4a4: Kernel,
     gemm_f16: Kernel,
     half: Kernel,
-    /// The device is a CPU adapter (lavapipe): see [`rows_per_team`].
+    /// The device is a CPU adapter (lavapipe): see [`Tiling::for_rows`].
     pub software: bool,
     /// Lanes per subgroup in the int4 GEMVs' team sums (1: shared memory only).
     pub subgroup_lanes: u32,
@@ -425,52 +498,30 @@ impl Products {
         };
         let store = include_str!("../../../shaders/gemv_store.wgsl");
         let gemm_out = include_str!("../../../shaders/gemm_out.wgsl");
-        let variants = |name: &'static str, body: &str| -> Vec<Kernel> {
-            let source = format!("{prefix}\n{store}\n{body}");
-            ROWS_PER_TEAM
-                .iter()
-                .map(|&r| {
-                    let constants = [("RPT", r as f64), ("SG", lanes as f64)];
-                    Kernel::specialized(gpu, name, &source, "main", &constants)
-                })
-                .collect()
-        };
+        let gemm =
+            |name: &'static str, body: &str| Kernel::new(gpu, name, &format!("{gemm_out}\n{body}"));
         Products {
-            subgroup_lanes: lanes,
-            int4: variants(
-                "gemv_w4a16",
-                include_str!("../../../shaders/gemv_w4a16.wgsl"),
+            w4a16_source: format!(
+                "{prefix}\n{store}\n{}",
+                include_str!("../../../shaders/gemv_w4a16.wgsl")
             ),
-            w4a4: variants("gemv_w4a4", include_str!("../../../shaders/gemv_w4a4.wgsl")),
+            w4a4_source: format!(
+                "{prefix}\n{store}\n{}",
+                include_str!("../../../shaders/gemv_w4a4.wgsl")
+            ),
+            int4: Default::default(),
+            subgroup_lanes: lanes,
             act_codes: Kernel::new(
                 gpu,
                 "act_codes",
                 include_str!("../../../shaders/act_codes.wgsl"),
             ),
-            gemm_w4a16: Kernel::new(
-                gpu,
+            gemm_w4a16: gemm(
                 "gemm_w4a16",
-                &format!(
-                    "{gemm_out}\n{}",
-                    include_str!("../../../shaders/gemm_w4a16.wgsl")
-                ),
+                include_str!("../../../shaders/gemm_w4a16.wgsl"),
             ),
-            gemm_w4a4: Kernel::new(
-                gpu,
-                "gemm_w4a4",
-                &format!(
-                    "{gemm_out}\n{}",
-                    include_str!("../../../shaders/gemm_w4a4.wgsl")
-                ),
-            ),
-            gemm_f16: Kernel::new(
-                gpu,
-                "gemm_f16",
-                &format!(
-                    "{gemm_out}\n{}",
-                    include_str!("../../../shaders/gemm_f16.wgsl")
-                ),
-            ),
+            gemm_w4a4: gemm("gemm_w4a4", include_str!("../../../shaders/gemm_w4a4.wgsl")),
+            gemm_f16: gemm("gemm_f16", include_str!("../../../shaders/gemm_f16.wgsl")),
             half: Kernel::new(
                 gpu,
                 "gemv_f16",
@@ -480,49 +531,90 @@ impl Products {
         }
     }
 
-    /// The compiled rows-per-team pipeline for a matrix of `rows` rows (`rpt` overrides
-    /// [`rows_per_team`]) and its grid.
-    fn pipeline(&self, rows: usize, rpt: Option<u32>) -> (usize, (u32, u32, u32)) {
-        let rpt = rpt.unwrap_or_else(|| rows_per_team(rows, self.software));
-        let k = ROWS_PER_TEAM
-            .iter()
-            .position(|&r| r == rpt)
-            .expect("a compiled rows-per-team choice");
-        (k, grid(rows, 8 * rpt))
+    /// The int4 GEMV `kind` for `tiling`, compiled on first use.
+    fn int4_kernel(&self, gpu: &Gpu, kind: Gemv, tiling: Tiling) -> Kernel {
+        tiling.check();
+        let mut kernels = self.int4.lock().unwrap_or_else(|e| e.into_inner());
+        kernels
+            .entry((kind, tiling))
+            .or_insert_with(|| {
+                let (name, source, norm) = match kind {
+                    Gemv::W4A16(norm) => ("gemv_w4a16", &self.w4a16_source, norm),
+                    Gemv::W4A4 => ("gemv_w4a4", &self.w4a4_source, false),
+                };
+                let constants = [
+                    ("RPT", tiling.rows as f64),
+                    ("KS", tiling.slices as f64),
+                    ("NORM", norm as u32 as f64),
+                    ("SG", self.subgroup_lanes as f64),
+                ];
+                Kernel::specialized(gpu, name, source, "main", &constants)
+            })
+            .clone()
     }
 
     /// The launch of y = W·x (x: `cols` f32, y: `rows` f32, both on the GPU).
     pub fn dispatch(&self, gpu: &Gpu, w: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
-        self.launch(gpu, w, x, y, false, None)
+        match w {
+            Linear::Int4(m) => self.int4_f32(gpu, m, x, None, y, Store::Write, None),
+            Linear::Half(m) => self.half_f32(gpu, m, x, y, false),
+        }
     }
 
     /// The launch of y (+)= W·x (`accumulate`: a residual connection folded into the
-    /// product); `rpt` overrides [`rows_per_team`] for the int4 kernel (benchmarks).
+    /// product), x any [`Input`] the matrix has a GEMV for; `tiling` overrides
+    /// [`Tiling::for_rows`] for the int4 kernels (tests and benchmarks).
     pub fn launch(
         &self,
         gpu: &Gpu,
         w: &Linear,
+        x: Input,
+        y: &wgpu::Buffer,
+        accumulate: bool,
+        tiling: Option<Tiling>,
+    ) -> Result<Dispatch> {
+        let store = if accumulate { Store::Add } else { Store::Write };
+        match (w, x) {
+            (Linear::Int4(m), x) => self.int4(gpu, m, x, y, store, tiling),
+            (Linear::Half(m), Input::F32(x)) => Ok(self.half_f32(gpu, m, x, y, accumulate)),
+            (Linear::Half(_), _) => Err(Error::other(
+                "an f16 matrix's GEMV takes f32 activations only (no codes, no RMSNorm on the way in)",
+            )),
+        }
+    }
+
+    /// The gated MLP's middle in one GEMV: y [rows / 2] = SiLU(gate·x)·(up·x) for the gate
+    /// and up rows of `m` interleaved row by row
+    /// ([`super::host::HostLinear::interleave_rows`]).
+    pub fn launch_silu_mul(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: Input,
+        y: &wgpu::Buffer,
+        tiling: Option<Tiling>,
+    ) -> Result<Dispatch> {
+        self.int4(gpu, m, x, y, Store::SiluMul, tiling)
+    }
+
+    fn half_f32(
+        &self,
+        gpu: &Gpu,
+        m: &HalfMatrix,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         accumulate: bool,
-        rpt: Option<u32>,
     ) -> Dispatch {
-        let store = if accumulate { Store::Add } else { Store::Write };
-        match w {
-            Linear::Int4(m) => self.int4_f32(gpu, m, x, y, store, rpt),
-            Linear::Half(m) => {
-                let g = grid(m.rows, HALF_ROWS);
-                let params = HalfParams {
-                    rows: m.rows as u32,
-                    cols: m.cols as u32,
-                    grid_x: g.0,
-                    stride: m.stride as u32,
-                    accumulate: accumulate as u32,
-                    _pad: [0; 3],
-                };
-                self.half.dispatch(gpu, &params, &[&m.words, x, y], g)
-            }
-        }
+        let g = grid(m.rows, HALF_ROWS);
+        let params = HalfParams {
+            rows: m.rows as u32,
+            cols: m.cols as u32,
+            grid_x: g.0,
+            stride: m.stride as u32,
+            accumulate: accumulate as u32,
+            _pad: [0; 3],
+        };
+        self.half.dispatch(gpu, &params, &[&m.words, x, y], g)
     }
 
     /// The launch that quantizes `x` [tokens, cols] into `codes` (dynamic, per group;
@@ -574,17 +666,39 @@ impl Products {
             .dispatch(gpu, &params, &[x, &codes.codes, &codes.scales, w], g)
     }
 
-    /// The int4 GEMV on f32 x, storing as `store` says.
+    /// An int4 GEMV on any input, storing as `store` says.
+    fn int4(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: Input,
+        y: &wgpu::Buffer,
+        store: Store,
+        tiling: Option<Tiling>,
+    ) -> Result<Dispatch> {
+        match x {
+            Input::F32(x) => Ok(self.int4_f32(gpu, m, x, None, y, store, tiling)),
+            Input::RmsNormed { h, weight, eps } => {
+                Ok(self.int4_f32(gpu, m, h, Some((weight, eps)), y, store, tiling))
+            }
+            Input::Codes(x) => self.int4_codes(gpu, m, x, y, store, tiling),
+        }
+    }
+
+    /// The W4A16 GEMV on f32 x, RMS-normalized on the way in with `norm` (weight, eps).
+    #[allow(clippy::too_many_arguments)]
     fn int4_f32(
         &self,
         gpu: &Gpu,
         m: &Int4Matrix,
         x: &wgpu::Buffer,
+        norm: Option<(&wgpu::Buffer, f32)>,
         y: &wgpu::Buffer,
         store: Store,
-        rpt: Option<u32>,
+        tiling: Option<Tiling>,
     ) -> Dispatch {
-        let (k, g) = self.pipeline(m.rows, store.rows_per_team(rpt, m.rows, self.software));
+        let tiling = store.tiling(tiling, m.rows, self.software);
+        let g = grid(m.rows, tiling.rows_per_workgroup());
         let params = Int4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
@@ -594,43 +708,22 @@ impl Products {
             grid_x: g.0,
             stride: m.stride as u32,
             store: store as u32,
+            eps: norm.map_or(0.0, |n| n.1),
+            _pad: [0; 3],
         };
-        self.int4[k].dispatch(gpu, &params, &[&m.words, &m.scales, &m.zeros, x, y], g)
+        // Without a norm the weight binding is unused: x stands in for it.
+        let gamma = norm.map_or(x, |n| n.0);
+        self.int4_kernel(gpu, Gemv::W4A16(norm.is_some()), tiling)
+            .dispatch(
+                gpu,
+                &params,
+                &[&m.words, &m.scales, &m.zeros, x, y, gamma],
+                g,
+            )
     }
 
-    /// The gated MLP's middle in one GEMV: y [rows / 2] = SiLU(gate·x)·(up·x) for the gate
-    /// and up rows of `m` interleaved row by row
-    /// ([`super::host::HostLinear::interleave_rows`]), x f32 or integer codes.
-    pub fn launch_silu_mul(
-        &self,
-        gpu: &Gpu,
-        m: &Int4Matrix,
-        x: Input,
-        y: &wgpu::Buffer,
-        rpt: Option<u32>,
-    ) -> Result<Dispatch> {
-        match x {
-            Input::F32(x) => Ok(self.int4_f32(gpu, m, x, y, Store::SiluMul, rpt)),
-            Input::Codes(x) => self.int4_codes(gpu, m, x, y, Store::SiluMul, rpt),
-        }
-    }
-
-    /// The launch of y (+)= W·x with x given as integer codes (integer accumulation, dequant
-    /// epilogue per 32-column block); `rpt` overrides [`rows_per_team`].
-    pub fn launch_w4a4(
-        &self,
-        gpu: &Gpu,
-        m: &Int4Matrix,
-        x: &ActCodes,
-        y: &wgpu::Buffer,
-        accumulate: bool,
-        rpt: Option<u32>,
-    ) -> Result<Dispatch> {
-        let store = if accumulate { Store::Add } else { Store::Write };
-        self.int4_codes(gpu, m, x, y, store, rpt)
-    }
-
-    /// The W4A4 GEMV, storing as `store` says.
+    /// The W4A4 GEMV (integer accumulation, dequant epilogue per 32-column block), storing
+    /// as `store` says.
     fn int4_codes(
         &self,
         gpu: &Gpu,
@@ -638,10 +731,11 @@ impl Products {
         x: &ActCodes,
         y: &wgpu::Buffer,
         store: Store,
-        rpt: Option<u32>,
+        tiling: Option<Tiling>,
     ) -> Result<Dispatch> {
         let group = w4a4_group(m, x)?;
-        let (k, g) = self.pipeline(m.rows, store.rows_per_team(rpt, m.rows, self.software));
+        let tiling = store.tiling(tiling, m.rows, self.software);
+        let g = grid(m.rows, tiling.rows_per_workgroup());
         let params = W4A4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
@@ -655,7 +749,7 @@ impl Products {
             split: [0; 2],
             _pad: 0,
         };
-        Ok(self.w4a4[k].dispatch(
+        Ok(self.int4_kernel(gpu, Gemv::W4A4, tiling).dispatch(
             gpu,
             &params,
             &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
@@ -791,6 +885,11 @@ impl Products {
             (Weights::Half(_), Input::Codes(_)) => {
                 return Err(Error::other(
                     "an f16 matrix has no integer-activation kernel",
+                ));
+            }
+            (_, Input::RmsNormed { .. }) => {
+                return Err(Error::other(
+                    "the prefill GEMMs take their input normalized (an RMSNorm launch first)",
                 ));
             }
         })

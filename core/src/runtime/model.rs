@@ -477,23 +477,35 @@ impl GpuModel {
             }
             (None, None) => None,
         };
-        // y (+)= W·(input `i`, held in `x`): GEMVs for one position, GEMMs for several.
-        let product = |w: &Linear, x: &wgpu::Buffer, i: usize, y: &wgpu::Buffer, add: bool| {
-            let launch = match (&codes, w, t) {
-                (Some(c), Linear::Int4(m), 1) => {
-                    products.launch_w4a4(gpu, m, &c[i], y, add, None)?
+        // A one-position float forward of int4 linears (W4A16) normalizes each linear's input
+        // inside its GEMV (Input::RmsNormed): two launches fewer per layer.
+        let fuse_norm = t == 1
+            && f.act.is_none()
+            && layers
+                .iter()
+                .flat_map(|l| l.all_linears())
+                .all(|w| matches!(w, Linear::Int4(_)));
+        // y (+)= W·(input `i`, as `x`): GEMVs for one position, GEMMs for several.
+        let product = |w: &Linear, x: Input, i: usize, y: &wgpu::Buffer, add: bool| {
+            let launch = match (&codes, w, t, x) {
+                (Some(c), Linear::Int4(_), 1, _) => {
+                    products.launch(gpu, w, Input::Codes(&c[i]), y, add, None)?
                 }
-                (Some(c), Linear::Int4(m), _) => products.gemm_w4a4(gpu, m, &c[i], y, add)?,
-                (_, w, 1) => products.launch(gpu, w, x, y, add, None),
-                (_, w, _) => products.gemm(gpu, w, x, y, t, add),
+                (Some(c), Linear::Int4(m), _, _) => products.gemm_w4a4(gpu, m, &c[i], y, add)?,
+                (_, w, 1, x) => products.launch(gpu, w, x, y, add, None)?,
+                (_, w, _, Input::F32(x)) => products.gemm(gpu, w, x, y, t, add),
+                (_, _, _, _) => {
+                    return Err(Error::other("prefill products take f32 input"));
+                }
             };
             Ok(Launch::Product(launch))
         };
-        // RMSNorm of the residual stream into the input of the next linears: with integer
-        // activations straight into their codes (one launch), else into s.n, then the float
-        // path's fake quantization where the folder has one.
+        // RMSNorm of the residual stream into the input of the next linears: inside their
+        // GEMVs (no launch), with integer activations straight into their codes (one launch),
+        // else into s.n, then the float path's fake quantization where the folder has one.
         let norm_input = |w: &wgpu::Buffer| -> Result<Vec<Launch>> {
             Ok(match &codes {
+                _ if fuse_norm => Vec::new(),
                 Some(c) => vec![fixed(products.norm_quantize(gpu, &s.h, w, eps, &c[0])?)],
                 None => std::iter::once(fixed(ops.rms_norm(gpu, &s.h, w, &s.n, t, d, eps)))
                     .chain(quantize(&s.n, 0))
@@ -502,12 +514,13 @@ impl GpuModel {
         };
         for (layer, l) in layers.iter().enumerate() {
             plan.extend(norm_input(&l.attn_norm)?);
+            let n = normed_input(fuse_norm, &s, &l.attn_norm, eps);
             let (nq_t, nkv_t) = (t * nq * hd, t * nkv * hd);
             let (q, k, v): (Bind, Bind, Bind) = match &l.qkv {
                 Qkv::Fused(w) => {
                     // One product; q, k and v are consecutive ranges of s.q.
                     let launch = match (t, &codes, w) {
-                        (1, _, _) => product(w, &s.n, 0, &s.q, false)?,
+                        (1, _, _) => product(w, n, 0, &s.q, false)?,
                         (_, Some(c), _) => Launch::Product(products.gemm_stacked(
                             gpu,
                             w,
@@ -534,9 +547,9 @@ impl GpuModel {
                 }
                 Qkv::Separate(w) => {
                     let [wq, wk, wv] = &**w;
-                    plan.push(product(wq, &s.n, 0, &s.q, false)?);
-                    plan.push(product(wk, &s.n, 0, &s.k, false)?);
-                    plan.push(product(wv, &s.n, 0, &s.v, false)?);
+                    plan.push(product(wq, n, 0, &s.q, false)?);
+                    plan.push(product(wk, n, 0, &s.k, false)?);
+                    plan.push(product(wv, n, 0, &s.v, false)?);
                     ((&s.q).into(), (&s.k).into(), (&s.v).into())
                 }
             };
@@ -584,25 +597,26 @@ impl GpuModel {
             });
             plan.push(Launch::Attend { d: d_a, layer });
             plan.extend(quantize(&s.a, 1));
-            plan.push(product(&l.o, &s.a, 1, &s.h, true)?);
+            plan.push(product(&l.o, Input::F32(&s.a), 1, &s.h, true)?);
             plan.extend(norm_input(&l.ffn_norm)?);
+            let n = normed_input(fuse_norm, &s, &l.ffn_norm, eps);
             match (&l.gate_up, t) {
                 (GateUp::Fused(Linear::Int4(w)), 1) => {
                     let x = match &codes {
                         Some(c) => Input::Codes(&c[0]),
-                        None => Input::F32(&s.n),
+                        None => n,
                     };
                     let d = products.launch_silu_mul(gpu, w, x, &s.m, None)?;
                     plan.push(Launch::Product(d));
                 }
                 (GateUp::Fused(w), _) => {
                     // [t, 2·dff] of (gate, up) pairs, then SiLU·mul over the pairs.
-                    plan.push(product(w, &s.n, 0, &s.gate, false)?);
+                    plan.push(product(w, n, 0, &s.gate, false)?);
                     plan.push(fixed(ops.silu_mul_pairs(gpu, &s.gate, &s.m, t * dff)));
                 }
                 (GateUp::Separate(wg, wu), _) => {
-                    plan.push(product(wg, &s.n, 0, &s.gate, false)?);
-                    plan.push(product(wu, &s.n, 0, &s.up, false)?);
+                    plan.push(product(wg, n, 0, &s.gate, false)?);
+                    plan.push(product(wu, n, 0, &s.up, false)?);
                     plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, t * dff)));
                 }
             }
@@ -614,13 +628,24 @@ impl GpuModel {
                 None => &s.m,
             };
             plan.extend(quantize(m, 2));
-            plan.push(product(&l.down, m, 2, &s.h, true)?);
+            plan.push(product(&l.down, Input::F32(m), 2, &s.h, true)?);
         }
         let last = if t > 1 { &s.last } else { &s.h };
-        let tail = vec![
-            fixed(ops.rms_norm(gpu, last, norm, &s.n, 1, d, eps)),
-            Launch::Product(products.dispatch(gpu, lm_head, &s.n, &s.logits)),
-        ];
+        let tail = match lm_head {
+            Linear::Int4(_) if fuse_norm => {
+                let x = Input::RmsNormed {
+                    h: last,
+                    weight: norm,
+                    eps,
+                };
+                let logits = products.launch(gpu, lm_head, x, &s.logits, false, None)?;
+                vec![Launch::Product(logits)]
+            }
+            _ => vec![
+                fixed(ops.rms_norm(gpu, last, norm, &s.n, 1, d, eps)),
+                Launch::Product(products.dispatch(gpu, lm_head, &s.n, &s.logits)),
+            ],
+        };
         let sample = ops.sample(
             gpu,
             &SampleParams::new(c.vocab_size, Pick::Greedy),
@@ -1097,5 +1122,19 @@ impl GpuModel {
         };
         self.len += t;
         Ok(result)
+    }
+}
+
+/// The input of the linears after the norm with weight `w`: the residual stream, normalized
+/// inside their GEMVs where `fused`, else the norm's output s.n.
+fn normed_input<'a>(fused: bool, s: &'a Scratch, w: &'a wgpu::Buffer, eps: f32) -> Input<'a> {
+    if fused {
+        Input::RmsNormed {
+            h: &s.h,
+            weight: w,
+            eps,
+        }
+    } else {
+        Input::F32(&s.n)
     }
 }
