@@ -4,13 +4,15 @@
 // is the case tokens = 1; prefill chunks use the same kernel.
 //
 // Layout: q f32 [tokens, nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 scales and
-// zeros [max_seq, nkv]; out f32 [tokens, nq, hd]. hd ≤ 256.
+// zeros [max_seq, nkv]; out f32 [tokens, nq, hd]. hd ≤ 256, a pipeline constant (HD), so the
+// loops over a head's words have fixed trip counts the driver can unroll and batch the loads of.
 // Workgroup plan: one workgroup of 64 threads per (query head, query), a grid sized for the
 // most tokens the launch is bound for (workgroups past `tokens` return). The positions are
 // taken 64 at a time with an online softmax, so no score buffer is needed: thread t scores
 // position base + t (q·k/√hd from the codes a word at a time, against q held in shared memory;
 // the key's scale and zero apply once to the sum), the chunk's max is reduced in shared
-// memory, the running sum and outputs are rescaled by exp(m_old − m_new), and the values are
+// memory (as are Σ q and the chunk's sum of weights: trees, not one thread's serial loop), the
+// running sum and outputs are rescaled by exp(m_old − m_new), and the values are
 // accumulated a word of codes at a time: thread t takes word w = t mod W of each value (dims
 // 8w..8w+7, W = hd/8) at the chunk's positions g, g + G, … (g = t div W, G = 64 div W groups),
 // one load of codes, scale and zero per 8 dims. The G partial sums of each dim are added at
@@ -19,7 +21,7 @@
 struct Params {
     nq: u32,
     nkv: u32,
-    hd: u32,
+    hd: u32, // = HD
     pos0: u32,
     tokens: u32,
     scale: f32,
@@ -38,22 +40,38 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
 
 const WG: u32 = 64u;
+override HD: u32 = 64u; // head dim
 var<workgroup> red: array<f32, 64>;
 var<workgroup> weight: array<f32, 64>;
 var<workgroup> qs: array<f32, 256>; // this workgroup's query
 var<workgroup> partial: array<f32, 512>; // [group][dim] value sums (G·hd ≤ 64·8)
+
+// The sum (or, with `take_max`, the max) of every thread's v, in `red`; all threads call it.
+fn reduce(t: u32, v: f32, take_max: bool) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var r = WG / 2u; r > 0u; r = r >> 1u) {
+        if (t < r) {
+            red[t] = select(red[t] + red[t + r], max(red[t], red[t + r]), take_max);
+        }
+        workgroupBarrier();
+    }
+    let out = red[0];
+    workgroupBarrier(); // red is free again
+    return out;
+}
 
 // q·k for the key at cache slot `slot` (position · nkv + head); `q_sum` = Σ q. With codes c,
 // k = (c − zero)·scale, so q·k = (Σ q·c − zero·Σ q)·scale.
 fn q_dot_key(slot: u32, q_sum: f32) -> f32 {
     if (p.raw != 0u) {
         var raw = 0.0;
-        for (var d = 0u; d < p.hd; d = d + 1u) {
-            raw = raw + qs[d] * bitcast<f32>(k_codes[slot * p.hd + d]);
+        for (var d = 0u; d < HD; d = d + 1u) {
+            raw = raw + qs[d] * bitcast<f32>(k_codes[slot * HD + d]);
         }
         return raw;
     }
-    let words = p.hd / 8u;
+    let words = HD / 8u;
     var sum = 0.0;
     for (var w = 0u; w < words; w = w + 1u) {
         // Byte j of the word holds elements 2j (low nibble) and 2j + 1 (high nibble).
@@ -71,12 +89,12 @@ fn q_dot_key(slot: u32, q_sum: f32) -> f32 {
 fn add_value(acc: ptr<function, array<f32, 8>>, slot: u32, w: u32, wt: f32) {
     if (p.raw != 0u) {
         for (var j = 0u; j < 8u; j = j + 1u) {
-            (*acc)[j] = (*acc)[j] + wt * bitcast<f32>(v_codes[slot * p.hd + 8u * w + j]);
+            (*acc)[j] = (*acc)[j] + wt * bitcast<f32>(v_codes[slot * HD + 8u * w + j]);
         }
         return;
     }
     // Byte j of the word holds dims 2j (low nibble) and 2j + 1 (high nibble).
-    let word = v_codes[slot * (p.hd / 8u) + w];
+    let word = v_codes[slot * (HD / 8u) + w];
     let z = v_zeros[slot];
     let f = wt * v_scales[slot];
     let even = (vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu)) - z) * f;
@@ -100,18 +118,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let kv = h / (p.nq / p.nkv);
     let len = p.pos0 + i + 1u;
-    let qo = (i * p.nq + h) * p.hd;
-    for (var d = t; d < p.hd; d = d + WG) {
+    let qo = (i * p.nq + h) * HD;
+    var part = 0.0;
+    for (var d = t; d < HD; d = d + WG) {
         qs[d] = q[qo + d];
+        part = part + qs[d];
     }
-    workgroupBarrier();
-    var q_sum = 0.0;
-    for (var d = 0u; d < p.hd; d = d + 1u) {
-        q_sum = q_sum + qs[d];
-    }
+    let q_sum = reduce(t, part, false); // its barriers also publish qs
     var m = -3.0e38;
     var total = 0.0;
-    let words = p.hd / 8u;
+    let words = HD / 8u;
     let groups = WG / words;
     let w = t % words;
     let g = t / words;
@@ -122,28 +138,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (s < len) {
             score = q_dot_key(s * p.nkv + kv, q_sum) * p.scale;
         }
-        red[t] = score;
-        workgroupBarrier();
-        for (var r = WG / 2u; r > 0u; r = r >> 1u) {
-            if (t < r) {
-                red[t] = max(red[t], red[t + r]);
-            }
-            workgroupBarrier();
-        }
-        let m_new = max(m, red[0]);
+        let m_new = max(m, reduce(t, score, true));
         let rescale = exp(m - m_new);
         var e = 0.0;
         if (s < len) {
             e = exp(score - m_new);
         }
         weight[t] = e;
-        workgroupBarrier();
         let n = min(WG, len - base);
-        var chunk = 0.0;
-        for (var u = 0u; u < n; u = u + 1u) {
-            chunk = chunk + weight[u];
-        }
-        total = total * rescale + chunk;
+        total = total * rescale + reduce(t, e, false); // its barriers also publish weight
         for (var j = 0u; j < 8u; j = j + 1u) {
             acc[j] = acc[j] * rescale;
         }
@@ -157,14 +160,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if (g < groups) {
         for (var j = 0u; j < 8u; j = j + 1u) {
-            partial[g * p.hd + 8u * w + j] = acc[j];
+            partial[g * HD + 8u * w + j] = acc[j];
         }
     }
     workgroupBarrier();
-    for (var d = t; d < p.hd; d = d + WG) {
+    for (var d = t; d < HD; d = d + WG) {
         var sum = 0.0;
         for (var k = 0u; k < groups; k = k + 1u) {
-            sum = sum + partial[k * p.hd + d];
+            sum = sum + partial[k * HD + d];
         }
         out[qo + d] = sum / total;
     }

@@ -81,10 +81,12 @@ impl Attention {
                 "kv_quant",
                 include_str!("../../../shaders/kv_quant.wgsl"),
             ),
-            attend: Kernel::new(
+            attend: Kernel::specialized(
                 gpu,
                 "attention_int4kv",
                 include_str!("../../../shaders/attention_int4kv.wgsl"),
+                "main",
+                &[("HD", hd as f64)],
             ),
         }
     }
