@@ -9,14 +9,9 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = e.to_string();
-            eprintln!("error: {message}");
-            // Causes the message already quotes (an error naming a file around an I/O error)
-            // are not repeated.
-            for cause in e.chain().skip(1).map(|c| c.to_string()) {
-                if !message.contains(&cause) {
-                    eprintln!("  caused by: {cause}");
-                }
+            eprintln!("error: {e}");
+            for cause in ostquant_app::new_causes(&e) {
+                eprintln!("  caused by: {cause}");
             }
             ExitCode::FAILURE
         }

@@ -513,9 +513,9 @@ fn bench_prints_gemv_bandwidth_and_decode_speed_on_the_software_device() {
         .lines()
         .filter(|l| l.trim_start().starts_with(char::is_numeric))
         .count();
-    // Seven shapes: int4 and W4A4 at three rows-per-team choices each, and f16; where the
-    // device has subgroup operations also int4 and W4A4 summed in shared memory only. Every
-    // figure is checked against the f64 reference.
+    // Seven shapes: int4 and W4A4 at three rows-per-team choices each (the column splits are
+    // timed on GPUs only), and f16; where the device has subgroup operations also int4 and
+    // W4A4 summed in shared memory only. Every figure is checked against the f64 reference.
     let smem = if stdout.contains("sums over subgroups") {
         2
     } else {

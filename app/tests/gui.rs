@@ -305,18 +305,14 @@ fn window_screenshot(device: &str, name: &str) -> (PathBuf, String) {
     (shot, stderr)
 }
 
-/// The chat answers the same prompt with the FP model and an int4 folder side by side.
-#[test]
-fn chat_side_by_side_with_an_int4_folder() {
+/// An RTN-quantized QuaRot W4A16KV16 folder of the model in `dir`, written beside it, its
+/// header naming `dir` as its source (as `quantize` and Export do).
+fn int4_folder(dir: &Path) -> PathBuf {
     use burn::tensor::Device;
-    use ostquant_app::gui::chat::Mode;
     use ostquant_core::model::qformat::{self, Header};
     use ostquant_core::quant::method::{Calibration, Method, quantize_weights_rtn, transform};
     use ostquant_core::quant::quantizer::QuantSpec;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny(tmp.path());
-    // An RTN-quantized QuaRot W4A16KV16 folder of the same model.
-    let w = ostquant_core::model::checkpoint::LlamaWeights::load(&dir).unwrap();
+    let w = ostquant_core::model::checkpoint::LlamaWeights::load(dir).unwrap();
     let calib = Calibration {
         windows: &[],
         device: &Device::flex(),
@@ -332,10 +328,43 @@ fn chat_side_by_side_with_an_int4_folder() {
         bits: "W4A16KV16".into(),
         weight: Some(spec),
         forward: (&online).into(),
-        details: serde_json::Value::Null,
+        details: serde_json::json!({ "source": dir }),
     };
-    let qdir = tmp.path().join("tiny-int4");
-    qformat::write(&qdir, &dir, &tw, Some(&grids), &header).unwrap();
+    let qdir = dir.with_file_name("tiny-int4");
+    qformat::write(&qdir, dir, &tw, Some(&grids), &header).unwrap();
+    qdir
+}
+
+/// Opening an int4 folder as the model opens the original it was made from (the lab needs
+/// the FP weights) and puts the folder in the chat; the lab itself refuses the folder.
+#[test]
+fn opening_an_int4_folder_opens_its_original_and_the_folder_in_chat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let qdir = int4_folder(&dir);
+    let dev = ostquant_core::device::select(DeviceChoice::Cpu).unwrap();
+    let refused = ostquant_core::eval::suite::Lab::open(&qdir, dev)
+        .err()
+        .expect("refused");
+    assert!(refused.to_string().contains("int4 folder"), "{refused}");
+    let mut h = harness(false);
+    open(&mut h, &qdir);
+    wait(&mut h, "the int4 folder in chat", |a| {
+        a.chat.has_quantized() || a.shared.error.is_some()
+    });
+    let app = h.state();
+    assert!(app.shared.error.is_none(), "{:?}", app.shared.error);
+    assert_eq!(app.shared.model.as_ref().map(|m| m.dir.clone()), Some(dir));
+    assert_eq!(app.tab, Tab::Chat);
+}
+
+/// The chat answers the same prompt with the FP model and an int4 folder side by side.
+#[test]
+fn chat_side_by_side_with_an_int4_folder() {
+    use ostquant_app::gui::chat::Mode;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let qdir = int4_folder(&dir);
 
     let mut h = harness(false);
     open(&mut h, &dir);

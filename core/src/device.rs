@@ -56,6 +56,22 @@ pub struct Adapter {
     pub memory: Option<u64>,
 }
 
+impl Adapter {
+    /// A real GPU (discrete, integrated or virtual), not a CPU rasterizer.
+    pub fn is_gpu(&self) -> bool {
+        use wgpu::DeviceType as T;
+        matches!(
+            self.info.device_type,
+            T::DiscreteGpu | T::IntegratedGpu | T::VirtualGpu
+        )
+    }
+
+    /// Reached through OpenGL: the window's fallback renderer, not a compute device.
+    pub fn is_opengl(&self) -> bool {
+        self.info.backend == wgpu::Backend::Gl
+    }
+}
+
 impl fmt::Display for Adapter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.info;

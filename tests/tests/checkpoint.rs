@@ -181,7 +181,10 @@ fn missing_config_is_reported() {
     write_tiny_model(dir.path(), 1);
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let err = err_of(dir.path());
-    assert!(err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("not a model folder"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,9 +7,11 @@ use ostquant_core::assets;
 use ostquant_core::calib::Learned;
 use ostquant_core::device::{self, DeviceChoice};
 use ostquant_core::eval::suite::Lab;
+use ostquant_core::model::qformat;
 use ostquant_core::quant::method::{Bits, Method};
 use serde::{Deserialize, Serialize};
 
+use super::dialog::{self, Pick, Picked};
 use super::jobs::{Job, finish};
 use super::overview::Overview;
 use super::{calibrate, chat, evaluate, inspector, overview};
@@ -49,6 +51,9 @@ pub struct Opened {
     pub dir: PathBuf,
     pub lab: Arc<Mutex<Lab>>,
     pub overview: Overview,
+    /// The int4 folder the user opened, when `dir` is the original it was made from: it
+    /// goes to the chat as the quantized model.
+    pub int4: Option<PathBuf>,
 }
 
 /// Transforms learned in this window, for the inspector, the evaluation and the export.
@@ -101,7 +106,9 @@ pub struct OstquantApp {
     pub shared: Shared,
     recent: Vec<PathBuf>,
     loading: Option<Job<(), Opened>>,
-    picking: Option<Job<(), Option<PathBuf>>>,
+    picking: Option<Job<(), Picked>>,
+    /// The top bar's typed path.
+    path_input: String,
     pub inspector: inspector::Panel,
     pub calibrate: calibrate::Panel,
     pub evaluate: evaluate::Panel,
@@ -128,6 +135,7 @@ impl OstquantApp {
             recent: p.recent,
             loading: None,
             picking: None,
+            path_input: String::new(),
             inspector: Default::default(),
             calibrate: calibrate::Panel::new(p.calibrate),
             evaluate: evaluate::Panel::new(p.evaluate),
@@ -148,6 +156,21 @@ impl OstquantApp {
             let dir = assets::resolve_model(path.as_deref(), &mut |d, t| {
                 r.progress("importing tensors", d, t)
             })?;
+            // An int4 folder: the lab opens the original it was made from (its header says
+            // which), the folder itself goes to the chat.
+            let (dir, int4) = match qformat::source_model(&dir) {
+                Some(source) if qformat::is_quantized(&dir) => {
+                    if !source.join("config.json").is_file() {
+                        anyhow::bail!(
+                            "{} is an int4 folder made from {}, which is not there any more: open the original model, then this folder in Chat (Open int4 folder…)",
+                            dir.display(),
+                            source.display()
+                        );
+                    }
+                    (source, Some(dir))
+                }
+                _ => (dir, None),
+            };
             r.progress("loading weights and text", 0, 1);
             let dev = device::select(choice)?;
             let lab = Lab::open(&dir, dev)?;
@@ -156,6 +179,7 @@ impl OstquantApp {
                 dir,
                 lab: Arc::new(Mutex::new(lab)),
                 overview,
+                int4,
             })
         }));
     }
@@ -179,35 +203,42 @@ impl OstquantApp {
     fn poll(&mut self, ctx: &egui::Context) {
         if let Some(r) = self.loading.as_mut().and_then(|j| j.poll(|_| {})) {
             self.loading = None;
-            if let Some(opened) = finish(r, &mut self.shared.error) {
+            if let Some(mut opened) = finish(r, &mut self.shared.error) {
                 self.remember(&opened.dir);
+                self.shared.error = None;
                 self.shared.notice = Some(format!("opened {}", opened.dir.display()));
+                let int4 = opened.int4.take();
                 self.shared.model = Some(opened);
                 self.shared.learned = None;
                 self.inspector = Default::default();
                 self.evaluate.clear();
                 self.chat.clear();
+                if let Some(q) = int4 {
+                    self.shared.notice = Some(format!(
+                        "{} is an int4 folder: opened its original model, and the folder in Chat",
+                        q.display()
+                    ));
+                    self.chat.open_quantized(ctx, &self.shared, q);
+                    self.tab = Tab::Chat;
+                }
             }
         }
         if let Some(r) = self.picking.as_mut().and_then(|j| j.poll(|_| {})) {
             self.picking = None;
-            if let Some(Some(path)) = finish(r, &mut self.shared.error) {
-                self.open_model(ctx, Some(path));
+            match finish(r, &mut self.shared.error) {
+                Some(Picked {
+                    path: Some(path), ..
+                }) => self.open_model(ctx, Some(path)),
+                Some(Picked {
+                    no_dialog: true, ..
+                }) => self.shared.error = Some(dialog::NO_DIALOG.into()),
+                _ => {}
             }
         }
     }
 
-    fn pick(&mut self, ctx: &egui::Context, gguf: bool) {
-        // The native dialog runs on its own thread: the window keeps drawing meanwhile.
-        self.picking = Some(Job::spawn(ctx, "choosing a model", move |_| {
-            let dialog = rfd::AsyncFileDialog::new().set_title("Open a model");
-            let picked = if gguf {
-                pollster::block_on(dialog.add_filter("GGUF", &["gguf"]).pick_file())
-            } else {
-                pollster::block_on(dialog.pick_folder())
-            };
-            Ok(picked.map(|f| f.path().to_path_buf()))
-        }));
+    fn pick(&mut self, ctx: &egui::Context, what: Pick) {
+        self.picking = Some(dialog::pick(ctx, "Open a model", what));
     }
 
     fn top_bar(&mut self, ui: &mut egui::Ui) {
@@ -221,13 +252,13 @@ impl OstquantApp {
                 .on_hover_text("A Hugging Face folder: config.json, *.safetensors, tokenizer.json")
                 .clicked()
             {
-                self.pick(&ctx, false);
+                self.pick(&ctx, Pick::Folder);
             }
             if ui
                 .add_enabled(idle, egui::Button::new("Open GGUF…"))
                 .clicked()
             {
-                self.pick(&ctx, true);
+                self.pick(&ctx, Pick::Gguf);
             }
             let default_ready = assets::default_model_dir().join("config.json").exists();
             let label = if default_ready {
@@ -252,6 +283,21 @@ impl OstquantApp {
                     }
                 });
             });
+            // Typed paths: for desktops where no file dialog opens, and for people who would
+            // rather paste one.
+            let typed = ui.add_enabled(
+                idle,
+                egui::TextEdit::singleline(&mut self.path_input)
+                    .hint_text("or type a folder or .gguf path, Enter")
+                    .desired_width(240.0),
+            );
+            let path = self.path_input.trim();
+            if typed.lost_focus()
+                && ui.input(|i| i.key_pressed(egui::Key::Enter))
+                && !path.is_empty()
+            {
+                open = Some(PathBuf::from(path));
+            }
             if let Some(p) = open {
                 self.open_model(&ctx, Some(p));
             }

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use ostquant_core::calib::{Event, Learned, Loss, Preset, Settings as CalibSettings};
+use ostquant_core::calib::{Event, Learned, Loss, Preset, SAVE_EVERY, Settings as CalibSettings};
 use ostquant_core::eval::suite::Settings;
 use ostquant_core::quant::method::{Bits, Method};
 use serde::{Deserialize, Serialize};
 
 use super::app::{LearnedRun, Shared};
+use super::dialog::{self, Pick, Picked};
 use super::jobs::{Job, finish};
 
 pub const BITS: [&str; 3] = ["W4A4KV4", "W4A4KV16", "W4A16KV16"];
@@ -112,13 +113,18 @@ pub struct Panel {
     pub form: Form,
     job: Option<Job<Event, Learned>>,
     export: Option<Job<(), (PathBuf, u64)>>,
-    picking: Option<Job<(), Option<PathBuf>>>,
+    picking: Option<Job<(), Picked>>,
+    /// The export row's typed output folder.
+    export_path: String,
     /// A folder chosen in the dialog, exported on the next frame.
     pending_export: Option<PathBuf>,
     /// The curve of the current (or last) calibration.
     pub points: Vec<StepPoint>,
-    /// Steps already done when the run started (resumed from a checkpoint).
-    pub resumed_from: usize,
+    /// Steps already done when the run started (resumed from a checkpoint) and steps asked
+    /// for; None while the run prepares.
+    pub started: Option<(usize, usize)>,
+    /// Every step's loss of the last finished run, the checkpoint's steps included.
+    history: Vec<f64>,
     /// Mean CPU time of the window's frames while the calibration runs (ms), drawing included:
     /// on a machine without a GPU the window's software rendering competes with the run.
     pub frame_ms: Option<f64>,
@@ -134,8 +140,10 @@ impl Panel {
             export: None,
             picking: None,
             pending_export: None,
+            export_path: String::new(),
             points: Vec::new(),
-            resumed_from: 0,
+            started: None,
+            history: Vec::new(),
             frame_ms: None,
             finished: false,
         }
@@ -147,10 +155,10 @@ impl Panel {
 
     pub fn poll(&mut self, shared: &mut Shared) {
         let points = &mut self.points;
-        let resumed = &mut self.resumed_from;
+        let started = &mut self.started;
         if let Some(job) = self.job.as_mut()
             && let Some(r) = job.poll(|e| match e {
-                Event::Started { start, .. } => *resumed = start,
+                Event::Started { start, steps } => *started = Some((start, steps)),
                 Event::Step {
                     step,
                     steps,
@@ -169,19 +177,30 @@ impl Panel {
             self.job = None;
             match r {
                 Err(_) if cancelled => {
-                    shared.notice = Some(
-                        "calibration cancelled; its checkpoint is kept: Start resumes it".into(),
-                    );
+                    // Checkpoints are written every SAVE_EVERY steps: say which one is left.
+                    let start = self.started.map_or(0, |s| s.0);
+                    let last = start + self.points.len();
+                    let kept = start.max(last / SAVE_EVERY * SAVE_EVERY);
+                    shared.notice = Some(if kept > 0 {
+                        format!(
+                            "calibration cancelled at step {last}; the checkpoint of step {kept} is kept: Start resumes from it"
+                        )
+                    } else {
+                        format!(
+                            "calibration cancelled before its first checkpoint (step {SAVE_EVERY}): nothing was kept"
+                        )
+                    });
                 }
                 r => {
                     if let Some(l) = finish(r, &mut shared.error) {
                         let bits = self.form.bits.parse().unwrap_or(Bits::FP);
                         shared.notice = Some(format!(
-                            "{} learned at {bits}: loss {:.4} → {:.4}; the inspector is measuring its QSUR",
+                            "{} learned at {bits}: loss {:.4} to {:.4}; the inspector is measuring its QSUR",
                             self.form.method.name(),
                             l.losses.first().copied().unwrap_or(f64::NAN),
                             l.losses.last().copied().unwrap_or(f64::NAN),
                         ));
+                        self.history = l.losses.clone();
                         shared.learned = Some(LearnedRun {
                             method: self.form.method,
                             bits,
@@ -204,8 +223,16 @@ impl Panel {
         }
         if let Some(r) = self.picking.as_mut().and_then(|j| j.poll(|_| {})) {
             self.picking = None;
-            if let Some(Some(out)) = finish(r, &mut shared.error) {
-                self.pending_export = Some(out);
+            match finish(r, &mut shared.error) {
+                Some(Picked { path: Some(out), .. }) => self.pending_export = Some(out),
+                Some(Picked {
+                    no_dialog: true, ..
+                }) => {
+                    shared.error = Some(
+                        "no file dialog could open on this desktop (rfd needs xdg-desktop-portal or zenity): type the output folder beside the Export button instead".into(),
+                    )
+                }
+                _ => {}
             }
         }
     }
@@ -222,7 +249,8 @@ impl Panel {
         };
         let (lab, method, fresh) = (m.lab.clone(), self.form.method, self.form.fresh);
         self.points.clear();
-        self.resumed_from = 0;
+        self.started = None;
+        self.history.clear();
         self.frame_ms = None;
         self.job = Some(Job::spawn(
             ctx,
@@ -338,8 +366,23 @@ impl Panel {
                     .map(|f| format!(" · UI frame {f:.1} ms"))
                     .unwrap_or_default()
             ));
-        } else if self.resumed_from > 0 {
-            ui.label(format!("resumed at step {}", self.resumed_from));
+        } else if self.job.is_some() {
+            ui.label(match self.started {
+                None => "preparing: calibration text, the FP model's outputs on it, the starting \
+                         transforms (the WOMI start takes an eigendecomposition)"
+                    .to_string(),
+                Some((start, steps)) if start >= steps => format!(
+                    "the checkpoint of these settings already holds all {steps} steps: \
+                     finishing from it (tick 'start over' to learn again)"
+                ),
+                Some((0, steps)) => {
+                    format!("step 1 of {steps} running (a step is tens of seconds on a CPU)")
+                }
+                Some((start, steps)) => format!(
+                    "resumed from the checkpoint of step {start}: step {} of {steps} running",
+                    start + 1
+                ),
+            });
         }
         if self.points.is_empty() && self.job.is_none() {
             ui.weak(
@@ -347,11 +390,14 @@ impl Panel {
                  is saved every 5 steps, so Cancel loses little and Start resumes.",
             );
         }
-        let curve: PlotPoints = self
-            .points
-            .iter()
-            .map(|p| [p.step as f64, p.loss])
-            .collect();
+        // While running, the steps of this run; after, every step of the checkpoint too.
+        let curve: PlotPoints = if self.history.len() > self.points.len() {
+            let steps = self.history.iter().enumerate();
+            steps.map(|(i, &l)| [(i + 1) as f64, l]).collect()
+        } else {
+            let steps = self.points.iter();
+            steps.map(|p| [p.step as f64, p.loss]).collect()
+        };
         Plot::new("loss")
             .legend(Legend::default())
             .height((ui.available_height() - 90.0).max(120.0))
@@ -467,15 +513,24 @@ impl Panel {
                     f.export_method.name(),
                     f.export_bits.to_lowercase()
                 );
-                self.picking = Some(Job::spawn(ui.ctx(), "choosing a folder", move |_| {
-                    let picked = pollster::block_on(
-                        rfd::AsyncFileDialog::new()
-                            .set_title("Write the quantized model folder")
-                            .set_file_name(name)
-                            .save_file(),
-                    );
-                    Ok(picked.map(|f| f.path().to_path_buf()))
-                }));
+                self.picking = Some(dialog::pick(
+                    ui.ctx(),
+                    "Write the quantized model folder",
+                    Pick::Save(name),
+                ));
+            }
+            let typed = ui.add_enabled(
+                idle,
+                egui::TextEdit::singleline(&mut self.export_path)
+                    .hint_text("or type the output folder, Enter")
+                    .desired_width(220.0),
+            );
+            let out = self.export_path.trim();
+            if typed.lost_focus()
+                && ui.input(|i| i.key_pressed(egui::Key::Enter))
+                && !out.is_empty()
+            {
+                self.pending_export = Some(PathBuf::from(out));
             }
         });
         if let Some(j) = &self.export {

@@ -14,6 +14,7 @@ use ostquant_core::runtime::Runtime;
 use serde::{Deserialize, Serialize};
 
 use super::app::Shared;
+use super::dialog::{self, Pick, Picked};
 use super::jobs::{Job, Reporter, finish};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +61,8 @@ pub struct Turn {
 pub struct Reply {
     pub text: String,
     pub done: bool,
+    /// Ended by Stop.
+    pub stopped: bool,
     pub tokens_per_sec: Option<f64>,
 }
 
@@ -85,7 +88,7 @@ pub struct Panel {
     pub input: String,
     quantized: Option<QuantizedModel>,
     loading: Option<Job<(), QuantizedModel>>,
-    picking: Option<Job<(), Option<PathBuf>>>,
+    picking: Option<Job<(), Picked>>,
     /// A folder chosen in the dialog, opened on the next frame.
     pending_open: Option<PathBuf>,
     /// The FP and quantized answers being streamed.
@@ -138,6 +141,7 @@ impl Panel {
             let reply = turn.replies[side].get_or_insert_with(Default::default);
             if let Some(r) = job.poll(|piece| reply.text.push_str(&piece)) {
                 reply.done = true;
+                reply.stopped = job.is_cancelling();
                 self.answers[side] = None;
                 if let Some(stats) = finish(r, &mut shared.error) {
                     reply.tokens_per_sec = Some(stats.decode_tokens_per_sec());
@@ -160,8 +164,19 @@ impl Panel {
         }
         if let Some(r) = self.picking.as_mut().and_then(|j| j.poll(|_| {})) {
             self.picking = None;
-            if let Some(Some(dir)) = finish(r, &mut shared.error) {
-                self.pending_open = Some(dir);
+            match finish(r, &mut shared.error) {
+                Some(Picked {
+                    path: Some(dir), ..
+                }) => self.pending_open = Some(dir),
+                Some(Picked {
+                    no_dialog: true, ..
+                }) => {
+                    shared.error = Some(format!(
+                        "{}; an int4 folder typed there opens here, beside its original model",
+                        dialog::NO_DIALOG
+                    ))
+                }
+                _ => {}
             }
         }
     }
@@ -315,15 +330,21 @@ impl Panel {
             .max_height(ui.available_height() - input_h)
             .show(ui, |ui| {
                 for t in &self.turns {
-                    ui.label(egui::RichText::new(format!("you: {}", t.user)).strong());
+                    let you = egui::RichText::new(format!("you: {}", t.user));
+                    ui.label(you.color(ui.visuals().hyperlink_color));
                     let show = |ui: &mut egui::Ui, name: &str, r: &Option<Reply>| {
                         if let Some(r) = r {
                             let speed = r
                                 .tokens_per_sec
                                 .map(|s| format!("  [{s:.1} tok/s]"))
                                 .unwrap_or_default();
-                            let cursor = if r.done { "" } else { " _" };
-                            ui.label(format!("{name}: {}{cursor}{speed}", r.text));
+                            let end = match (r.done, r.stopped) {
+                                (false, _) => " _",
+                                (true, true) => " [stopped]",
+                                (true, false) => "",
+                            };
+                            let text = format!("{name}: {}{end}{speed}", r.text);
+                            ui.label(egui::RichText::new(text).strong());
                         }
                     };
                     if side_by_side {
@@ -388,14 +409,11 @@ impl Panel {
                 .on_hover_text("A folder written by Export or `ostquant quantize`")
                 .clicked()
             {
-                self.picking = Some(Job::spawn(ctx, "choosing a folder", |_| {
-                    let picked = pollster::block_on(
-                        rfd::AsyncFileDialog::new()
-                            .set_title("Open a quantized model folder")
-                            .pick_folder(),
-                    );
-                    Ok(picked.map(|f| f.path().to_path_buf()))
-                }));
+                self.picking = Some(dialog::pick(
+                    ctx,
+                    "Open a quantized model folder",
+                    Pick::Folder,
+                ));
             }
             if let Some(q) = &self.quantized {
                 ui.weak(format!("{} · {}", q.dir.display(), q.what));

@@ -236,48 +236,60 @@ impl Panel {
     }
 
     fn charts(&self, ui: &mut egui::Ui) {
-        let bars = |f: &dyn Fn(&RowResult) -> Option<f64>| -> Vec<Bar> {
-            self.rows
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| {
-                    f(r).map(|v| {
-                        Bar::new(i as f64, v)
-                            .name(format!("{} {}", r.method.name(), r.bits))
-                            .fill(if r.method == Method::Fp {
-                                BEFORE
-                            } else {
-                                AFTER
-                            })
+        // One chart per measure, FP and quantized rows as two series (two legend colours),
+        // a bar per row at x = its index, labelled there only.
+        let series = |f: &dyn Fn(&RowResult) -> Option<f64>| -> [BarChart; 2] {
+            let bars = |fp: bool| -> Vec<Bar> {
+                let rows = self.rows.iter().enumerate();
+                rows.filter(|(_, r)| (r.method == Method::Fp) == fp)
+                    .filter_map(|(i, r)| {
+                        let name = format!("{} {}", r.method.name(), r.bits);
+                        f(r).map(|v| Bar::new(i as f64, v).width(0.6).name(name))
                     })
-                })
-                .collect()
+                    .collect()
+            };
+            [
+                BarChart::new("FP", bars(true)).color(BEFORE),
+                BarChart::new("quantized", bars(false)).color(AFTER),
+            ]
         };
         let labels: Vec<String> = self
             .rows
             .iter()
             .map(|r| r.method.name().to_string())
             .collect();
+        let label_at = move |v: f64| -> String {
+            let i = v.round();
+            match (v - i).abs() < 1e-6 && i >= 0.0 {
+                true => labels.get(i as usize).cloned().unwrap_or_default(),
+                false => String::new(),
+            }
+        };
         let h = (ui.available_height() - 10.0).max(120.0);
-        ui.columns(2, |cols| {
-            let l1 = labels.clone();
-            Plot::new("ppl bars")
+        let chart = |ui: &mut egui::Ui, id: &str, label: &str, log: bool, bars: [BarChart; 2]| {
+            let at = label_at.clone();
+            let mut plot = Plot::new(id)
                 .legend(Legend::default())
                 .height(h)
-                .y_axis_label("Wikipedia perplexity (lower is better)")
-                .x_axis_formatter(move |m, _| l1.get(m.value as usize).cloned().unwrap_or_default())
-                .show(&mut cols[0], |p| {
-                    p.bar_chart(BarChart::new("perplexity", bars(&|r| Some(r.wiki.ppl))))
-                });
-            let l2 = labels.clone();
-            Plot::new("zeroshot bars")
-                .legend(Legend::default())
-                .height(h)
-                .y_axis_label("zero-shot average % (higher is better)")
-                .x_axis_formatter(move |m, _| l2.get(m.value as usize).cloned().unwrap_or_default())
-                .show(&mut cols[1], |p| {
-                    p.bar_chart(BarChart::new("0-shot avg", bars(&|r| r.zeroshot_avg())))
-                });
-        });
+                .y_axis_label(label)
+                .x_axis_formatter(move |m, _| at(m.value));
+            if log {
+                // Bars of log10(value): one quantized row at 2000 next to FP at 20 stays readable.
+                plot = plot.y_axis_formatter(|m, _| format!("{:.0}", 10f64.powf(m.value)));
+            }
+            plot.show(ui, |p| bars.into_iter().for_each(|b| p.bar_chart(b)));
+        };
+        let ppl = series(&|r| Some(r.wiki.ppl.log10()));
+        let ppl_label = "Wikipedia perplexity (log scale, lower is better)";
+        if self.rows.iter().any(|r| r.zeroshot_avg().is_some()) {
+            ui.columns(2, |cols| {
+                chart(&mut cols[0], "ppl bars", ppl_label, true, ppl);
+                let zs = series(&|r| r.zeroshot_avg());
+                let zs_label = "zero-shot average % (higher is better)";
+                chart(&mut cols[1], "zeroshot bars", zs_label, false, zs);
+            });
+        } else {
+            chart(ui, "ppl bars", ppl_label, true, ppl);
+        }
     }
 }

@@ -31,8 +31,11 @@ pub struct Panel {
     pub method: Option<Method>,
     pub windows: usize,
     pub show: Show,
-    job: Option<Job<(), (Inspection, Inspection)>>,
+    /// Windows measured, before, after.
+    job: Option<Job<(), (usize, Inspection, Inspection)>>,
     pub before: Option<Inspection>,
+    /// The windows `before` was measured over.
+    before_windows: usize,
     pub after: Option<Inspection>,
     pub selected: Option<(usize, String)>,
 }
@@ -45,6 +48,7 @@ impl Default for Panel {
             show: Show::After,
             job: None,
             before: None,
+            before_windows: 0,
             after: None,
             selected: None,
         }
@@ -59,12 +63,13 @@ impl Panel {
     pub fn poll(&mut self, shared: &mut Shared) {
         if let Some(r) = self.job.as_mut().and_then(|j| j.poll(|_| {})) {
             self.job = None;
-            if let Some((b, a)) = finish(r, &mut shared.error) {
+            if let Some((windows, b, a)) = finish(r, &mut shared.error) {
                 shared.notice = Some(format!(
                     "inspected {} and {} over {} tokens",
                     b.method, a.method, b.tokens
                 ));
                 self.before = Some(b);
+                self.before_windows = windows;
                 self.after = Some(a);
             }
         }
@@ -87,17 +92,27 @@ impl Panel {
         };
         let lab = m.lab.clone();
         let windows = self.windows;
+        // The untransformed model's figures depend on the windows only: measured once.
+        let measured = self
+            .before
+            .clone()
+            .filter(|_| self.before_windows == windows);
+        let passes = if measured.is_some() { 1 } else { 2 };
         self.job = Some(Job::spawn(ctx, "inspecting", move |r| {
             let lab = lab
                 .lock()
                 .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
-            let before = lab.inspect(Method::Fp, None, windows, &mut |d, t| {
-                r.progress("none", d, t)
-            })?;
+            let before = match measured {
+                Some(b) => b,
+                None => lab.inspect(Method::Fp, None, windows, &mut |d, t| {
+                    r.progress("pass 1 of 2: the model as it is", d, t)
+                })?,
+            };
+            let what = format!("pass {passes} of {passes}: with {}", method.name());
             let after = lab.inspect(method, learned.as_deref(), windows, &mut |d, t| {
-                r.progress(method.name(), d, t)
+                r.progress(&what, d, t)
             })?;
-            Ok((before, after))
+            Ok((windows, before, after))
         }));
     }
 
@@ -137,8 +152,8 @@ impl Panel {
         }
         let (Some(before), Some(after)) = (&self.before, &self.after) else {
             ui.label(
-                "QSUR (quantization space utilization rate, SPEC §1.3) says how much of the \
-                 quantization grid a tensor's distribution fills: higher is better. Press Inspect \
+                "QSUR (quantization space utilization rate, from the OSTQuant paper) says how much \
+                 of the quantization grid a tensor's distribution fills: higher is better. Press Inspect \
                  to measure every layer before and after the transform.",
             );
             return;
@@ -221,11 +236,19 @@ fn detail(ui: &mut egui::Ui, b: &TensorStats, a: &TensorStats, method: &str) {
             "layer {} · {} ({kind}, {} dims)",
             b.layer, b.name, b.dim
         ));
-        // Otherwise a rotation's two identical spectra look like a missing line.
-        ui.weak(
-            "A rotation leaves the eigenvalues as they are (the two spectra coincide); \
-             it spreads the channel maxima. Scales change both.",
-        );
+        // Say why two spectra coincide (else one looks like a missing line), or why not.
+        let same = b.eigenvalues.len() == a.eigenvalues.len()
+            && b.eigenvalues
+                .iter()
+                .zip(&a.eigenvalues)
+                .all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(y.abs()) + 1e-12);
+        ui.weak(if same {
+            "The two spectra coincide: a rotation leaves the eigenvalues as they are; it \
+             spreads the channel maxima."
+        } else {
+            "The spectra differ: besides rotating, the transform changed these values (norm \
+             weights folded into a layer's weights, smoothing or learned scales)."
+        });
     });
     let log_points = |v: &[f64]| -> PlotPoints {
         v.iter()
@@ -249,8 +272,12 @@ fn detail(ui: &mut egui::Ui, b: &TensorStats, a: &TensorStats, method: &str) {
         Plot::new("channels")
             .legend(Legend::default())
             .height(h)
-            .x_axis_label("channel")
-            .y_axis_label("max |x|")
+            .x_axis_label(if b.is_weight { "column" } else { "channel" })
+            .y_axis_label(if b.is_weight {
+                "max |w| over the rows"
+            } else {
+                "max |x| over the tokens"
+            })
             .show(&mut cols[1], |p| {
                 p.line(Line::new("none", points(&b.max_abs)).color(BEFORE));
                 p.line(Line::new(method, points(&a.max_abs)).color(AFTER));

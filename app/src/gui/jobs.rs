@@ -64,7 +64,10 @@ impl<E: Send + 'static, T: Send + 'static> Job<E, T> {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&reporter)));
             let result = match result {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(format!("{e:#}")),
+                Ok(Err(e)) => Err(std::iter::once(e.to_string())
+                    .chain(crate::new_causes(&e))
+                    .collect::<Vec<_>>()
+                    .join(": ")),
                 Err(p) => Err(format!(
                     "internal error: {}",
                     p.downcast_ref::<String>()

@@ -5,6 +5,7 @@
 mod app;
 mod calibrate;
 pub mod chat;
+mod dialog;
 mod evaluate;
 mod inspector;
 mod jobs;

@@ -19,6 +19,8 @@ pub struct Overview {
     pub quantization: Option<Header>,
     pub compute: String,
     pub adapters: Vec<String>,
+    /// The first real GPU among the compute adapters (what `--device auto` runs int4 on).
+    pub gpu: Option<String>,
 }
 
 impl Overview {
@@ -38,6 +40,10 @@ impl Overview {
         } else {
             None
         };
+        let compute: Vec<_> = ostquant_core::device::adapters()
+            .into_iter()
+            .filter(|a| !a.is_opengl())
+            .collect();
         Ok(Overview {
             params: config.n_params(),
             config,
@@ -45,10 +51,13 @@ impl Overview {
             dtypes: stored_dtypes(dir)?,
             quantization,
             compute: lab.device().description.clone(),
-            adapters: ostquant_core::device::adapters()
+            // The compute backends only: OpenGL (listed for the same GPU again) is only the
+            // window's fallback renderer.
+            adapters: compute.iter().map(|a| a.to_string()).collect(),
+            gpu: compute
                 .iter()
-                .map(|a| a.to_string())
-                .collect(),
+                .find(|a| a.is_gpu())
+                .map(|a| a.info.name.clone()),
         })
     }
 }
@@ -126,18 +135,18 @@ pub fn ui(ui: &mut egui::Ui, shared: &Shared, renderer: &str) {
                 None => row(ui, "Quantization", "none (full precision)"),
             }
         });
-    devices(ui, Some(&o.compute), renderer, shared.device);
+    devices(ui, Some(o), renderer, shared.device);
     if o.adapters.is_empty() {
         ui.weak("No wgpu adapter was found: the compute runs on the CPU backend.");
     } else {
         ui.label(format!(
-            "wgpu adapters (device-local memory where the driver reports it): {}",
+            "wgpu compute adapters (device-local memory where the driver reports it): {}",
             o.adapters.join("; ")
         ));
     }
 }
 
-fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str, choice: DeviceChoice) {
+fn devices(ui: &mut egui::Ui, o: Option<&Overview>, renderer: &str, choice: DeviceChoice) {
     ui.add_space(8.0);
     ui.heading("Devices");
     egui::Grid::new("devices").num_columns(2).show(ui, |ui| {
@@ -145,16 +154,23 @@ fn devices(ui: &mut egui::Ui, compute: Option<&str>, renderer: &str, choice: Dev
         row(
             ui,
             "Calibration, evaluation, chat (FP)",
-            compute
-                .unwrap_or("chosen when a model opens (--device auto)")
+            o.map_or("chosen when a model opens (--device auto)", |o| &o.compute)
                 .to_string(),
         );
         row(
             ui,
             "Chat with an int4 folder",
-            match device::shared_wgpu(choice) {
-                Some(s) => format!("the WGSL int4 runtime on {}", s.info.name),
-                None => "the WGSL int4 runtime on a GPU; the CPU int4 runtime otherwise".into(),
+            match (device::shared_wgpu(choice), choice, o) {
+                (Some(s), _, _) => format!("the WGSL int4 runtime on {}", s.info.name),
+                (None, DeviceChoice::Cpu, _) => "the CPU int4 runtime (--device cpu)".into(),
+                (None, DeviceChoice::Auto, Some(o)) => match &o.gpu {
+                    Some(gpu) => format!("the WGSL int4 runtime on {gpu}"),
+                    None => "the CPU int4 runtime (no GPU found)".into(),
+                },
+                (None, DeviceChoice::Auto, None) => {
+                    "the WGSL int4 runtime on a GPU; the CPU int4 runtime otherwise".into()
+                }
+                (None, _, _) => format!("the WGSL int4 runtime on the {choice:?} device"),
             },
         );
         if let Some(s) = device::shared_wgpu(choice) {

@@ -21,7 +21,7 @@ use crate::calib::{
 use crate::data::tasks::{self, Task, TaskName};
 use crate::data::wiki::{self, WikiSplit};
 use crate::device::ComputeDevice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::checkpoint::LlamaWeights;
 use crate::model::llama::{ForwardOptions, Llama};
 use crate::model::qformat::{self, Header};
@@ -144,6 +144,14 @@ pub type Progress<'a> = dyn FnMut(&str, usize, usize) + 'a;
 
 impl Lab {
     pub fn open(dir: &Path, device: ComputeDevice) -> Result<Lab> {
+        if qformat::is_quantized(dir) {
+            let source = qformat::source_model(dir)
+                .map_or(String::new(), |s| format!(" (made from {})", s.display()));
+            return Err(Error::other(format!(
+                "{}: an int4 folder written by ostquant{source}; inspecting, calibrating and evaluating start from the original model (open that), while chat, generate and ppl run this folder as it is",
+                dir.display()
+            )));
+        }
         assets::ensure_fetched()?;
         let weights = LlamaWeights::load(dir)?;
         let tok = Tokenizer::load(dir, &weights.config)?;

@@ -116,6 +116,12 @@ fn layer_shapes(c: &LlamaConfig) -> [Vec<usize>; 9] {
 impl LlamaWeights {
     /// Load `config.json` and the safetensors of a model folder.
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.is_dir() && !dir.join("config.json").exists() {
+            return Err(Error::format(
+                dir,
+                "not a model folder: it has no config.json (a Hugging Face LLaMA folder holds config.json, *.safetensors and tokenizer.json)",
+            ));
+        }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let shards = Shards::open(dir)?;
         let weight_spec = if super::qformat::is_quantized(dir) {

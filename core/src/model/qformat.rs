@@ -77,6 +77,12 @@ pub fn is_quantized(dir: &Path) -> bool {
     dir.join(HEADER).is_file()
 }
 
+/// The model folder a quantized folder was made from, as its header records it (`details.source`).
+pub fn source_model(dir: &Path) -> Option<std::path::PathBuf> {
+    let header = read_header(dir).ok()?;
+    header.details.get("source")?.as_str().map(Into::into)
+}
+
 const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",

@@ -129,9 +129,10 @@ struct Variant {
 }
 
 impl Target<'_> {
-    /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`],
-    /// with f32 activations and with 4-bit integer activation codes, and the runtime's choice
-    /// again with shared-memory sums where the runtime's use subgroups.
+    /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`]
+    /// (on the software device, compute-bound, only the unsplit ones), with f32 activations and
+    /// with 4-bit integer activation codes, and the runtime's choice again with shared-memory
+    /// sums where the runtime's use subgroups.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         match (self, w) {
             (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => {
@@ -139,7 +140,10 @@ impl Target<'_> {
                 [false, true]
                     .iter()
                     .flat_map(|&codes| {
-                        let all = Tiling::ALL.iter().map(move |&t| Variant {
+                        let software = k.software;
+                        let tilings = Tiling::ALL.into_iter();
+                        let tilings = tilings.filter(move |t| !software || t.slices == 1);
+                        let all = tilings.map(move |t| Variant {
                             codes,
                             tiling: Some(t),
                             shared: false,
