@@ -1088,9 +1088,15 @@ fn inspect(
         None => None,
     };
     let bar = progress_bar("inspecting");
-    let ins = lab.inspect(m, learned.as_ref(), windows, &mut |d, t| {
-        progress(&bar, d, t)
-    })?;
+    // Ctrl-C ends the process: nothing is written before the end.
+    let never = AtomicBool::new(false);
+    let ins = lab.inspect(
+        m,
+        learned.as_ref(),
+        windows,
+        &mut |d, t| progress(&bar, d, t),
+        &never,
+    )?;
     bar.finish_and_clear();
     let names = ostquant_core::analysis::inspect::TENSOR_NAMES;
     println!(

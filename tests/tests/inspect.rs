@@ -14,7 +14,15 @@ fn inspect_covers_every_layer_and_matches_host_moments() {
     let windows: Vec<Vec<u32>> = (0..3)
         .map(|s| (0..40).map(|i| ((i * 7 + s * 13) % 64) as u32).collect())
         .collect();
-    let ins = inspect(&model, &w, "none", &windows, &mut |_, _| {}).unwrap();
+    let ins = inspect(
+        &model,
+        &w,
+        "none",
+        &windows,
+        &mut |_, _| {},
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(ins.tokens, 120);
     assert_eq!(ins.stats.len(), w.layers.len() * (4 + 7));
     for s in &ins.stats {

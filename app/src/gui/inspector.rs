@@ -62,8 +62,11 @@ impl Panel {
 
     pub fn poll(&mut self, shared: &mut Shared) {
         if let Some(r) = self.job.as_mut().and_then(|j| j.poll(|_| {})) {
+            let cancelled = self.job.as_ref().is_some_and(|j| j.is_cancelling());
             self.job = None;
-            if let Some((windows, b, a)) = finish(r, &mut shared.error) {
+            if cancelled {
+                shared.notice = Some("inspection cancelled".into());
+            } else if let Some((windows, b, a)) = finish(r, &mut shared.error) {
                 shared.notice = Some(format!(
                     "inspected {} and {} over {} tokens",
                     b.method, a.method, b.tokens
@@ -104,14 +107,22 @@ impl Panel {
                 .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
             let before = match measured {
                 Some(b) => b,
-                None => lab.inspect(Method::Fp, None, windows, &mut |d, t| {
-                    r.progress("pass 1 of 2: the model as it is", d, t)
-                })?,
+                None => lab.inspect(
+                    Method::Fp,
+                    None,
+                    windows,
+                    &mut |d, t| r.progress("pass 1 of 2: the model as it is", d, t),
+                    &r.cancel,
+                )?,
             };
             let what = format!("pass {passes} of {passes}: with {}", method.name());
-            let after = lab.inspect(method, learned.as_deref(), windows, &mut |d, t| {
-                r.progress(&what, d, t)
-            })?;
+            let after = lab.inspect(
+                method,
+                learned.as_deref(),
+                windows,
+                &mut |d, t| r.progress(&what, d, t),
+                &r.cancel,
+            )?;
             Ok((windows, before, after))
         }));
     }
@@ -145,6 +156,11 @@ impl Panel {
                 .clicked()
             {
                 self.start(&ctx, shared);
+            }
+            if let Some(j) = &self.job
+                && ui.button("Cancel").clicked()
+            {
+                j.cancel();
             }
         });
         if let Some(j) = &self.job {

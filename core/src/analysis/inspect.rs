@@ -3,6 +3,7 @@
 //! linear weight (its rows, which share one quantization range each).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -83,19 +84,27 @@ fn download(t: Tensor<2>) -> Result<Vec<f32>> {
 
 /// Run `windows` through `model` (already set up with the method's transforms and online
 /// Hadamards, quantizers off) and measure every quantized input, and the weights `w`.
+/// Progress counts the windows, then each layer's inputs and each layer's weights (their
+/// eigendecompositions); `cancel` stops it between any two with `Error::Cancelled`.
 pub fn inspect(
     model: &Llama,
     w: &LlamaWeights,
     method: &str,
     windows: &[Vec<u32>],
     progress: &mut dyn FnMut(usize, usize),
+    cancel: &AtomicBool,
 ) -> Result<Inspection> {
     let n_layers = w.layers.len();
     let mut moments: BTreeMap<(usize, Site), Moments> = BTreeMap::new();
     let mut err: Option<Error> = None;
-    let steps = windows.len() + n_layers;
+    let steps = windows.len() + 2 * n_layers;
+    let check = || match cancel.load(Ordering::Relaxed) {
+        true => Err(Error::Cancelled),
+        false => Ok(()),
+    };
     let mut tokens = 0;
     for (i, win) in windows.iter().enumerate() {
+        check()?;
         let mut cache = model.new_cache();
         let mut tap = |layer: usize, site: Site, x: Tensor<2>| {
             if err.is_some() {
@@ -123,9 +132,12 @@ pub fn inspect(
     }
     let mut stats = Vec::new();
     for ((layer, site), m) in &moments {
+        check()?;
         stats.push(stats_of(*layer, site.name(), false, m)?);
+        progress(windows.len() + layer + 1, steps);
     }
     for (i, l) in w.layers.iter().enumerate() {
+        check()?;
         let weights: [(&str, &HostTensor); 7] = [
             ("q", &l.wq),
             ("k", &l.wk),
@@ -140,7 +152,7 @@ pub fn inspect(
             m.add_rows(&t.data);
             stats.push(stats_of(i, name, true, &m)?);
         }
-        progress(windows.len() + i + 1, steps);
+        progress(windows.len() + n_layers + i + 1, steps);
     }
     stats.sort_by(|a, b| (a.layer, a.is_weight, &a.name).cmp(&(b.layer, b.is_weight, &b.name)));
     Ok(Inspection {

@@ -396,6 +396,7 @@ impl Lab {
         learned: Option<&Learned>,
         windows: usize,
         progress: &mut dyn FnMut(usize, usize),
+        cancel: &AtomicBool,
     ) -> Result<Inspection> {
         let ctx = self.weights.config.max_position_embeddings.min(512);
         let wins = text_windows(
@@ -418,7 +419,7 @@ impl Lab {
         } else {
             method.name()
         };
-        inspect(&model, &tw, name, &wins, progress)
+        inspect(&model, &tw, name, &wins, progress, cancel)
     }
 
     /// Quantize `method` at `bits` (weights by the method's quantizer, online transforms and
