@@ -179,6 +179,19 @@ fn screenshots_of_every_panel() {
         h.state().shared.error
     );
     h.state_mut().inspector.selected = Some((1, "down_in".into()));
+    // An evaluation for the Evaluate panel's table and charts (the panel's defaults: fp, rtn
+    // and quarot at W4A4KV4 over 4 windows; the tiny model takes 1 window).
+    if !real {
+        h.state_mut().evaluate.form.windows = 1;
+    }
+    let app = h.state_mut();
+    app.evaluate.start(&ctx, &mut app.shared);
+    wait(&mut h, "the evaluation", |a| !a.evaluate.is_running());
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
     for tab in [
         Tab::Overview,
         Tab::Inspector,
