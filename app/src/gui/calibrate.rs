@@ -78,6 +78,19 @@ impl Form {
         }
     }
 
+    /// Whether the sizes and learning rates are the preset's (else the form says "edited").
+    fn is_preset(&self) -> bool {
+        let bits: Bits = self.bits.parse().unwrap_or(Bits { w: 4, a: 4, kv: 4 });
+        self.method
+            .learned_settings(bits, self.preset)
+            .is_none_or(|s| {
+                (s.steps, s.batch, s.samples, s.seq_len)
+                    == (self.steps, self.batch, self.samples, self.seq_len)
+                    && s.lr_rot == self.lr_rot
+                    && s.lr_scale == self.lr_scale
+            })
+    }
+
     /// The settings this form asks for.
     pub fn settings(&self) -> Result<(Bits, CalibSettings), String> {
         let bits: Bits = self.bits.parse()?;
@@ -475,6 +488,12 @@ impl Panel {
             ui.checkbox(&mut f.fresh, "start over (ignore the checkpoint)");
             if ui.button("Reset to preset").clicked() {
                 changed = true;
+            }
+            if !f.is_preset() {
+                let preset = format!("{:?}", f.preset).to_lowercase();
+                ui.weak(format!(
+                    "(edited: the sizes or rates differ from the {preset} preset)"
+                ));
             }
         });
         if changed {

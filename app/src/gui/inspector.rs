@@ -224,6 +224,11 @@ impl Panel {
                             )
                             .fill(fill)
                             .selected(selected);
+                            // The selected cell keeps its colour and gets a white frame.
+                            let button = match selected {
+                                true => button.stroke(egui::Stroke::new(2.5, egui::Color32::WHITE)),
+                                false => button,
+                            };
                             if ui.add(button).clicked() {
                                 self.selected = Some((layer, c.to_string()));
                             }
