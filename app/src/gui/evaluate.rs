@@ -19,7 +19,7 @@ use super::style::{AFTER, BEFORE};
 pub struct Form {
     pub methods: Vec<Method>,
     pub bits: String,
-    /// Perplexity windows of 512 tokens.
+    /// Perplexity windows (of 512 tokens, or the model's context where shorter).
     pub windows: usize,
     pub zeroshot: bool,
     /// Items per zero-shot task (the first N in file order, spread evenly).
@@ -39,8 +39,12 @@ impl Default for Form {
 }
 
 impl Form {
-    fn settings(&self) -> Settings {
+    /// The evaluation settings for a model of `positions` positions: windows of 512 tokens,
+    /// or of the whole context where the model has fewer.
+    fn settings(&self, positions: usize) -> Settings {
+        let default = Settings::default();
         Settings {
+            ctx: default.ctx.min(positions),
             windows: Some(self.windows),
             tasks: if self.zeroshot {
                 TaskName::ALL.to_vec()
@@ -48,7 +52,7 @@ impl Form {
                 Vec::new()
             },
             limit: Some(self.limit),
-            ..Settings::default()
+            ..default
         }
     }
 }
@@ -100,10 +104,11 @@ impl Panel {
                 return;
             }
         };
+        let positions = m.overview.config.max_position_embeddings;
         let (lab, methods, settings) = (
             m.lab.clone(),
             self.form.methods.clone(),
-            self.form.settings(),
+            self.form.settings(positions),
         );
         self.job = Some(Job::spawn(ctx, "evaluating", move |r| {
             let mut lab = lab
@@ -129,6 +134,10 @@ impl Panel {
         }
         let ctx = ui.ctx().clone();
         let running = self.job.is_some();
+        let window = shared.model.as_ref().map_or(512, |m| {
+            let positions = m.overview.config.max_position_embeddings;
+            self.form.settings(positions).ctx
+        });
         ui.add_enabled_ui(!running, |ui| {
             let f = &mut self.form;
             ui.horizontal_wrapped(|ui| {
@@ -154,7 +163,7 @@ impl Panel {
                             ui.selectable_value(&mut f.bits, b.to_string(), b);
                         }
                     });
-                ui.label("perplexity windows (512 tokens)");
+                ui.label(format!("perplexity windows ({window} tokens)"));
                 ui.add(egui::DragValue::new(&mut f.windows).range(1..=1000));
                 ui.checkbox(&mut f.zeroshot, "nine zero-shot tasks, items per task:");
                 ui.add_enabled(
