@@ -369,6 +369,56 @@ fn opening_an_int4_folder_opens_its_original_and_the_folder_in_chat() {
     assert!(app.shared.error.is_none(), "{:?}", app.shared.error);
     assert_eq!(app.shared.model.as_ref().map(|m| m.dir.clone()), Some(dir));
     assert_eq!(app.tab, Tab::Chat);
+    // Again, with its original open: straight to the chat, nothing reloaded.
+    let ctx = h.ctx.clone();
+    h.state_mut().tab = Tab::Overview;
+    h.state_mut().open_model(&ctx, Some(qdir));
+    assert!(!h.state().is_loading(), "the original is not reopened");
+    assert_eq!(h.state().tab, Tab::Chat);
+}
+
+/// Export writes an int4 folder the chat then runs; a learned method not calibrated in the
+/// window is refused with a message, and nothing is written.
+#[test]
+fn export_writes_an_int4_folder_that_the_chat_runs() {
+    use ostquant_core::quant::method::Method;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(tmp.path());
+    let mut h = harness(false);
+    open(&mut h, &dir);
+    let ctx = h.ctx.clone();
+    let refused = tmp.path().join("never");
+    let app = h.state_mut();
+    app.calibrate.form.export_method = Method::Ostquant;
+    app.calibrate
+        .export_to(&ctx, &mut app.shared, refused.clone());
+    let err = h.state().shared.error.clone().expect("calibrate first");
+    assert!(err.contains("calibrate ostquant"), "{err}");
+    assert!(!refused.exists());
+
+    let out = tmp.path().join("exported");
+    let app = h.state_mut();
+    app.shared.error = None;
+    app.calibrate.form.export_method = Method::Quarot;
+    app.calibrate.form.export_bits = "W4A16KV16".into();
+    app.calibrate.export_to(&ctx, &mut app.shared, out.clone());
+    wait(&mut h, "the export", |a| !a.calibrate.is_exporting());
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
+    assert!(out.join("quantization.json").is_file());
+    let app = h.state_mut();
+    app.chat.open_quantized(&ctx, &app.shared, out);
+    wait(&mut h, "the exported folder", |a| {
+        a.chat.has_quantized() || a.shared.error.is_some()
+    });
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
 }
 
 /// The chat answers the same prompt with the FP model and an int4 folder side by side.

@@ -147,6 +147,16 @@ impl OstquantApp {
     /// Open the model folder or .gguf `path` (None: the default model, fetched if needed) in
     /// the background.
     pub fn open_model(&mut self, ctx: &egui::Context, path: Option<PathBuf>) {
+        // An int4 folder of the model already open: straight to the chat, the lab's state
+        // (inspections, learned transforms) kept.
+        if let (Some(p), Some(m)) = (&path, &self.shared.model)
+            && qformat::is_quantized(p)
+            && qformat::source_model(p).is_some_and(|s| same_dir(&s, &m.dir))
+        {
+            self.chat.open_quantized(ctx, &self.shared, p.clone());
+            self.tab = Tab::Chat;
+            return;
+        }
         let choice = self.shared.device;
         let title = match &path {
             Some(p) => format!("opening {}", p.display()),
@@ -378,5 +388,13 @@ impl eframe::App for OstquantApp {
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, STORAGE_KEY, &self.persisted());
+    }
+}
+
+/// Whether two paths name the same folder (after resolving links and relative parts).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }

@@ -166,6 +166,10 @@ impl Panel {
         self.job.is_some()
     }
 
+    pub fn is_exporting(&self) -> bool {
+        self.export.is_some()
+    }
+
     pub fn poll(&mut self, shared: &mut Shared) {
         let points = &mut self.points;
         let started = &mut self.started;
@@ -242,7 +246,7 @@ impl Panel {
                     no_dialog: true, ..
                 }) => {
                     shared.error = Some(
-                        "no file dialog could open on this desktop (rfd needs xdg-desktop-portal or zenity): type the output folder beside the Export button instead".into(),
+                        "no file dialog could open on this desktop (it needs xdg-desktop-portal or zenity installed): type the output folder beside the Export button instead".into(),
                     )
                 }
                 _ => {}

@@ -151,8 +151,11 @@ impl Panel {
         if let Some(r) = self.loading.as_mut().and_then(|j| j.poll(|_| {})) {
             self.loading = None;
             if let Some(q) = finish(r, &mut shared.error) {
+                let beside = shared.model.as_ref().map_or(String::new(), |m| {
+                    format!(", beside the FP model {}", m.dir.display())
+                });
                 shared.notice = Some(format!(
-                    "chat: quantized model {} ({})",
+                    "chat: int4 folder {} ({}){beside}",
                     q.dir.display(),
                     q.what
                 ));

@@ -23,7 +23,7 @@ pub struct Picked {
 }
 
 /// Said when a dialog returned at once with nothing.
-pub const NO_DIALOG: &str = "no file dialog could open on this desktop (rfd needs xdg-desktop-portal or zenity): type the path in the box at the top instead";
+pub const NO_DIALOG: &str = "no file dialog could open on this desktop (it needs xdg-desktop-portal or zenity installed): type the path in the box at the top instead";
 
 /// Run a dialog titled `title` on its own thread: the window keeps drawing meanwhile.
 pub fn pick(ctx: &egui::Context, title: &'static str, what: Pick) -> Job<(), Picked> {
