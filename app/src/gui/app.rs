@@ -293,20 +293,9 @@ impl OstquantApp {
                     }
                 });
             });
-            // Typed paths: for desktops where no file dialog opens, and for people who would
-            // rather paste one.
-            let typed = ui.add_enabled(
-                idle,
-                egui::TextEdit::singleline(&mut self.path_input)
-                    .hint_text("or type a folder or .gguf path, Enter")
-                    .desired_width(240.0),
-            );
-            let path = self.path_input.trim();
-            if typed.lost_focus()
-                && ui.input(|i| i.key_pressed(egui::Key::Enter))
-                && !path.is_empty()
-            {
-                open = Some(PathBuf::from(path));
+            let hint = "or type a folder or .gguf path, Enter";
+            if let Some(p) = dialog::path_box(ui, idle, &mut self.path_input, hint) {
+                open = Some(p);
             }
             if let Some(p) = open {
                 self.open_model(&ctx, Some(p));

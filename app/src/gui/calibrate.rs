@@ -547,18 +547,9 @@ impl Panel {
                     Pick::Save(name),
                 ));
             }
-            let typed = ui.add_enabled(
-                idle,
-                egui::TextEdit::singleline(&mut self.export_path)
-                    .hint_text("or type the output folder, Enter")
-                    .desired_width(220.0),
-            );
-            let out = self.export_path.trim();
-            if typed.lost_focus()
-                && ui.input(|i| i.key_pressed(egui::Key::Enter))
-                && !out.is_empty()
-            {
-                self.pending_export = Some(PathBuf::from(out));
+            let hint = "or type the output folder, Enter";
+            if let Some(out) = dialog::path_box(ui, idle, &mut self.export_path, hint) {
+                self.pending_export = Some(out);
             }
         });
         if let Some(j) = &self.export {

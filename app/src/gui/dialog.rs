@@ -42,3 +42,22 @@ pub fn pick(ctx: &egui::Context, title: &'static str, what: Pick) -> Job<(), Pic
         })
     })
 }
+
+/// A typed-path box beside a dialog button (for desktops where no dialog opens, and for
+/// people who would rather paste a path): the path when Enter is pressed in it.
+pub fn path_box(
+    ui: &mut egui::Ui,
+    enabled: bool,
+    text: &mut String,
+    hint: &str,
+) -> Option<PathBuf> {
+    let typed = ui.add_enabled(
+        enabled,
+        egui::TextEdit::singleline(text)
+            .hint_text(hint)
+            .desired_width(230.0),
+    );
+    let path = text.trim();
+    let entered = typed.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+    (entered && !path.is_empty()).then(|| PathBuf::from(path))
+}
