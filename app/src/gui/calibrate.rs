@@ -415,7 +415,8 @@ impl Panel {
             let steps = self.points.iter();
             steps.map(|p| [p.step as f64, p.loss]).collect()
         };
-        // Axes from step 0 to the last step asked for and from loss 0, even before a point.
+        // Axes from step 0 to the last step asked for and loss 0 to 1 at least, even before
+        // a point (losses are positive; KL-Top starts near 1 on SmolLM2).
         let last_step = self.started.map_or(self.form.steps, |s| s.1);
         Plot::new("loss")
             .legend(Legend::default())
@@ -423,6 +424,7 @@ impl Panel {
             .include_x(0.0)
             .include_x(last_step as f64)
             .include_y(0.0)
+            .include_y(1.0)
             .x_axis_label("step")
             .y_axis_label("loss")
             .show(ui, |p| p.line(Line::new("calibration loss", curve)));

@@ -189,7 +189,8 @@ impl Panel {
         let layers = before.stats.iter().map(|s| s.layer + 1).max().unwrap_or(0);
         egui::ScrollArea::vertical()
             .id_salt("qsur table")
-            .max_height(ui.available_height() * 0.5)
+            // Half the height when a cell's plots share it, else nearly all of it.
+            .max_height(ui.available_height() * if self.selected.is_some() { 0.5 } else { 0.95 })
             .show(ui, |ui| {
                 egui::Grid::new("qsur").striped(true).show(ui, |ui| {
                     ui.strong("layer");
