@@ -1,9 +1,11 @@
-//! Where OSTQuant's gain comes from on the default model: the W16A4KV4 model (activations and
-//! KV cache quantized, weights in full precision) after each set of transforms, against FP on
-//! the first windows of the Wikipedia evaluation half.
+//! Where the W4A4 error of the default model lives, before and after OSTQuant's transforms:
+//! KL(FP ‖ model) per token on the first windows of the Wikipedia evaluation half with the
+//! weights in full precision and 4-bit quantizers switched on one place at a time (each linear
+//! input, the KV cache) and all together (W16A4KV4).
 //!
-//! `cargo run -p ostquant-tests --example ostquant_probe -- CHECKPOINT.safetensors [WINDOWS]`
-//! where the checkpoint is a finished calibration under ~/.cache/ostquant/calib.
+//! `cargo run --release -p ostquant-tests --example ostquant_probe -- [WINDOWS] CHECKPOINT...`
+//! where each checkpoint is a finished calibration under ~/.cache/ostquant/calib; the random
+//! Hadamard (QuaRot's rotation) and WOMI starts are always measured.
 
 use burn::tensor::Device;
 use ostquant_core::assets;
@@ -11,16 +13,19 @@ use ostquant_core::calib::{Checkpoint, Init, Transforms};
 use ostquant_core::data::wiki;
 use ostquant_core::eval::perplexity::{score_windows, text_windows};
 use ostquant_core::model::checkpoint::LlamaWeights;
-use ostquant_core::model::llama::Llama;
+use ostquant_core::model::llama::{Llama, Site};
 use ostquant_core::model::tokenizer::Tokenizer;
 use ostquant_core::quant::quantizer::QuantSpec;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let ckpt = args
-        .first()
-        .expect("usage: ostquant_probe CHECKPOINT [WINDOWS]");
-    let windows: usize = args.get(1).and_then(|w| w.parse().ok()).unwrap_or(4);
+    let mut windows = 4;
+    let mut checkpoints = Vec::new();
+    for a in std::env::args().skip(1) {
+        match a.parse() {
+            Ok(n) => windows = n,
+            Err(_) => checkpoints.push(a),
+        }
+    }
     let dir = assets::default_model_dir();
     let w = LlamaWeights::load(&dir).unwrap();
     let tok = Tokenizer::load(&dir, &w.config).unwrap();
@@ -28,36 +33,64 @@ fn main() {
     let fp = Llama::new(&w, &dev);
     let text = wiki::split(&wiki::read_articles(&assets::wiki_dump()).unwrap()).evaluation;
     let wins = text_windows(&fp, &tok, &text, 512, Some(windows)).unwrap();
-    let bytes = std::fs::read(ckpt).unwrap();
-    let (learned, settings) = Checkpoint::from_bytes(ckpt.as_ref(), &bytes, &w).unwrap();
-    println!("checkpoint: {} steps of {:?}", learned.step, settings.loss);
-    let mut no_rot = learned.transforms.clone();
-    let womi = Transforms::init(&w, Init::Womi).unwrap();
-    no_rot.r_res = womi.r_res.clone();
-    for (l, s) in no_rot.layers.iter_mut().zip(&womi.layers) {
-        l.r_ov = s.r_ov.clone();
-    }
-    let cases = [
+
+    let mut cases = vec![
         (
-            "random Hadamard (QuaRot's rotation)",
+            "random Hadamard (QuaRot)".to_string(),
             Transforms::init(&w, Init::Hadamard).unwrap(),
         ),
-        ("WOMI start", womi),
-        ("learned scales on the WOMI rotations", no_rot),
-        ("learned (rotations and scales)", learned.transforms),
+        (
+            "WOMI start".to_string(),
+            Transforms::init(&w, Init::Womi).unwrap(),
+        ),
     ];
+    for path in &checkpoints {
+        let bytes = std::fs::read(path).unwrap();
+        let (learned, settings) = Checkpoint::from_bytes(path.as_ref(), &bytes, &w).unwrap();
+        let name = std::path::Path::new(path)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy();
+        let name = format!("{name} ({} steps, init {:?})", learned.step, settings.init);
+        cases.push((name, learned.transforms));
+    }
+
+    // (column, activation sites quantized, KV cache quantized)
+    let mut configs: Vec<(String, Vec<Site>, bool)> = Site::ALL
+        .iter()
+        .map(|&s| (format!("A4 {}", s.name()), vec![s], false))
+        .collect();
+    configs.push(("KV4".into(), vec![], true));
+    configs.push(("A4KV4 all".into(), Site::ALL.to_vec(), true));
+    println!(
+        "KL(FP ‖ W16 model) in nats per token, {} tokens ({windows} windows of 512)",
+        wins.iter().map(|w| w.len() - 1).sum::<usize>()
+    );
+    print!("{:<60}", "transforms");
+    for (c, _, _) in &configs {
+        print!(" {c:>12}");
+    }
+    println!("   ppl (all)");
     for (name, t) in cases {
-        let (fused, mut opts) = t.fuse(&w, true).unwrap();
-        opts.act = Some(QuantSpec::asym(4));
-        opts.kv = Some(QuantSpec::asym(4));
+        let (fused, online) = t.fuse(&w, true).unwrap();
         let mut m = Llama::new(&fused, &dev);
-        m.set_options(opts).unwrap();
-        let s = score_windows(&m, Some(&fp), &wins, &mut |_, _| {}).unwrap();
-        println!(
-            "W16A4KV4 {name}: ppl {:.3} KL {:.4} top1 {:.4}",
-            s.ppl,
-            s.kl.unwrap(),
-            s.top1.unwrap()
-        );
+        print!("{name:<60}");
+        let mut ppl = 0.0;
+        for (_, sites, kv) in &configs {
+            let mut opts = online.clone();
+            opts.act = (!sites.is_empty()).then(|| QuantSpec::asym(4));
+            opts.act_skip = Site::ALL
+                .into_iter()
+                .filter(|s| !sites.contains(s))
+                .collect();
+            opts.kv = kv.then(|| QuantSpec::asym(4));
+            m.set_options(opts).unwrap();
+            let s = score_windows(&m, Some(&fp), &wins, &mut |_, _| {}).unwrap();
+            print!(" {:>12.4}", s.kl.unwrap());
+            ppl = s.ppl;
+            use std::io::Write;
+            std::io::stdout().flush().unwrap();
+        }
+        println!("   {ppl:.3}");
     }
 }

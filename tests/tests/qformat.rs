@@ -81,6 +81,7 @@ fn a_written_folder_reads_back_to_the_quantized_weights() {
             qk_hadamard: true,
             act: Some(QuantSpec::asym(4)),
             kv: Some(QuantSpec::asym(4)),
+            ..Default::default()
         };
         qformat::write(
             &out,

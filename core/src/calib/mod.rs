@@ -147,6 +147,7 @@ impl Settings {
             qk_hadamard: self.bits.kv < 16,
             act: (self.bits.a < 16).then(|| QuantSpec::asym(self.bits.a)),
             kv: (self.bits.kv < 16).then(|| QuantSpec::asym(self.bits.kv)),
+            ..Default::default()
         }
     }
 

@@ -22,6 +22,9 @@ pub struct ForwardOptions {
     pub qk_hadamard: bool,
     /// Per-token quantizer of every linear layer's input (o_proj's grouped by the head dim).
     pub act: Option<QuantSpec>,
+    /// Inputs that `act` leaves in full precision (none in a deployed model; error attribution
+    /// switches sites off one at a time).
+    pub act_skip: Vec<Site>,
     /// Per-token, per-head quantizer of the K and V cache.
     pub kv: Option<QuantSpec>,
 }
@@ -338,7 +341,7 @@ impl Llama {
         let [b, t, _] = x.dims();
         let (hd, nq, nkv) = (c.head_dim(), c.num_attention_heads, c.n_kv_heads());
         tap(Site::QkvIn, &x);
-        let x = self.quant_act(x, None);
+        let x = self.quant_act(Site::QkvIn, x, None);
         let heads =
             |w: &Tensor<2>, n: usize| linear(x.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2);
         let q = self.qk_rotate(rope(heads(&l.wq_t, nq), &pos.cos, &pos.sin));
@@ -366,13 +369,13 @@ impl Llama {
         let out = softmax(scores, 3).matmul(v); // [B, nq, T, hd]
         let out = out.swap_dims(1, 2).reshape([b, t, nq * hd]);
         tap(Site::OIn, &out);
-        let out = self.quant_act(out, Some(hd));
+        let out = self.quant_act(Site::OIn, out, Some(hd));
         linear(out, &l.wo_t)
     }
 
     fn mlp(&self, l: &Layer, x: Tensor<3>, tap: &mut dyn FnMut(Site, &Tensor<3>)) -> Tensor<3> {
         tap(Site::UpGateIn, &x);
-        let x = self.quant_act(x, None);
+        let x = self.quant_act(Site::UpGateIn, x, None);
         let gate = silu(linear(x.clone(), &l.w_gate_t));
         let mut h = gate * linear(x, &l.w_up_t);
         if let Some(had) = &self.online.down_h {
@@ -380,13 +383,14 @@ impl Llama {
             h = had.apply(h.reshape([b * t, n])).reshape([b, t, n]);
         }
         tap(Site::DownIn, &h);
-        linear(self.quant_act(h, None), &l.w_down_t)
+        linear(self.quant_act(Site::DownIn, h, None), &l.w_down_t)
     }
 
-    /// Per-token fake quantization of a linear layer's input [B, T, n] (groups of `group`
-    /// when given, else the configured group or the whole token).
-    fn quant_act(&self, x: Tensor<3>, group: Option<usize>) -> Tensor<3> {
-        let Some(spec) = self.online.opts.act else {
+    /// Per-token fake quantization of a linear layer's input [B, T, n] at `site` (groups of
+    /// `group` when given, else the configured group or the whole token).
+    fn quant_act(&self, site: Site, x: Tensor<3>, group: Option<usize>) -> Tensor<3> {
+        let opts = &self.online.opts;
+        let Some(spec) = opts.act.filter(|_| !opts.act_skip.contains(&site)) else {
             return x;
         };
         let spec = match group {

@@ -67,6 +67,7 @@ impl ForwardSpec {
             down_hadamard: self.down_hadamard,
             qk_hadamard: self.qk_hadamard,
             act: self.act,
+            act_skip: Vec::new(),
             kv: self.kv,
         }
     }
