@@ -3,9 +3,14 @@
 //! weights in full precision and 4-bit quantizers switched on one place at a time (each linear
 //! input, the KV cache) and all together (W16A4KV4).
 //!
-//! `cargo run --release -p ostquant-tests --example ostquant_probe -- [WINDOWS] CHECKPOINT...`
+//! `cargo run --release -p ostquant-tests --example ostquant_probe -- [WINDOWS] [--inputs-only]
+//! CHECKPOINT...`
 //! where each checkpoint is a finished calibration under ~/.cache/ostquant/calib; the random
 //! Hadamard (QuaRot's rotation) and WOMI starts are always measured.
+//!
+//! A second table splits the error where it starts: the relative error ‖q(x) − x‖² / ‖x‖² of
+//! each linear input quantized to 4 bits per token, in the unquantized transformed model on the
+//! first window, for its first token (where massive activations sit) and for the others.
 
 use burn::tensor::Device;
 use ostquant_core::assets;
@@ -15,14 +20,16 @@ use ostquant_core::eval::perplexity::{score_windows, text_windows};
 use ostquant_core::model::checkpoint::LlamaWeights;
 use ostquant_core::model::llama::{Llama, Site};
 use ostquant_core::model::tokenizer::Tokenizer;
-use ostquant_core::quant::quantizer::QuantSpec;
+use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_group};
 
 fn main() {
     let mut windows = 4;
     let mut checkpoints = Vec::new();
+    let mut inputs_only = false;
     for a in std::env::args().skip(1) {
         match a.parse() {
             Ok(n) => windows = n,
+            Err(_) if a == "--inputs-only" => inputs_only = true,
             Err(_) => checkpoints.push(a),
         }
     }
@@ -66,6 +73,11 @@ fn main() {
         "KL(FP ‖ W16 model) in nats per token, {} tokens ({windows} windows of 512)",
         wins.iter().map(|w| w.len() - 1).sum::<usize>()
     );
+    input_errors(&w, &dev, &cases, &wins[0]);
+    if inputs_only {
+        return;
+    }
+
     print!("{:<60}", "transforms");
     for (c, _, _) in &configs {
         print!(" {c:>12}");
@@ -92,5 +104,60 @@ fn main() {
             std::io::stdout().flush().unwrap();
         }
         println!("   {ppl:.3}");
+    }
+}
+
+/// Mean over layers of the per-token relative 4-bit error of each linear input: token 0, then
+/// the mean over the other tokens.
+fn input_errors(w: &LlamaWeights, dev: &Device, cases: &[(String, Transforms)], window: &[u32]) {
+    let hd = w.config.head_dim();
+    println!(
+        "relative error of each linear input quantized to 4 bits per token, mean over layers, first window ({} tokens): token 0 / the others",
+        window.len()
+    );
+    print!("{:<60}", "transforms");
+    for s in Site::ALL {
+        print!(" {:>19}", s.name());
+    }
+    println!();
+    for (name, t) in cases {
+        let (fused, online) = t.fuse(w, true).unwrap();
+        let mut m = Llama::new(&fused, dev);
+        m.set_options(online).unwrap();
+        // [site] → (Σ error of token 0, Σ mean error of the others, layers seen)
+        let mut sums = [(0.0f64, 0.0f64, 0usize); 4];
+        let mut tap = |_layer: usize, site: Site, x: burn::tensor::Tensor<2>| {
+            let [tokens, n] = x.dims();
+            let data = x.into_data().try_to_vec::<f32>().unwrap();
+            let spec = QuantSpec::asym(4);
+            let group = if site == Site::OIn { hd } else { n };
+            let errs: Vec<f64> = data
+                .chunks(n)
+                .map(|row| {
+                    let mut q = row.to_vec();
+                    for g in q.chunks_mut(group) {
+                        fake_quant_group(g, &spec, 1.0);
+                    }
+                    let e: f64 = q
+                        .iter()
+                        .zip(row)
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum();
+                    let x2: f64 = row.iter().map(|&v| (v as f64).powi(2)).sum();
+                    e / x2.max(1e-30)
+                })
+                .collect();
+            let s = &mut sums[Site::ALL.iter().position(|&x| x == site).unwrap()];
+            s.0 += errs[0];
+            s.1 += errs[1..].iter().sum::<f64>() / (tokens - 1) as f64;
+            s.2 += 1;
+        };
+        let mut cache = m.new_cache();
+        m.forward_tapped(&[window.to_vec()], &mut cache, &mut tap);
+        print!("{name:<60}");
+        for (first, rest, n) in sums {
+            print!("   {:>7.4} / {:>7.4}", first / n as f64, rest / n as f64);
+        }
+        println!();
     }
 }

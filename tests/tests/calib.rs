@@ -557,6 +557,62 @@ fn checkpoints_resume_exactly() {
 }
 
 #[test]
+fn a_step_split_into_passes_equals_the_whole_batch() {
+    // The gradient of a mean over positions is the passes' gradients weighted by their share:
+    // one pass of 4 windows, four of 1 and an uneven 3 + 1 learn the same transforms. Cayley
+    // SGD too, whose step (unlike Adam's) scales with the gradient.
+    let w = random_weights(&tiny_config(64), 21);
+    let windows = tiny_windows(8, 16, 2);
+    for (optimizer, lr_rot) in [
+        (RotationOptimizer::Adam, 0.05),
+        (RotationOptimizer::Sgd, 1.5),
+    ] {
+        let settings = Settings {
+            batch: 4,
+            optimizer,
+            lr_rot,
+            ..tiny_settings(2)
+        };
+        let run = |per_pass: usize| {
+            let mut c =
+                Calibrator::new(&w, settings.clone(), &windows, &Device::flex(), None).unwrap();
+            c.set_windows_per_pass(per_pass);
+            let losses = [c.step().unwrap(), c.step().unwrap()];
+            (losses, c.state.transforms.values().collect::<Vec<f64>>())
+        };
+        let (whole_losses, whole) = run(4);
+        let start: Vec<f64> = Transforms::init(&w, settings.init)
+            .unwrap()
+            .values()
+            .collect();
+        let moved = whole
+            .iter()
+            .zip(&start)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        for per_pass in [1, 3] {
+            let (losses, t) = run(per_pass);
+            for (a, b) in losses.iter().zip(&whole_losses) {
+                assert!(
+                    (a - b).abs() < 1e-4 * b.abs(),
+                    "loss {a} vs {b} ({per_pass} per pass)"
+                );
+            }
+            let worst = t
+                .iter()
+                .zip(&whole)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            eprintln!(
+                "{optimizer:?}, {per_pass} per pass: transforms differ by {worst:.1e}, moved {moved:.1e}"
+            );
+            assert!(
+                worst < 1e-3 * moved,
+                "{per_pass} per pass differs by {worst}"
+            );
+        }
+    }
+}
+
+#[test]
 fn cancelling_stops_with_an_error() {
     let w = random_weights(&tiny_config(64), 14);
     let windows = tiny_windows(8, 16, 2);

@@ -35,6 +35,11 @@ pub const PAPER_LR_ROT: f64 = 0.016_897_531_728_732_17;
 pub const PAPER_LR_SCALE: f64 = 0.001_789_882_267_591_724_8;
 /// Global L2 norm the Euclidean gradients are clipped to.
 pub const CLIP_NORM: f64 = 1.0;
+/// Tokens of one forward and backward pass. A step's windows go through in passes of at most
+/// this many tokens (at least one window) whose gradients add up to the step's, so only one
+/// pass's activations must fit in memory: the paper preset's 16 × 2048 tokens at once would
+/// need some 250 GB, one 2048-token window about 16 GB.
+pub const TOKENS_PER_PASS: usize = 2048;
 
 /// Sizes of a calibration run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +287,8 @@ pub struct Calibrator<'a> {
     teacher: Llama,
     student: Student,
     windows: &'a [Vec<u32>],
+    /// Windows per forward and backward pass (see [`TOKENS_PER_PASS`]).
+    windows_per_pass: usize,
     pub state: Checkpoint,
 }
 
@@ -315,9 +322,16 @@ impl<'a> Calibrator<'a> {
             teacher: Llama::new(w, device),
             student,
             windows: &windows[..settings.samples.min(windows.len())],
+            windows_per_pass: (TOKENS_PER_PASS / settings.seq_len).clamp(1, settings.batch),
             settings,
             state,
         })
+    }
+
+    /// Split each step's windows into passes of `n` windows (the results do not depend on it,
+    /// up to float rounding; memory does).
+    pub fn set_windows_per_pass(&mut self, n: usize) {
+        self.windows_per_pass = n.max(1);
     }
 
     pub fn done(&self) -> bool {
@@ -334,10 +348,16 @@ impl<'a> Calibrator<'a> {
 
     /// The loss of the current transforms on `tokens`, without updating anything.
     pub fn loss(&mut self, tokens: &[Vec<u32>]) -> f64 {
-        let z_fp = self.teacher.forward(tokens, &mut self.teacher.new_cache());
         let p = Params::upload(&self.state.transforms, self.student.device(), NO_GRAD);
-        let z_q = self.student.forward(&p, tokens);
-        scalar(self.settings.loss.compute(z_fp, z_q, tokens))
+        tokens
+            .chunks(self.windows_per_pass)
+            .map(|pass| {
+                let z_fp = self.teacher.forward(pass, &mut self.teacher.new_cache());
+                let z_q = self.student.forward(&p, pass);
+                let share = pass.len() as f64 / tokens.len() as f64;
+                share * scalar(self.settings.loss.compute(z_fp, z_q, pass))
+            })
+            .sum()
     }
 
     /// Run one optimiser step; returns the loss before it.
@@ -347,19 +367,30 @@ impl<'a> Calibrator<'a> {
         let decay = 1.0 - step as f64 / s.steps as f64;
         let (lr_rot, lr_scale) = (s.lr_rot * decay, s.lr_scale * decay);
         let tokens = self.batch(step);
-        let z_fp = self.teacher.forward(&tokens, &mut self.teacher.new_cache());
-        let params = Params::upload(&self.state.transforms, self.student.device(), s.trainable);
-        let z_q = self.student.forward(&params, &tokens);
-        let loss = s.loss.compute(z_fp, z_q, &tokens);
-        let value = scalar(loss.clone());
-        if !value.is_finite() {
-            return Err(Error::other(format!(
-                "calibration diverged at step {}: the loss is {value} (lower the learning rates)",
-                step + 1
-            )));
+        // Every loss is a mean over positions and the windows are of one length, so the
+        // step's loss and gradient are the passes' weighted by their share of the windows.
+        let (mut value, mut g) = (0.0, Vec::new());
+        for pass in tokens.chunks(self.windows_per_pass) {
+            let share = pass.len() as f64 / tokens.len() as f64;
+            let z_fp = self.teacher.forward(pass, &mut self.teacher.new_cache());
+            let params = Params::upload(&self.state.transforms, self.student.device(), s.trainable);
+            let z_q = self.student.forward(&params, pass);
+            let loss = s.loss.compute(z_fp, z_q, pass);
+            let v = scalar(loss.clone());
+            if !v.is_finite() {
+                return Err(Error::other(format!(
+                    "calibration diverged at step {}: the loss is {v} (lower the learning rates)",
+                    step + 1
+                )));
+            }
+            let grads = loss.backward();
+            let gp = params.gradients(&grads, &self.state.transforms);
+            if g.is_empty() {
+                g = vec![0.0; gp.len()];
+            }
+            g.iter_mut().zip(gp).for_each(|(a, b)| *a += share * b);
+            value += share * v;
         }
-        let grads = loss.backward();
-        let mut g = params.gradients(&grads, &self.state.transforms);
         if g.iter().any(|x| !x.is_finite()) {
             return Err(Error::other(format!(
                 "calibration diverged at step {}: NaN in the gradients",
