@@ -4,7 +4,7 @@
 //! input, the KV cache) and all together (W16A4KV4).
 //!
 //! `cargo run --release -p ostquant-tests --example ostquant_probe -- [WINDOWS] [--inputs-only]
-//! CHECKPOINT...`
+//! [--quick] CHECKPOINT...` (`--quick`: the W16A4KV4 column of the checkpoints only)
 //! where each checkpoint is a finished calibration under ~/.cache/ostquant/calib; the random
 //! Hadamard (QuaRot's rotation) and WOMI starts are always measured.
 //!
@@ -25,11 +25,12 @@ use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_group};
 fn main() {
     let mut windows = 4;
     let mut checkpoints = Vec::new();
-    let mut inputs_only = false;
+    let (mut inputs_only, mut quick) = (false, false);
     for a in std::env::args().skip(1) {
         match a.parse() {
             Ok(n) => windows = n,
             Err(_) if a == "--inputs-only" => inputs_only = true,
+            Err(_) if a == "--quick" => quick = true,
             Err(_) => checkpoints.push(a),
         }
     }
@@ -58,7 +59,10 @@ fn main() {
             .file_stem()
             .unwrap()
             .to_string_lossy();
-        let name = format!("{name} ({} steps, init {:?})", learned.step, settings.init);
+        let name = format!(
+            "{name} ({} steps, init {:?}, lr {:.3}/{:.4})",
+            learned.step, settings.init, settings.lr_rot, settings.lr_scale
+        );
         cases.push((name, learned.transforms));
     }
 
@@ -69,11 +73,17 @@ fn main() {
         .collect();
     configs.push(("KV4".into(), vec![], true));
     configs.push(("A4KV4 all".into(), Site::ALL.to_vec(), true));
+    if quick {
+        configs.drain(..configs.len() - 1);
+        cases.drain(..2);
+    }
     println!(
         "KL(FP ‖ W16 model) in nats per token, {} tokens ({windows} windows of 512)",
         wins.iter().map(|w| w.len() - 1).sum::<usize>()
     );
-    input_errors(&w, &dev, &cases, &wins[0]);
+    if !quick {
+        input_errors(&w, &dev, &cases, &wins[0]);
+    }
     if inputs_only {
         return;
     }
