@@ -1001,7 +1001,7 @@ fn eval(
 ) -> Result<()> {
     let mut lab = open_lab(args.model.as_deref(), args.device)?;
     let (bar, mut prog) = stage_bar();
-    let row = lab.evaluate(method, bits, settings, &mut prog)?;
+    let row = lab.evaluate(method, bits, settings, &mut prog, &AtomicBool::new(false))?;
     bar.finish_and_clear();
     if row.from_cache {
         eprintln!("ostquant: cached result (--fresh measures again)");

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 
@@ -53,7 +54,7 @@ pub fn results(
             }
             eprintln!("ostquant: {m} {b}");
             let (bar, mut prog) = stage_bar();
-            let row = lab.evaluate(m, b, settings, &mut prog)?;
+            let row = lab.evaluate(m, b, settings, &mut prog, &AtomicBool::new(false))?;
             bar.finish_and_clear();
             rows.push(row);
             // Written after every row, so the files show the table as far as it got.

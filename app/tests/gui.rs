@@ -10,6 +10,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use ostquant_app::gui::{OstquantApp, Tab};
 use ostquant_core::device::DeviceChoice;
+use ostquant_core::quant::method::Method;
 use ostquant_tests::write_tiny_model;
 
 fn harness(wgpu: bool) -> Harness<'static, OstquantApp> {
@@ -113,6 +114,33 @@ fn open_inspect_calibrate_cancel_and_chat() {
     wait(&mut h, "the cancellation", |a| !a.calibrate.is_running());
     let notice = h.state().shared.notice.clone().unwrap_or_default();
     assert!(notice.contains("cancelled"), "{notice}");
+
+    // Evaluation: cancelled in the middle of a zero-shot task, it stops there, with no row.
+    {
+        let f = &mut h.state_mut().evaluate.form;
+        f.methods = vec![Method::Fp];
+        f.windows = 1;
+        f.zeroshot = true;
+        f.limit = 100_000;
+    }
+    let ctx = h.ctx.clone();
+    let app = h.state_mut();
+    app.evaluate.start(&ctx, &mut app.shared);
+    wait(&mut h, "a zero-shot task", |a| {
+        a.evaluate.stage().is_some_and(|s| !s.contains("wiki")) || !a.evaluate.is_running()
+    });
+    h.state().evaluate.cancel();
+    wait(&mut h, "the evaluation's cancellation", |a| {
+        !a.evaluate.is_running()
+    });
+    let notice = h.state().shared.notice.clone().unwrap_or_default();
+    assert!(notice.contains("evaluation cancelled"), "{notice}");
+    assert!(h.state().evaluate.rows.is_empty());
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
 
     // Chat: send a message, tokens stream in. A random tiny model writes arbitrary bytes, which
     // no font draws: tofu boxes instead of the harness's panic on missing glyphs.

@@ -80,6 +80,18 @@ impl Panel {
         self.job.is_some()
     }
 
+    /// What the running evaluation measures now ("fp · piqa"), once it has said.
+    pub fn stage(&self) -> Option<&str> {
+        let (what, _, _) = self.job.as_ref()?.progress.as_ref()?;
+        Some(what)
+    }
+
+    pub fn cancel(&self) {
+        if let Some(j) = &self.job {
+            j.cancel();
+        }
+    }
+
     pub fn poll(&mut self, shared: &mut Shared) {
         let rows = &mut self.rows;
         if let Some(r) = self.job.as_mut().and_then(|j| {
@@ -88,8 +100,14 @@ impl Panel {
                 rows.push(row)
             })
         }) {
+            let cancelled = self.job.as_ref().is_some_and(|j| j.is_cancelling());
             self.job = None;
-            if finish(r, &mut shared.error).is_some() {
+            if cancelled {
+                shared.notice = Some(format!(
+                    "evaluation cancelled; {} rows shown, the tasks measured so far are cached",
+                    self.rows.len()
+                ));
+            } else if finish(r, &mut shared.error).is_some() {
                 shared.notice = Some(format!("evaluated {} rows", self.rows.len()));
             }
         }
@@ -118,9 +136,13 @@ impl Panel {
                 if r.cancelled() {
                     break;
                 }
-                let row = lab.evaluate(m, bits, &settings, &mut |what, d, t| {
-                    r.progress(&format!("{} · {what}", m.name()), d, t)
-                })?;
+                let row = lab.evaluate(
+                    m,
+                    bits,
+                    &settings,
+                    &mut |what, d, t| r.progress(&format!("{} · {what}", m.name()), d, t),
+                    &r.cancel,
+                )?;
                 r.event(row);
             }
             Ok(())

@@ -15,6 +15,9 @@ use super::style::{AFTER, BEFORE, qsur_colour};
 
 /// Columns of the table: the four quantized activations, then the seven weights.
 const COLUMNS: [&str; 11] = TENSOR_NAMES;
+/// Widths of the QSUR table's layer column and value cells (header and rows share them).
+const LAYER_WIDTH: f32 = 40.0;
+const CELL_WIDTH: f32 = 74.0;
 
 /// Transforms the inspector offers without calibration.
 const FIXED: [Method; 2] = [Method::Quarot, Method::SmoothQuant];
@@ -187,56 +190,74 @@ impl Panel {
         );
         let value = |s: &TensorStats| s.qsur.map(|q| q.rel);
         let layers = before.stats.iter().map(|s| s.layer + 1).max().unwrap_or(0);
+        // The header is a grid of its own above the scrolled rows, so it stays in view; fixed
+        // cell widths line the two grids' columns up.
+        egui::Grid::new("qsur header")
+            .min_col_width(0.0)
+            .show(ui, |ui| {
+                let head = |ui: &mut egui::Ui, w: f32, text: &str| {
+                    ui.add_sized(
+                        [w, 18.0],
+                        egui::Label::new(egui::RichText::new(text).strong()),
+                    );
+                };
+                head(ui, LAYER_WIDTH, "layer");
+                for c in COLUMNS {
+                    head(ui, CELL_WIDTH, c);
+                }
+                ui.end_row();
+            });
         egui::ScrollArea::vertical()
             .id_salt("qsur table")
             // Half the height when a cell's plots share it, else nearly all of it.
             .max_height(ui.available_height() * if self.selected.is_some() { 0.5 } else { 0.95 })
             .show(ui, |ui| {
-                egui::Grid::new("qsur").striped(true).show(ui, |ui| {
-                    ui.strong("layer");
-                    for c in COLUMNS {
-                        ui.strong(c);
-                    }
-                    ui.end_row();
-                    for layer in 0..layers {
-                        ui.label(layer.to_string());
-                        for c in COLUMNS {
-                            let (b, a) = (
-                                before.get(layer, c).and_then(value),
-                                after.get(layer, c).and_then(value),
-                            );
-                            let shown = match self.show {
-                                Show::Before => b,
-                                Show::After => a,
-                                Show::Gain => a.zip(b).map(|(a, b)| a - b),
-                            };
-                            let (text, fill) = match (shown, self.show) {
-                                (None, _) => ("–".to_string(), ui.visuals().faint_bg_color),
-                                (Some(v), Show::Gain) => {
-                                    (format!("{v:+.3}"), qsur_colour(0.5 + v * 2.5))
+                egui::Grid::new("qsur")
+                    .striped(true)
+                    .min_col_width(0.0)
+                    .show(ui, |ui| {
+                        for layer in 0..layers {
+                            ui.add_sized([LAYER_WIDTH, 20.0], egui::Label::new(layer.to_string()));
+                            for c in COLUMNS {
+                                let (b, a) = (
+                                    before.get(layer, c).and_then(value),
+                                    after.get(layer, c).and_then(value),
+                                );
+                                let shown = match self.show {
+                                    Show::Before => b,
+                                    Show::After => a,
+                                    Show::Gain => a.zip(b).map(|(a, b)| a - b),
+                                };
+                                let (text, fill) = match (shown, self.show) {
+                                    (None, _) => ("–".to_string(), ui.visuals().faint_bg_color),
+                                    (Some(v), Show::Gain) => {
+                                        (format!("{v:+.3}"), qsur_colour(0.5 + v * 2.5))
+                                    }
+                                    (Some(v), _) => (format!("{v:.3}"), qsur_colour(v / 0.6)),
+                                };
+                                let selected =
+                                    self.selected.as_ref() == Some(&(layer, c.to_string()));
+                                let button = egui::Button::new(
+                                    egui::RichText::new(text)
+                                        .color(egui::Color32::BLACK)
+                                        .monospace(),
+                                )
+                                .fill(fill)
+                                .selected(selected);
+                                // The selected cell keeps its colour and gets a white frame.
+                                let button = match selected {
+                                    true => {
+                                        button.stroke(egui::Stroke::new(2.5, egui::Color32::WHITE))
+                                    }
+                                    false => button,
+                                };
+                                if ui.add_sized([CELL_WIDTH, 20.0], button).clicked() {
+                                    self.selected = Some((layer, c.to_string()));
                                 }
-                                (Some(v), _) => (format!("{v:.3}"), qsur_colour(v / 0.6)),
-                            };
-                            let selected = self.selected.as_ref() == Some(&(layer, c.to_string()));
-                            let button = egui::Button::new(
-                                egui::RichText::new(text)
-                                    .color(egui::Color32::BLACK)
-                                    .monospace(),
-                            )
-                            .fill(fill)
-                            .selected(selected);
-                            // The selected cell keeps its colour and gets a white frame.
-                            let button = match selected {
-                                true => button.stroke(egui::Stroke::new(2.5, egui::Color32::WHITE)),
-                                false => button,
-                            };
-                            if ui.add(button).clicked() {
-                                self.selected = Some((layer, c.to_string()));
                             }
+                            ui.end_row();
                         }
-                        ui.end_row();
-                    }
-                });
+                    });
             });
         if let Some((layer, name)) = &self.selected
             && let (Some(b), Some(a)) = (before.get(*layer, name), after.get(*layer, name))

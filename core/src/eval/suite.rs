@@ -217,13 +217,16 @@ impl Lab {
                 .all(|t| cached::<TaskScores>(&key(t.name(), s.limit), false).is_some())
     }
 
-    /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can.
+    /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can. Once
+    /// `cancel` is set it stops with `Error::Cancelled` at the next zero-shot item; the tasks
+    /// already measured stay cached.
     pub fn evaluate(
         &mut self,
         method: Method,
         bits: Bits,
         s: &Settings,
         progress: &mut Progress,
+        cancel: &AtomicBool,
     ) -> Result<RowResult> {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
         let mkey = Self::method_key(method, bits, s);
@@ -258,9 +261,14 @@ impl Lab {
                     self.tasks.insert(*name, t);
                 }
                 let task = &self.tasks[name];
-                let r = zeroshot::evaluate(model, &self.tok, task, s.limit, &mut |d, t| {
-                    progress(name.name(), d, t)
-                })?;
+                let r = zeroshot::evaluate(
+                    model,
+                    &self.tok,
+                    task,
+                    s.limit,
+                    &mut |d, t| progress(name.name(), d, t),
+                    cancel,
+                )?;
                 cache_put(k, &r)?;
                 *slot = Some(r);
             }

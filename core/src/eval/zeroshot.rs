@@ -6,6 +6,8 @@
 //! most tasks) is computed once and its KV cache shared by the rows, which differ only in the
 //! tokens after it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -85,18 +87,23 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
     }
 }
 
-/// Evaluate `model` on `limit` items of `task` (spread evenly; all when None).
+/// Evaluate `model` on `limit` items of `task` (spread evenly; all when None); stops with
+/// `Error::Cancelled` between items once `cancel` is set.
 pub fn evaluate(
     model: &Llama,
     tok: &Tokenizer,
     task: &Task,
     limit: Option<usize>,
     progress: &mut dyn FnMut(usize, usize),
+    cancel: &AtomicBool,
 ) -> Result<TaskScores> {
     let t0 = std::time::Instant::now();
     let items = task.subset(limit);
     let mut judged = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled);
+        }
         judged.push(judge(model, tok, &item.requests)?);
         progress(i + 1, items.len());
     }
