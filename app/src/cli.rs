@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use ostquant_core::assets;
 use ostquant_core::calib::optim::RotationOptimizer;
-use ostquant_core::calib::{Event, Init, Loss, Preset, Settings as CalibSettings};
+use ostquant_core::calib::{Event, Init, Loss, Overrides, Preset, Settings as CalibSettings};
 use ostquant_core::data::tasks::parse_task_list;
 use ostquant_core::data::wiki;
 use ostquant_core::device::{self, ComputeDevice, DeviceChoice};
@@ -267,6 +267,8 @@ struct MeasureArgs {
     /// Calibration size of the learned methods (ostquant, spinquant): cpu or paper
     #[arg(long, default_value = "cpu")]
     preset: Preset,
+    #[command(flatten)]
+    calib: OverrideArgs,
 }
 
 impl MeasureArgs {
@@ -290,6 +292,7 @@ impl MeasureArgs {
             w_asym: self.w_asym,
             fresh: self.fresh,
             preset: self.preset,
+            calib: self.calib.overrides()?,
         })
     }
 }
@@ -301,6 +304,43 @@ struct CalibArgs {
     /// tokens) [default: paper on a GPU, cpu otherwise]
     #[arg(long)]
     preset: Option<Preset>,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+    /// Start the calibration over instead of resuming its checkpoint
+    #[arg(long)]
+    fresh: bool,
+}
+
+impl CalibArgs {
+    /// The method's settings at `bits` with these overrides; None for methods that learn nothing.
+    fn settings(&self, method: Method, bits: Bits, gpu: bool) -> Result<Option<CalibSettings>> {
+        let preset = self
+            .preset
+            .unwrap_or(if gpu { Preset::Paper } else { Preset::Cpu });
+        let overrides = self.overrides.overrides()?;
+        match method.learned_settings(bits, preset) {
+            Some(s) => Ok(Some(overrides.apply(s))),
+            None => {
+                check_learns(method, &overrides)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// An error where calibration options are given to a method that learns nothing.
+fn check_learns(method: Method, overrides: &Overrides) -> Result<()> {
+    if method.learned_settings(Bits::FP, Preset::Cpu).is_none() && !overrides.is_empty() {
+        bail!(
+            "{method} learns nothing: calibration options apply to ostquant, spinquant and the ostquant ablations"
+        );
+    }
+    Ok(())
+}
+
+/// Changes to a learned method's preset calibration.
+#[derive(Args)]
+struct OverrideArgs {
     /// Optimiser steps
     #[arg(long)]
     steps: Option<usize>,
@@ -328,53 +368,26 @@ struct CalibArgs {
     /// Rotation optimiser: adam (Riemannian Adam) or sgd (Cayley SGD)
     #[arg(long)]
     optimizer: Option<RotationOptimizer>,
-    /// Start the calibration over instead of resuming its checkpoint
-    #[arg(long)]
-    fresh: bool,
 }
 
-impl CalibArgs {
-    /// The method's settings at `bits` with these overrides; None for methods that learn nothing.
-    fn settings(&self, method: Method, bits: Bits, gpu: bool) -> Result<Option<CalibSettings>> {
-        let preset = self
-            .preset
-            .unwrap_or(if gpu { Preset::Paper } else { Preset::Cpu });
-        let Some(mut s) = method.learned_settings(bits, preset) else {
-            if self.steps.is_some() || self.loss.is_some() || self.init.is_some() {
-                bail!(
-                    "{method} learns nothing: calibration options apply to ostquant, spinquant and the ostquant ablations"
-                );
-            }
-            return Ok(None);
-        };
-        if let Some(v) = self.steps {
-            s.steps = v;
-        }
-        if let Some(v) = self.lr_rot {
-            s.lr_rot = v;
-        }
-        if let Some(v) = self.lr_scale {
-            s.lr_scale = v;
-        }
-        if let Some(v) = self.samples {
-            s.samples = v;
-        }
-        if let Some(v) = self.seq_len {
-            s.seq_len = v;
-        }
-        if let Some(v) = self.batch {
-            s.batch = v;
-        }
-        if let Some(v) = &self.loss {
-            s.loss = Loss::parse(v).map_err(anyhow::Error::msg)?;
-        }
-        if let Some(v) = self.init {
-            s.init = v;
-        }
-        if let Some(v) = self.optimizer {
-            s.optimizer = v;
-        }
-        Ok(Some(s))
+impl OverrideArgs {
+    fn overrides(&self) -> Result<Overrides> {
+        Ok(Overrides {
+            steps: self.steps,
+            lr_rot: self.lr_rot,
+            lr_scale: self.lr_scale,
+            samples: self.samples,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            loss: self
+                .loss
+                .as_deref()
+                .map(Loss::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            init: self.init,
+            optimizer: self.optimizer,
+        })
     }
 }
 
@@ -999,6 +1012,7 @@ fn eval(
     settings: &Settings,
     json: Option<&Path>,
 ) -> Result<()> {
+    check_learns(method, &settings.calib)?;
     let mut lab = open_lab(args.model.as_deref(), args.device)?;
     let (bar, mut prog) = stage_bar();
     let row = lab.evaluate(method, bits, settings, &mut prog, &AtomicBool::new(false))?;

@@ -123,7 +123,12 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
         }
     );
     let wiki = rows.first().map(|r| &r.wiki);
-    let preset = CalibSettings::ostquant(Bits::FP, s.preset);
+    let preset = s.calib.apply(CalibSettings::ostquant(Bits::FP, s.preset));
+    let overrides = if s.calib.is_empty() {
+        String::new()
+    } else {
+        format!(" changed by `{}`", s.calib.flags())
+    };
     let _ = writeln!(
         out,
         "- Perplexity: Wikipedia (wiki-2016) evaluation half, context {}, {}{} tokens scored. \
@@ -150,7 +155,7 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
         "- Weights {}, {}, MSE-searched clipping; activations per token, asymmetric \
          (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
          random windows of {} tokens of the Wikipedia calibration half (seed 42). OSTQuant and SpinQuant-style \
-         rows learn their transforms with the `{}` preset ({} steps × {} window(s) × {} tokens of the calibration half), \
+         rows learn their transforms with the `{}` preset{} ({} steps × {} window(s) × {} tokens of the calibration half), \
          then GPTQ weights. Time: seconds to measure the row (calibration not included).\n",
         s.w_group
             .map_or("per output channel".to_string(), |g| format!(
@@ -160,6 +165,7 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
         s.calib_windows,
         s.calib_len,
         format!("{:?}", s.preset).to_lowercase(),
+        overrides,
         preset.steps,
         preset.batch,
         preset.seq_len,

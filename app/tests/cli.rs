@@ -473,6 +473,16 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
     ]);
     assert!(err.contains("learns nothing"), "{err}");
     let err = fails(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--method",
+        "gptq",
+        "--lr-scale",
+        "0.01",
+    ]);
+    assert!(err.contains("learns nothing"), "{err}");
+    let err = fails(&[
         "quantize",
         "--model",
         s(&model),

@@ -12,7 +12,7 @@ use ostquant_core::calib::optim::{
 };
 use ostquant_core::calib::student::{Params, Student, Trainable};
 use ostquant_core::calib::transforms::{Shapes, Transforms, womi_residual};
-use ostquant_core::calib::{Calibrator, Checkpoint, Init, Loss, Preset, Settings};
+use ostquant_core::calib::{Calibrator, Checkpoint, Init, Loss, Overrides, Preset, Settings};
 use ostquant_core::model::checkpoint::LlamaWeights;
 use ostquant_core::model::llama::{ForwardOptions, Llama};
 use ostquant_core::quant::method::Bits;
@@ -610,6 +610,35 @@ fn a_step_split_into_passes_equals_the_whole_batch() {
             );
         }
     }
+}
+
+#[test]
+fn overrides_change_only_what_they_name() {
+    let base = Settings::ostquant(Bits { w: 4, a: 4, kv: 4 }, Preset::Cpu);
+    assert_eq!(Overrides::default().apply(base.clone()), base);
+    let o = Overrides {
+        lr_scale: Some(0.0179),
+        init: Some(Init::Hadamard),
+        loss: Some(Loss::KlTop(50)),
+        ..Default::default()
+    };
+    let s = o.apply(base.clone());
+    assert_eq!(
+        (s.lr_scale, s.init, s.loss),
+        (0.0179, Init::Hadamard, Loss::KlTop(50))
+    );
+    let back = Settings {
+        lr_scale: base.lr_scale,
+        init: base.init,
+        loss: base.loss,
+        ..s.clone()
+    };
+    assert_eq!(back, base);
+    // Another calibration, so another cache key; the flags read back as the same overrides.
+    assert_ne!(s.key(), base.key());
+    assert_eq!(o.flags(), "--lr-scale 0.0179 --loss kl-top:50 --init hadamard");
+    assert_eq!(Loss::parse("kl-top:50"), Ok(Loss::KlTop(50)));
+    assert_eq!("hadamard".parse::<Init>(), Ok(Init::Hadamard));
 }
 
 #[test]

@@ -26,7 +26,8 @@ use crate::model::llama::{ForwardOptions, Llama};
 use crate::quant::method::Bits;
 use crate::quant::quantizer::QuantSpec;
 pub use loss::Loss;
-use optim::{AdamState, RotationOptimizer, StiefelState};
+pub use optim::RotationOptimizer;
+use optim::{AdamState, StiefelState};
 use student::{Params, Student, Trainable};
 pub use transforms::{Init, Transforms};
 
@@ -187,6 +188,67 @@ pub enum Event {
         /// Seconds this step took.
         seconds: f64,
     },
+}
+
+/// Changes to a method's preset settings (`--steps`, `--lr-scale`, …); None keeps the preset's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub steps: Option<usize>,
+    pub lr_rot: Option<f64>,
+    pub lr_scale: Option<f64>,
+    pub samples: Option<usize>,
+    pub seq_len: Option<usize>,
+    pub batch: Option<usize>,
+    pub loss: Option<Loss>,
+    pub init: Option<Init>,
+    pub optimizer: Option<RotationOptimizer>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        self == &Overrides::default()
+    }
+
+    pub fn apply(&self, s: Settings) -> Settings {
+        Settings {
+            steps: self.steps.unwrap_or(s.steps),
+            lr_rot: self.lr_rot.unwrap_or(s.lr_rot),
+            lr_scale: self.lr_scale.unwrap_or(s.lr_scale),
+            samples: self.samples.unwrap_or(s.samples),
+            seq_len: self.seq_len.unwrap_or(s.seq_len),
+            batch: self.batch.unwrap_or(s.batch),
+            loss: self.loss.unwrap_or(s.loss),
+            init: self.init.unwrap_or(s.init),
+            optimizer: self.optimizer.unwrap_or(s.optimizer),
+            ..s
+        }
+    }
+
+    /// The overrides as command-line flags ("--lr-scale 0.0179 --init hadamard"), for tables.
+    pub fn flags(&self) -> String {
+        let mut f = Vec::new();
+        let mut add = |name: &str, v: Option<String>| {
+            if let Some(v) = v {
+                f.push(format!("--{name} {v}"));
+            }
+        };
+        add("steps", self.steps.map(|v| v.to_string()));
+        add("lr-rot", self.lr_rot.map(|v| v.to_string()));
+        add("lr-scale", self.lr_scale.map(|v| v.to_string()));
+        add("samples", self.samples.map(|v| v.to_string()));
+        add("seq-len", self.seq_len.map(|v| v.to_string()));
+        add("batch", self.batch.map(|v| v.to_string()));
+        add(
+            "loss",
+            self.loss.map(|v| match v {
+                Loss::KlTop(k) => format!("kl-top:{k}"),
+                other => other.name(),
+            }),
+        );
+        add("init", self.init.map(|v| format!("{v:?}").to_lowercase()));
+        add("optimizer", self.optimizer.map(|v| format!("{v:?}").to_lowercase()));
+        f.join(" ")
+    }
 }
 
 /// Transforms plus the optimiser state after `step` steps: enough to resume.

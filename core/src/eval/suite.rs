@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 use crate::analysis::inspect::{Inspection, inspect};
 use crate::assets;
 use crate::calib::{
-    Event, Learned, Preset, Settings as CalibSettings, Store, checkpoint_path, learn_resumable,
+    Event, Learned, Overrides, Preset, Settings as CalibSettings, Store, checkpoint_path, learn_resumable,
 };
 use crate::data::tasks::{self, Task, TaskName};
 use crate::data::wiki::{self, WikiSplit};
@@ -54,6 +54,18 @@ pub struct Settings {
     pub fresh: bool,
     /// Calibration size of the learned methods (OSTQuant, SpinQuant-style).
     pub preset: Preset,
+    /// Changes to the preset's calibration settings.
+    pub calib: Overrides,
+}
+
+impl Settings {
+    /// The calibration `method` runs at `bits`: its preset with the overrides; None for
+    /// methods that learn nothing.
+    pub fn learned_settings(&self, method: Method, bits: Bits) -> Option<CalibSettings> {
+        method
+            .learned_settings(bits, self.preset)
+            .map(|s| self.calib.apply(s))
+    }
 }
 
 impl Default for Settings {
@@ -69,6 +81,7 @@ impl Default for Settings {
             w_asym: false,
             fresh: false,
             preset: Preset::Cpu,
+            calib: Overrides::default(),
         }
     }
 }
@@ -185,7 +198,7 @@ impl Lab {
     /// weight groups or asymmetric weights are named.
     fn method_key(method: Method, bits: Bits, s: &Settings) -> String {
         let mut key = method.name().to_string();
-        if let Some(ls) = method.learned_settings(bits, s.preset) {
+        if let Some(ls) = s.learned_settings(method, bits) {
             key += &format!("-{}", ls.key());
         }
         if method.needs_calibration() {
@@ -300,7 +313,7 @@ impl Lab {
         let want = (method, bits.w, Self::method_key(method, bits, s));
         if self.prepared.as_ref().map(|p| &p.0) != Some(&want) {
             self.prepared = None; // free the previous method's weights first
-            let learned = match method.learned_settings(bits, s.preset) {
+            let learned = match s.learned_settings(method, bits) {
                 Some(ls) => Some(self.learn(
                     method,
                     &ls,
