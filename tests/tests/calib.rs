@@ -636,7 +636,10 @@ fn overrides_change_only_what_they_name() {
     assert_eq!(back, base);
     // Another calibration, so another cache key; the flags read back as the same overrides.
     assert_ne!(s.key(), base.key());
-    assert_eq!(o.flags(), "--lr-scale 0.0179 --loss kl-top:50 --init hadamard");
+    assert_eq!(
+        o.flags(),
+        "--lr-scale 0.0179 --loss kl-top:50 --init hadamard"
+    );
     assert_eq!(Loss::parse("kl-top:50"), Ok(Loss::KlTop(50)));
     assert_eq!("hadamard".parse::<Init>(), Ok(Init::Hadamard));
 }

@@ -246,7 +246,10 @@ impl Overrides {
             }),
         );
         add("init", self.init.map(|v| format!("{v:?}").to_lowercase()));
-        add("optimizer", self.optimizer.map(|v| format!("{v:?}").to_lowercase()));
+        add(
+            "optimizer",
+            self.optimizer.map(|v| format!("{v:?}").to_lowercase()),
+        );
         f.join(" ")
     }
 }

@@ -16,7 +16,8 @@ use std::sync::atomic::AtomicBool;
 use crate::analysis::inspect::{Inspection, inspect};
 use crate::assets;
 use crate::calib::{
-    Event, Learned, Overrides, Preset, Settings as CalibSettings, Store, checkpoint_path, learn_resumable,
+    Event, Learned, Overrides, Preset, Settings as CalibSettings, Store, checkpoint_path,
+    learn_resumable,
 };
 use crate::data::tasks::{self, Task, TaskName};
 use crate::data::wiki::{self, WikiSplit};
