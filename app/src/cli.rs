@@ -330,7 +330,7 @@ impl CalibArgs {
 
 /// An error where calibration options are given to a method that learns nothing.
 fn check_learns(method: Method, overrides: &Overrides) -> Result<()> {
-    if method.learned_settings(Bits::FP, Preset::Cpu).is_none() && !overrides.is_empty() {
+    if !method.is_learned() && !overrides.is_empty() {
         bail!(
             "{method} learns nothing: calibration options apply to ostquant, spinquant and the ostquant ablations"
         );

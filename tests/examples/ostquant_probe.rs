@@ -59,10 +59,22 @@ fn main() {
             .file_stem()
             .unwrap()
             .to_string_lossy();
-        let name = format!(
-            "{name} ({} steps, init {:?}, lr {:.3}/{:.4})",
-            learned.step, settings.init, settings.lr_rot, settings.lr_scale
+        // Mean calibration loss over each third of the steps, to compare runs.
+        let third = (learned.losses.len() / 3).max(1);
+        let thirds: Vec<String> = learned
+            .losses
+            .chunks(third)
+            .map(|c| format!("{:.3}", c.iter().sum::<f64>() / c.len() as f64))
+            .collect();
+        println!(
+            "{name}: {} steps, init {:?}, lr {:.3}/{:.4}, mean loss by thirds {}",
+            learned.step,
+            settings.init,
+            settings.lr_rot,
+            settings.lr_scale,
+            thirds.join(" / ")
         );
+        let name = format!("{name} ({} steps, init {:?})", learned.step, settings.init);
         cases.push((name, learned.transforms));
     }
 
