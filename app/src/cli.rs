@@ -264,6 +264,10 @@ struct MeasureArgs {
     /// Recompute even when a cached result exists
     #[arg(long)]
     fresh: bool,
+    /// Keep measured results in DIR instead of ~/.cache/ostquant/results (the repository keeps
+    /// the 250-item table's in results/cells)
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
     /// Calibration size of the learned methods (ostquant, spinquant): cpu or paper
     #[arg(long, default_value = "cpu")]
     preset: Preset,
@@ -291,6 +295,10 @@ impl MeasureArgs {
             w_group: self.w_group,
             w_asym: self.w_asym,
             fresh: self.fresh,
+            cache_dir: self
+                .cache
+                .clone()
+                .unwrap_or_else(ostquant_core::eval::default_cache_dir),
             preset: self.preset,
             calib: self.calib.overrides()?,
         })

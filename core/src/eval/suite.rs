@@ -53,6 +53,9 @@ pub struct Settings {
     pub w_asym: bool,
     /// Recompute even what is cached.
     pub fresh: bool,
+    /// Where measurements are cached (a folder that can be kept in a repository, so that a
+    /// long table grows across machines).
+    pub cache_dir: PathBuf,
     /// Calibration size of the learned methods (OSTQuant, SpinQuant-style).
     pub preset: Preset,
     /// Changes to the preset's calibration settings.
@@ -81,6 +84,7 @@ impl Default for Settings {
             w_group: None,
             w_asym: false,
             fresh: false,
+            cache_dir: super::default_cache_dir(),
             preset: Preset::Cpu,
             calib: Overrides::default(),
         }
@@ -216,11 +220,30 @@ impl Lab {
         key
     }
 
+    /// The cache file of measurement `task` of a method (by its key) at `bits`.
+    fn cell(
+        &self,
+        s: &Settings,
+        mkey: &str,
+        bits: Bits,
+        task: &str,
+        limit: Option<usize>,
+    ) -> PathBuf {
+        cache_path(
+            &s.cache_dir,
+            &self.dir,
+            mkey,
+            &bits.to_string(),
+            task,
+            limit,
+        )
+    }
+
     /// Whether every measurement of `method` at `bits` is in the cache.
     pub fn is_cached(&self, method: Method, bits: Bits, s: &Settings) -> bool {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
         let mkey = Self::method_key(method, bits, s);
-        let key = |task: &str, limit| cache_path(&self.dir, &mkey, &bits.to_string(), task, limit);
+        let key = |task: &str, limit| self.cell(s, &mkey, bits, task, limit);
         let wiki: Option<TextScores> = cached(
             &key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows),
             false,
@@ -244,7 +267,7 @@ impl Lab {
     ) -> Result<RowResult> {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
         let mkey = Self::method_key(method, bits, s);
-        let key = |task: &str, limit| cache_path(&self.dir, &mkey, &bits.to_string(), task, limit);
+        let key = |task: &str, limit| self.cell(s, &mkey, bits, task, limit);
         let wiki_key = key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows);
         let task_keys: Vec<_> = s.tasks.iter().map(|t| key(t.name(), s.limit)).collect();
         let fresh = s.fresh;
