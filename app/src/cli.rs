@@ -376,6 +376,10 @@ struct OverrideArgs {
     /// Rotation optimiser: adam (Riemannian Adam) or sgd (Cayley SGD)
     #[arg(long)]
     optimizer: Option<RotationOptimizer>,
+    /// Fake-quantize the weights (RTN, straight-through) during calibration: true or false
+    /// (the paper's scripts: true at W4A16, false at W4A4, where GPTQ follows)
+    #[arg(long, value_name = "BOOL")]
+    train_weights: Option<bool>,
 }
 
 impl OverrideArgs {
@@ -395,6 +399,7 @@ impl OverrideArgs {
                 .map_err(anyhow::Error::msg)?,
             init: self.init,
             optimizer: self.optimizer,
+            train_weights: self.train_weights,
         })
     }
 }

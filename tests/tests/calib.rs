@@ -620,17 +620,23 @@ fn overrides_change_only_what_they_name() {
         lr_scale: Some(0.0179),
         init: Some(Init::Hadamard),
         loss: Some(Loss::KlTop(50)),
+        train_weights: Some(true),
         ..Default::default()
     };
     let s = o.apply(base.clone());
     assert_eq!(
-        (s.lr_scale, s.init, s.loss),
-        (0.0179, Init::Hadamard, Loss::KlTop(50))
+        (s.lr_scale, s.init, s.loss, s.train_weights),
+        (0.0179, Init::Hadamard, Loss::KlTop(50), true)
+    );
+    assert!(
+        !base.train_weights,
+        "the W4A4 preset leaves weights to GPTQ"
     );
     let back = Settings {
         lr_scale: base.lr_scale,
         init: base.init,
         loss: base.loss,
+        train_weights: base.train_weights,
         ..s.clone()
     };
     assert_eq!(back, base);
@@ -638,7 +644,7 @@ fn overrides_change_only_what_they_name() {
     assert_ne!(s.key(), base.key());
     assert_eq!(
         o.flags(),
-        "--lr-scale 0.0179 --loss kl-top:50 --init hadamard"
+        "--lr-scale 0.0179 --loss kl-top:50 --init hadamard --train-weights true"
     );
     assert_eq!(Loss::parse("kl-top:50"), Ok(Loss::KlTop(50)));
     assert_eq!("hadamard".parse::<Init>(), Ok(Init::Hadamard));

@@ -202,6 +202,7 @@ pub struct Overrides {
     pub loss: Option<Loss>,
     pub init: Option<Init>,
     pub optimizer: Option<RotationOptimizer>,
+    pub train_weights: Option<bool>,
 }
 
 impl Overrides {
@@ -220,6 +221,7 @@ impl Overrides {
             loss: self.loss.unwrap_or(s.loss),
             init: self.init.unwrap_or(s.init),
             optimizer: self.optimizer.unwrap_or(s.optimizer),
+            train_weights: self.train_weights.unwrap_or(s.train_weights),
             ..s
         }
     }
@@ -250,6 +252,7 @@ impl Overrides {
             "optimizer",
             self.optimizer.map(|v| format!("{v:?}").to_lowercase()),
         );
+        add("train-weights", self.train_weights.map(|v| v.to_string()));
         f.join(" ")
     }
 }
