@@ -1047,12 +1047,13 @@ fn eval(
     );
     for t in &row.zeroshot {
         println!(
-            "  {:<15} acc {:>6.2}  acc_norm {:>6}{}  ({} items, {:.0} s)",
+            "  {:<15} acc {:>6.2}  acc_norm {:>6}{}{}  ({} items, {:.0} s)",
             t.task.name(),
             100.0 * t.acc,
             t.acc_norm
                 .map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
             t.ppl.map_or(String::new(), |p| format!("  ppl {p:.2}")),
+            shares(t),
             t.items,
             t.seconds
         );
@@ -1071,6 +1072,25 @@ fn eval(
         .with_context(|| format!("{}: cannot write", path.display()))?;
     }
     Ok(())
+}
+
+/// "  picks 63/37 of gold 38/62": how often each choice (by position) was picked beside how
+/// often it is right, in percent; empty for tasks with no choices (LAMBADA) or old cached cells.
+fn shares(t: &ostquant_core::eval::zeroshot::TaskScores) -> String {
+    if t.picks.is_empty() {
+        return String::new();
+    }
+    let percents = |xs: &[f64]| {
+        xs.iter()
+            .map(|x| format!("{:.0}", 100.0 * x))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    format!(
+        "  picks {} of gold {}",
+        percents(&t.picks),
+        percents(&t.golds)
+    )
 }
 
 fn inspect(

@@ -51,10 +51,26 @@ fn acc_and_acc_norm_from_known_logliks() {
     assert!((s.acc - 1.0 / 3.0).abs() < 1e-12, "acc {}", s.acc);
     assert!((s.acc_norm.unwrap() - 2.0 / 3.0).abs() < 1e-12);
     assert!((s.percent() - 200.0 / 3.0).abs() < 1e-9);
+    // PIQA counts acc_norm's picks (choices 1, 2, 1 by position); the golds are 1, 2, 0.
+    let third = 1.0 / 3.0;
+    let close = |a: &[f64], b: &[f64]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12)
+    };
+    assert!(
+        close(&s.picks, &[0.0, 2.0 * third, third]),
+        "picks {:?}",
+        s.picks
+    );
+    assert!(
+        close(&s.golds, &[third, third, third]),
+        "golds {:?}",
+        s.golds
+    );
     // Ties go to the first choice, as numpy's argmax does.
     let s = aggregate(TaskName::Boolq, &refs[..1], &[vec![j(-1.0), j(-1.0)]]);
     assert_eq!(s.acc, 0.0);
     assert!(s.acc_norm.is_none());
+    assert_eq!((s.picks, s.golds), (vec![1.0, 0.0], vec![0.0, 1.0]));
 }
 
 #[test]
@@ -74,6 +90,7 @@ fn lambada_counts_greedy_words_and_their_perplexity() {
     let s = aggregate(TaskName::Lambada, &refs, &judged);
     assert_eq!(s.acc, 0.5);
     assert!((s.ppl.unwrap() - 2f64.exp()).abs() < 1e-12);
+    assert!(s.picks.is_empty() && s.golds.is_empty());
 }
 
 #[test]

@@ -39,6 +39,14 @@ pub struct TaskScores {
     pub acc_norm: Option<f64>,
     /// LAMBADA: perplexity of the last word, exp(−mean log-likelihood).
     pub ppl: Option<f64>,
+    /// Share of the items whose counted answer (acc_norm's where the task has it) is each choice,
+    /// by position (empty for LAMBADA). Beside `golds` it shows a bias toward one answer, which
+    /// on two-choice tasks such as BoolQ moves the accuracy by tens of points.
+    #[serde(default)]
+    pub picks: Vec<f64>,
+    /// Share of the items whose gold answer is each choice, by position.
+    #[serde(default)]
+    pub golds: Vec<f64>,
     pub seconds: f64,
 }
 
@@ -64,18 +72,31 @@ fn argmax(xs: impl Iterator<Item = f64>) -> usize {
 pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> TaskScores {
     let n = items.len().max(1) as f64;
     let (mut acc, mut acc_norm, mut ll) = (0.0, 0.0, 0.0);
+    let (mut picks, mut golds) = (Vec::new(), Vec::new());
+    // Both lists as long as the most choices an item has, so that they line up.
+    let mut count = |shares: &mut Vec<f64>, choices: usize, choice: usize| {
+        if shares.len() < choices {
+            shares.resize(choices, 0.0);
+        }
+        shares[choice] += 1.0 / n;
+    };
     for (item, j) in items.iter().zip(judged) {
         if task.is_last_word() {
             acc += j[0].greedy as u8 as f64;
             ll += j[0].loglik;
             continue;
         }
-        acc += (argmax(j.iter().map(|x| x.loglik)) == item.gold) as u8 as f64;
+        let pick = argmax(j.iter().map(|x| x.loglik));
+        acc += (pick == item.gold) as u8 as f64;
         let per_byte = j
             .iter()
             .zip(&item.choice_bytes)
             .map(|(x, &b)| x.loglik / b.max(1) as f64);
-        acc_norm += (argmax(per_byte) == item.gold) as u8 as f64;
+        let pick_norm = argmax(per_byte);
+        acc_norm += (pick_norm == item.gold) as u8 as f64;
+        let counted = if task.has_acc_norm() { pick_norm } else { pick };
+        count(&mut picks, j.len(), counted);
+        count(&mut golds, j.len(), item.gold);
     }
     TaskScores {
         task,
@@ -83,6 +104,8 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
         acc: acc / n,
         acc_norm: task.has_acc_norm().then_some(acc_norm / n),
         ppl: task.is_last_word().then(|| (-ll / n).exp()),
+        picks,
+        golds,
         seconds: 0.0,
     }
 }
