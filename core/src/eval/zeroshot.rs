@@ -74,7 +74,7 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
     let (mut acc, mut acc_norm, mut ll) = (0.0, 0.0, 0.0);
     let (mut picks, mut golds) = (Vec::new(), Vec::new());
     // Both lists as long as the most choices an item has, so that they line up.
-    let mut count = |shares: &mut Vec<f64>, choices: usize, choice: usize| {
+    let count = |shares: &mut Vec<f64>, choices: usize, choice: usize| {
         if shares.len() < choices {
             shares.resize(choices, 0.0);
         }
