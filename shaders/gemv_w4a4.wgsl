@@ -13,8 +13,8 @@
 // (`store`). Weight groups and `agroup` are multiples of 32 columns, so each block has one
 // weight scale and one activation scale.
 // Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows and one of KS column
-// slices per team (pipeline constants), 16-byte coalesced weight loads, the same subgroup /
-// shared-memory team sums and slice sums.
+// slices per team, UNROLL 16-byte coalesced weight loads per lane per step (pipeline
+// constants), the same subgroup / shared-memory team sums and slice sums.
 
 struct Params {
     rows: u32,
@@ -49,35 +49,74 @@ fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
     return dot4I8Packed(w & LOW, even) + dot4I8Packed((w >> 4u) & LOW, odd);
 }
 
+// The x codes of the 32-column block v (even-column bytes and odd, by word) and their sum.
+struct XBlock {
+    a: vec4<u32>,
+    b: vec4<u32>,
+    n: i32,
+}
+
+fn x_block(v: u32) -> XBlock {
+    let a = xc[2u * v];
+    let b = xc[2u * v + 1u];
+    let n = dot4I8Packed(a.x, ONES) + dot4I8Packed(a.y, ONES) + dot4I8Packed(a.z, ONES)
+        + dot4I8Packed(a.w, ONES) + dot4I8Packed(b.x, ONES) + dot4I8Packed(b.y, ONES)
+        + dot4I8Packed(b.z, ONES) + dot4I8Packed(b.w, ONES);
+    return XBlock(a, b, n);
+}
+
+// Row `row`'s share of Σ weight·x over block v (weight codes `q`, x codes `x`): the integer
+// dot product and its dequant epilogue.
+fn block(row: u32, v: u32, q: vec4<u32>, x: XBlock) -> f32 {
+    let d = word_dot(q.x, x.a.x, x.a.y) + word_dot(q.y, x.a.z, x.a.w)
+        + word_dot(q.z, x.b.x, x.b.y) + word_dot(q.w, x.b.z, x.b.w);
+    // Past the last column the codes are 0: any in-range scale gives 0.
+    let s = sx[min((32u * v) / p.agroup, p.cols / p.agroup - 1u)];
+    let groups = p.cols / p.group;
+    let g = row * groups + min((32u * v) / p.group, groups - 1u);
+    var offset = p.qmin;
+    if (p.has_zeros != 0u) {
+        offset = p.qmin - zeros[g];
+    }
+    return scales[g] * s * (f32(d) + offset * f32(x.n));
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
     let team = t / TEAM;
     let row0 = ((wid.y * p.grid_x + wid.x) * (8u / KS) + team / KS) * RPT;
-    let groups = p.cols / p.group;
-    let agroups = p.cols / p.agroup;
     var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
-    for (var v = (team % KS) * TEAM + lane; v < p.stride; v = v + TEAM * KS) {
-        let a = xc[2u * v];
-        let b = xc[2u * v + 1u];
-        let n = dot4I8Packed(a.x, ONES) + dot4I8Packed(a.y, ONES) + dot4I8Packed(a.z, ONES)
-            + dot4I8Packed(a.w, ONES) + dot4I8Packed(b.x, ONES) + dot4I8Packed(b.y, ONES)
-            + dot4I8Packed(b.z, ONES) + dot4I8Packed(b.w, ONES);
-        // Past the last column the codes are 0: any in-range scale gives 0.
-        let s = sx[min((32u * v) / p.agroup, agroups - 1u)];
-        let gcol = min((32u * v) / p.group, groups - 1u);
+    let step = TEAM * KS; // vec4s between a lane's consecutive vec4s
+    var v = (team % KS) * TEAM + lane;
+    // UNROLL vec4s per lane per step, all loaded before any is used (gemv_w4a16.wgsl); the
+    // steps past the last full one take one vec4 at a time.
+    for (; v + (UNROLL - 1u) * step < p.stride; v = v + UNROLL * step) {
+        var q: array<vec4<u32>, 16>; // [r · 4 + j]: row r's vec4 v + j·step
         for (var r = 0u; r < RPT; r = r + 1u) {
             let row = row0 + r;
             if (row < p.rows) {
-                let q = words[row * p.stride + v];
-                let d = word_dot(q.x, a.x, a.y) + word_dot(q.y, a.z, a.w) + word_dot(q.z, b.x, b.y)
-                    + word_dot(q.w, b.z, b.w);
-                let g = row * groups + gcol;
-                var offset = p.qmin;
-                if (p.has_zeros != 0u) {
-                    offset = p.qmin - zeros[g];
+                for (var j = 0u; j < UNROLL; j = j + 1u) {
+                    q[r * 4u + j] = words[row * p.stride + v + j * step];
                 }
-                acc[r] = acc[r] + scales[g] * s * (f32(d) + offset * f32(n));
+            }
+        }
+        for (var j = 0u; j < UNROLL; j = j + 1u) {
+            let x = x_block(v + j * step);
+            for (var r = 0u; r < RPT; r = r + 1u) {
+                let row = row0 + r;
+                if (row < p.rows) {
+                    acc[r] = acc[r] + block(row, v + j * step, q[r * 4u + j], x);
+                }
+            }
+        }
+    }
+    for (; v < p.stride; v = v + step) {
+        let x = x_block(v);
+        for (var r = 0u; r < RPT; r = r + 1u) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                acc[r] = acc[r] + block(row, v, words[row * p.stride + v], x);
             }
         }
     }

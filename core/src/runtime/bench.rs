@@ -130,7 +130,7 @@ struct Variant {
 
 impl Target<'_> {
     /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`]
-    /// (on the software device, compute-bound, only the unsplit ones), with f32 activations and
+    /// (on the software device, compute-bound, only the unsplit, 16-byte ones), with f32 activations and
     /// with 4-bit integer activation codes, and the runtime's choice again with shared-memory
     /// sums where the runtime's use subgroups.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
@@ -142,7 +142,8 @@ impl Target<'_> {
                     .flat_map(|&codes| {
                         let software = k.software;
                         let tilings = Tiling::ALL.into_iter();
-                        let tilings = tilings.filter(move |t| !software || t.slices == 1);
+                        let tilings =
+                            tilings.filter(move |t| !software || (t.slices, t.unroll) == (1, 1));
                         let all = tilings.map(move |t| Variant {
                             codes,
                             tiling: Some(t),
