@@ -12,12 +12,13 @@
 // one of KS slices of their columns (KS = 1, 2, 4 or 8 teams per row set, all pipeline
 // constants the host picks per shape); a workgroup covers 8 / KS row sets (a 2-D grid past
 // `grid_x` workgroups). Lane l of slice k walks the words 32·k + l, then 32·KS further on, …,
-// 4·UNROLL per step (UNROLL = 1, 2 or 4, a pipeline constant too): consecutive lanes on consecutive words, so the weights stream from memory
-// once, coalesced (4·UNROLL × 128 bytes per team and row per step). A word spans 8 columns, i.e. 32
-// bytes of x (two vec4 loads) against 4 bytes of weights: each lane loads them once and applies
-// them to its RPT rows, which divides the x traffic by RPT. KS > 1 keeps that reuse without
-// shrinking the grid: on an H100 the x loads, not the weights, look like the bound (the W4A4
-// GEMV, with 1-byte x codes, runs ~1.6× faster on the same weights; results/bench-h100.md).
+// 4·UNROLL per step (UNROLL = 1, 2 or 4, a pipeline constant too): consecutive lanes on
+// consecutive words, so the weights stream from memory once, coalesced (4·UNROLL × 128 bytes
+// per team and row per step). A word spans 8 columns, i.e. 32 bytes of x (two vec4 loads)
+// against 4 bytes of weights: each lane loads them once and applies them to its RPT rows,
+// which divides the x traffic by RPT. KS > 1 keeps that reuse without shrinking the grid: on
+// an H100 the x loads, not the weights, look like the bound (the W4A4 GEMV, with 1-byte x
+// codes, runs ~1.6× faster on the same weights; results/bench-h100.md).
 // The partial sums are reduced per team with subgroup shuffles where the adapter has them, in
 // shared memory across subgroups (or entirely, where it has none), then across the KS slices
 // (shaders/gemv_store.wgsl).

@@ -49,11 +49,14 @@ fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
     return dot4I8Packed(w & LOW, even) + dot4I8Packed((w >> 4u) & LOW, odd);
 }
 
-// The x codes of the 32-column block v (even-column bytes and odd, by word) and their sum.
+// What the rows share of the 32-column block v: the x codes (even-column bytes and odd, by
+// word), their sum, the activation scale and the block's weight-group column.
 struct XBlock {
     a: vec4<u32>,
     b: vec4<u32>,
     n: i32,
+    s: f32,
+    gcol: u32,
 }
 
 fn x_block(v: u32) -> XBlock {
@@ -62,23 +65,23 @@ fn x_block(v: u32) -> XBlock {
     let n = dot4I8Packed(a.x, ONES) + dot4I8Packed(a.y, ONES) + dot4I8Packed(a.z, ONES)
         + dot4I8Packed(a.w, ONES) + dot4I8Packed(b.x, ONES) + dot4I8Packed(b.y, ONES)
         + dot4I8Packed(b.z, ONES) + dot4I8Packed(b.w, ONES);
-    return XBlock(a, b, n);
-}
-
-// Row `row`'s share of Σ weight·x over block v (weight codes `q`, x codes `x`): the integer
-// dot product and its dequant epilogue.
-fn block(row: u32, v: u32, q: vec4<u32>, x: XBlock) -> f32 {
-    let d = word_dot(q.x, x.a.x, x.a.y) + word_dot(q.y, x.a.z, x.a.w)
-        + word_dot(q.z, x.b.x, x.b.y) + word_dot(q.w, x.b.z, x.b.w);
     // Past the last column the codes are 0: any in-range scale gives 0.
     let s = sx[min((32u * v) / p.agroup, p.cols / p.agroup - 1u)];
-    let groups = p.cols / p.group;
-    let g = row * groups + min((32u * v) / p.group, groups - 1u);
+    let gcol = min((32u * v) / p.group, p.cols / p.group - 1u);
+    return XBlock(a, b, n, s, gcol);
+}
+
+// Row `row`'s share of Σ weight·x over a block (weight codes `q`, shared part `x`): the
+// integer dot product and its dequant epilogue.
+fn block(row: u32, q: vec4<u32>, x: XBlock) -> f32 {
+    let d = word_dot(q.x, x.a.x, x.a.y) + word_dot(q.y, x.a.z, x.a.w)
+        + word_dot(q.z, x.b.x, x.b.y) + word_dot(q.w, x.b.z, x.b.w);
+    let g = row * (p.cols / p.group) + x.gcol;
     var offset = p.qmin;
     if (p.has_zeros != 0u) {
         offset = p.qmin - zeros[g];
     }
-    return scales[g] * s * (f32(d) + offset * f32(x.n));
+    return scales[g] * x.s * (f32(d) + offset * f32(x.n));
 }
 
 @compute @workgroup_size(256)
@@ -106,7 +109,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var r = 0u; r < RPT; r = r + 1u) {
                 let row = row0 + r;
                 if (row < p.rows) {
-                    acc[r] = acc[r] + block(row, v + j * step, q[r * 4u + j], x);
+                    acc[r] = acc[r] + block(row, q[r * 4u + j], x);
                 }
             }
         }
@@ -116,7 +119,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var r = 0u; r < RPT; r = r + 1u) {
             let row = row0 + r;
             if (row < p.rows) {
-                acc[r] = acc[r] + block(row, v, words[row * p.stride + v], x);
+                acc[r] = acc[r] + block(row, words[row * p.stride + v], x);
             }
         }
     }

@@ -130,8 +130,8 @@ struct Variant {
 
 impl Target<'_> {
     /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`]
-    /// (on the software device, compute-bound, only the unsplit, 16-byte ones), with f32 activations and
-    /// with 4-bit integer activation codes, and the runtime's choice again with shared-memory
+    /// (on the software device, compute-bound, only the unsplit, 16-byte ones), with f32
+    /// activations and with 4-bit integer activation codes, and the runtime's choice again with shared-memory
     /// sums where the runtime's use subgroups.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         match (self, w) {
@@ -434,7 +434,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass, median of 3 rounds; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only",
+                "{} launches per shape in one pass, median of 3 rounds; int4 rNkMuK: N rows per team, M teams per row set splitting the columns, K × 16 bytes per lane per step, * the one the runtime picks, smem: summed in shared memory only",
                 o.iters
             ),
         )
