@@ -20,9 +20,6 @@ override KS: u32 = 1u;
 // x is the residual stream, RMS-normalized by the GEMV: acc[SQ] carries the lanes' partial
 // sums of x², summed like the rows, and the results are scaled by 1 / rms(x).
 override NORM: bool = false;
-// Weight bytes a lane loads per step of its walk, in 16-byte units (1, 2 or 4): more bytes in
-// flight per lane for a memory-bound product, against more registers.
-override UNROLL: u32 = 1u;
 const SQ: u32 = 4u;
 const SLOTS: u32 = 5u;
 var<workgroup> partial: array<f32, 1280>; // [thread][slot]

@@ -12,9 +12,8 @@
 // one of KS slices of their columns (KS = 1, 2, 4 or 8 teams per row set, all pipeline
 // constants the host picks per shape); a workgroup covers 8 / KS row sets (a 2-D grid past
 // `grid_x` workgroups). Lane l of slice k walks the words 32·k + l, then 32·KS further on, …,
-// 4·UNROLL per step (UNROLL = 1, 2 or 4, a pipeline constant too): consecutive lanes on
-// consecutive words, so the weights stream from memory once, coalesced (4·UNROLL × 128 bytes
-// per team and row per step). A word spans 8 columns, i.e. 32 bytes of x (two vec4 loads)
+// four per step: consecutive lanes on consecutive words, so the weights stream from memory
+// once, coalesced (4 × 128 bytes per team and row per step). A word spans 8 columns, i.e. 32 bytes of x (two vec4 loads)
 // against 4 bytes of weights: each lane loads them once and applies them to its RPT rows,
 // which divides the x traffic by RPT. KS > 1 keeps that reuse without shrinking the grid: on
 // an H100 the x loads, not the weights, look like the bound (the W4A4 GEMV, with 1-byte x
@@ -114,32 +113,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // The RPT rows' sums, then x² (gemv_store.wgsl's slot SQ).
     var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
     var x_sum = 0.0; // Σ x over the lane's words, for the per-row offsets
-    // 4·UNROLL words per lane per step (w, w + step, …): every weight load of the step is
-    // issued before any is used, so a lane has 16·UNROLL bytes in flight. At 7B shapes with 4
-    // words a step the GEMV looked latency-bound on an H100 (17–24% of the read bandwidth, run
-    // 10), with one step per lane for a 4096-column row only at UNROLL = 4.
-    let n = 4u * UNROLL;
+    // Four words per lane per step (w, w + step, w + 2·step, w + 3·step), loaded into named
+    // values before any is used. Not a private array: with one (`array<u32, 16>` for 16 words
+    // per step) the H100 ran 2–3× slower at 7B shapes, and a 7B decode's GEMVs took 12.0 ms
+    // instead of 4.4 (results/bench-h100-run11.txt, -run12.txt).
     var w = (team % KS) * TEAM + lane;
-    for (; w + (n - 1u) * step < words_per_row; w = w + n * step) {
-        var q: array<u32, 64>; // [r · 16 + j]: row r's word w + j·step
+    for (; w + 3u * step < words_per_row; w = w + 4u * step) {
+        let c0 = chunk(w);
+        let c1 = chunk(w + step);
+        let c2 = chunk(w + 2u * step);
+        let c3 = chunk(w + 3u * step);
+        x_sum = x_sum + c0.sum + c1.sum + c2.sum + c3.sum;
+        acc[SQ] = acc[SQ] + c0.sq + c1.sq + c2.sq + c3.sq;
         for (var r = 0u; r < RPT; r = r + 1u) {
             let row = row0 + r;
             if (row < p.rows) {
                 let at = row * row_words + w;
-                for (var j = 0u; j < n; j = j + 1u) {
-                    q[r * 16u + j] = words[at + j * step];
-                }
-            }
-        }
-        for (var j = 0u; j < n; j = j + 1u) {
-            let c = chunk(w + j * step);
-            x_sum = x_sum + c.sum;
-            acc[SQ] = acc[SQ] + c.sq;
-            for (var r = 0u; r < RPT; r = r + 1u) {
-                let row = row0 + r;
-                if (row < p.rows) {
-                    acc[r] = acc[r] + term(row, groups, w + j * step, q[r * 16u + j], c);
-                }
+                let q = vec4<u32>(words[at], words[at + step], words[at + 2u * step],
+                    words[at + 3u * step]);
+                acc[r] = acc[r] + term(row, groups, w, q.x, c0)
+                    + term(row, groups, w + step, q.y, c1)
+                    + term(row, groups, w + 2u * step, q.z, c2)
+                    + term(row, groups, w + 3u * step, q.w, c3);
             }
         }
     }

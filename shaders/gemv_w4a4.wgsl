@@ -13,8 +13,8 @@
 // (`store`). Weight groups and `agroup` are multiples of 32 columns, so each block has one
 // weight scale and one activation scale.
 // Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows and one of KS column
-// slices per team, UNROLL 16-byte coalesced weight loads per lane per step (pipeline
-// constants), the same subgroup / shared-memory team sums and slice sums.
+// slices per team (pipeline constants), one 16-byte coalesced weight load per lane per step,
+// the same subgroup / shared-memory team sums and slice sums.
 
 struct Params {
     rows: u32,
@@ -92,28 +92,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
     let step = TEAM * KS; // vec4s between a lane's consecutive vec4s
     var v = (team % KS) * TEAM + lane;
-    // UNROLL vec4s per lane per step, all loaded before any is used (gemv_w4a16.wgsl); the
-    // steps past the last full one take one vec4 at a time.
-    for (; v + (UNROLL - 1u) * step < p.stride; v = v + UNROLL * step) {
-        var q: array<vec4<u32>, 16>; // [r · 4 + j]: row r's vec4 v + j·step
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            let row = row0 + r;
-            if (row < p.rows) {
-                for (var j = 0u; j < UNROLL; j = j + 1u) {
-                    q[r * 4u + j] = words[row * p.stride + v + j * step];
-                }
-            }
-        }
-        for (var j = 0u; j < UNROLL; j = j + 1u) {
-            let x = x_block(v + j * step);
-            for (var r = 0u; r < RPT; r = r + 1u) {
-                let row = row0 + r;
-                if (row < p.rows) {
-                    acc[r] = acc[r] + block(row, q[r * 4u + j], x);
-                }
-            }
-        }
-    }
     for (; v < p.stride; v = v + step) {
         let x = x_block(v);
         for (var r = 0u; r < RPT; r = r + 1u) {

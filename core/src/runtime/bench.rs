@@ -133,34 +133,30 @@ struct Variant {
 
 impl Target<'_> {
     /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`]
-    /// (on the software device, compute-bound, only the unsplit, 16-byte ones), with f32
+    /// (on the software device, compute-bound, only the unsplit ones), with f32
     /// activations and with 4-bit integer activation codes, and the runtime's choice again with shared-memory
     /// sums where the runtime's use subgroups.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         match (self, w) {
-            (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => {
-                let picked = Tiling::for_rows(w.rows(), k.software);
-                [false, true]
-                    .iter()
-                    .flat_map(|&codes| {
-                        let software = k.software;
-                        let tilings = Tiling::ALL.into_iter();
-                        let tilings =
-                            tilings.filter(move |t| !software || (t.slices, t.unroll) == (1, 1));
-                        let all = tilings.map(move |t| Variant {
-                            codes,
-                            tiling: Some(t),
-                            shared: false,
-                        });
-                        let smem = shared.as_ref().map(|_| Variant {
-                            codes,
-                            tiling: Some(picked),
-                            shared: true,
-                        });
-                        all.chain(smem)
-                    })
-                    .collect()
-            }
+            (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => [false, true]
+                .iter()
+                .flat_map(|&codes| {
+                    let software = k.software;
+                    let tilings = Tiling::ALL.into_iter();
+                    let tilings = tilings.filter(move |t| !software || t.slices == 1);
+                    let all = tilings.map(move |t| Variant {
+                        codes,
+                        tiling: Some(t),
+                        shared: false,
+                    });
+                    let smem = shared.as_ref().map(|_| Variant {
+                        codes,
+                        tiling: Some(Tiling::for_rows(w.rows(), codes, software)),
+                        shared: true,
+                    });
+                    all.chain(smem)
+                })
+                .collect(),
             _ => vec![Variant {
                 codes: false,
                 tiling: None,
@@ -275,7 +271,7 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                 // Codes are one byte per column, f32 activations four.
                 let bytes = m.bytes() + cols * if v.codes { 1 } else { 4 };
                 let software = matches!(target, Target::Gpu(_, g, _) if g.software);
-                let picked = if v.tiling == Some(Tiling::for_rows(rows, software)) {
+                let picked = if v.tiling == Some(Tiling::for_rows(rows, v.codes, software)) {
                     "*"
                 } else {
                     ""
@@ -449,7 +445,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds; int4 rNkMuK: N rows per team, M teams per row set splitting the columns, K × 16 bytes per lane per step, * the one the runtime picks, smem: summed in shared memory only",
+                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only",
                 o.iters
             ),
         )

@@ -17,23 +17,20 @@ const GRID_X: u32 = 32768;
 /// Rows per workgroup of the f16 kernel: 8 teams of 32 lanes, one row each.
 const HALF_ROWS: u32 = 8;
 
-/// How an int4 GEMV shares a matrix among its workgroups' 8 teams of 32 lanes, and how much
-/// each lane loads at once (the shaders' RPT, KS and UNROLL; shaders/gemv_w4a16.wgsl).
+/// How an int4 GEMV shares a matrix among its workgroups' 8 teams of 32 lanes (the shaders'
+/// RPT and KS; shaders/gemv_w4a16.wgsl).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Tiling {
     /// Rows per team (1, 2 or 4): each x load serves this many rows.
     pub rows: u32,
     /// Teams per set of rows (1, 2, 4 or 8), each walking a slice of the columns.
     pub slices: u32,
-    /// Weight bytes per lane per step of the walk, in 16-byte units (1, 2 or 4).
-    pub unroll: u32,
 }
 
 impl Tiling {
     /// The tilings the tests check and the benchmarks time: every rows-per-team choice alone,
-    /// the column splits that keep 2 or 4 rows' reuse on a grid as large as 1 row's, and
-    /// deeper walks (32 or 64 bytes in flight per lane) for the memory-bound 7B shapes.
-    pub const ALL: [Tiling; 11] = [
+    /// and the column splits that keep 2 or 4 rows' reuse on a grid as large as 1 row's.
+    pub const ALL: [Tiling; 7] = [
         Tiling::new(1, 1),
         Tiling::new(2, 1),
         Tiling::new(4, 1),
@@ -41,33 +38,22 @@ impl Tiling {
         Tiling::new(2, 4),
         Tiling::new(4, 4),
         Tiling::new(4, 8),
-        Tiling::new(1, 1).unrolled(2),
-        Tiling::new(1, 1).unrolled(4),
-        Tiling::new(2, 1).unrolled(2),
-        Tiling::new(2, 1).unrolled(4),
     ];
 
     pub const fn new(rows: u32, slices: u32) -> Self {
-        Tiling {
-            rows,
-            slices,
-            unroll: 1,
-        }
+        Tiling { rows, slices }
     }
 
-    /// This tiling with `unroll` × 16 bytes of weights per lane per step.
-    pub const fn unrolled(self, unroll: u32) -> Self {
-        Tiling { unroll, ..self }
-    }
-
-    /// The runtime's tiling for a matrix of `rows` rows. On a GPU: reuse of x across rows
-    /// where there are rows enough to keep ≥ 256 workgroups, one row per team (most
-    /// workgroups) below; the column splits and deeper walks wait for a GPU measurement
-    /// (`ostquant bench` times them all). On a software device (CPU threads, compute-bound)
-    /// always the most reuse.
-    pub fn for_rows(rows: usize, software: bool) -> Self {
+    /// The runtime's tiling for a matrix of `rows` rows, on f32 activations or on integer
+    /// `codes`. On a GPU (an H100, results/bench-h100-run12.txt): the W4A4 GEMV one row per
+    /// team at every shape (r2 and r4 were 1.2–1.6× slower at the 7B shapes); the W4A16 GEMV
+    /// reuses x across rows where there are rows enough to keep ≥ 256 workgroups, one row per
+    /// team below (the tilings were within the run-to-run spread of each other at 7B shapes).
+    /// On a software device (CPU threads, compute-bound) always the most reuse.
+    pub fn for_rows(rows: usize, codes: bool, software: bool) -> Self {
         let r = match rows {
             _ if software => 4,
+            _ if codes => 1,
             r if r >= 8192 => 4,
             r if r >= 4096 => 2,
             _ => 1,
@@ -82,10 +68,8 @@ impl Tiling {
 
     fn check(self) {
         assert!(
-            matches!(self.rows, 1 | 2 | 4)
-                && matches!(self.slices, 1 | 2 | 4 | 8)
-                && matches!(self.unroll, 1 | 2 | 4),
-            "int4 GEMV tiling {self:?}: 1, 2 or 4 rows per team, 1, 2, 4 or 8 slices, 1, 2 or 4 loads"
+            matches!(self.rows, 1 | 2 | 4) && matches!(self.slices, 1 | 2 | 4 | 8),
+            "int4 GEMV tiling {self:?}: 1, 2 or 4 rows per team, 1, 2, 4 or 8 slices"
         );
     }
 }
@@ -95,9 +79,6 @@ impl std::fmt::Display for Tiling {
         write!(f, "r{}", self.rows)?;
         if self.slices > 1 {
             write!(f, "k{}", self.slices)?;
-        }
-        if self.unroll > 1 {
-            write!(f, "u{}", self.unroll)?;
         }
         Ok(())
     }
@@ -132,10 +113,10 @@ enum Store {
 }
 
 impl Store {
-    /// The tiling for `rows` rows: `tiling` or the shape's choice, with at least 2 rows per
-    /// team for `SiluMul` (a team holds whole (gate, up) pairs).
-    fn tiling(self, tiling: Option<Tiling>, rows: usize, software: bool) -> Tiling {
-        let t = tiling.unwrap_or_else(|| Tiling::for_rows(rows, software));
+    /// The tiling for `rows` rows: `tiling` or the shape's choice ([`Tiling::for_rows`]), with
+    /// at least 2 rows per team for `SiluMul` (a team holds whole (gate, up) pairs).
+    fn tiling(self, tiling: Option<Tiling>, rows: usize, codes: bool, software: bool) -> Tiling {
+        let t = tiling.unwrap_or_else(|| Tiling::for_rows(rows, codes, software));
         match self {
             Store::SiluMul => Tiling {
                 rows: t.rows.max(2),
@@ -569,7 +550,6 @@ impl Products {
                 let constants = [
                     ("RPT", tiling.rows as f64),
                     ("KS", tiling.slices as f64),
-                    ("UNROLL", tiling.unroll as f64),
                     ("NORM", norm as u32 as f64),
                     ("SG", self.subgroup_lanes as f64),
                 ];
@@ -722,7 +702,7 @@ impl Products {
         store: Store,
         tiling: Option<Tiling>,
     ) -> Dispatch {
-        let tiling = store.tiling(tiling, m.rows, self.software);
+        let tiling = store.tiling(tiling, m.rows, false, self.software);
         let g = grid(m.rows, tiling.rows_per_workgroup());
         let params = Int4Params {
             rows: m.rows as u32,
@@ -759,7 +739,7 @@ impl Products {
         tiling: Option<Tiling>,
     ) -> Result<Dispatch> {
         let group = w4a4_group(m, x)?;
-        let tiling = store.tiling(tiling, m.rows, self.software);
+        let tiling = store.tiling(tiling, m.rows, true, self.software);
         let g = grid(m.rows, tiling.rows_per_workgroup());
         let params = W4A4Params {
             rows: m.rows as u32,
