@@ -27,7 +27,7 @@ run)
         cat /tmp/oq/gguf.0 .calib/gguf.1 > /tmp/oq/model.gguf || exit 1
     fi
     echo "$(cat .calib/gguf.sha256)  /tmp/oq/model.gguf" | sha256sum -c || exit 1
-    for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+    source tests/device/vulkan.sh
     xz -dc .calib/device_calibrate.xz > /tmp/oq/device_calibrate && chmod +x /tmp/oq/device_calibrate
     nvidia-smi --query-gpu=name,memory.total --format=csv
     (while sleep 20; do nvidia-smi --query-gpu=memory.used --format=csv,noheader; done) > $OUT/gpu-memory.txt &

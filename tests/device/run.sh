@@ -5,15 +5,10 @@
 #   cargo build --release -p ostquant-tests --example device_bench \
 #       --test runtime_linear --test runtime_ops --test runtime_model
 #   (copy each binary to .devbin/<name without hash>, strip, xz)
+#   mkdir -p .gl && (cd .gl && apt-get download libvulkan1)
+# and the call carries them: run(command=..., carry=[".devbin", ".gl"]).
 # BENCH_ARGS: device_bench's arguments; BENCH_S: its time limit in seconds.
-for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
-ldconfig -p | grep -q libvulkan || echo "no libvulkan"
-# Headless machines: the driver's GLX library finds no display and gives the loader no
-# vkCreateInstance; its EGL library is the same Vulkan driver without one.
-if ldconfig -p | grep -q libEGL_nvidia.so.0; then
-    echo '{"file_format_version":"1.0.1","ICD":{"library_path":"libEGL_nvidia.so.0","api_version":"1.3.0"}}' > /tmp/nvidia_egl_icd.json
-    export VK_ICD_FILENAMES=/tmp/nvidia_egl_icd.json
-fi
+source tests/device/vulkan.sh
 cd .devbin && for f in *.xz; do xz -d $f; done; chmod +x device_bench runtime_*
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv
 export OSTQUANT_TEST_DEVICE=gpu
