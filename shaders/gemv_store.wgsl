@@ -1,5 +1,5 @@
 // The end of the int4 GEMVs (gemv_w4a16.wgsl, gemv_w4a4.wgsl), prepended to both by the host
-// after shaders/lanes_subgroup.wgsl or lanes_shared.wgsl: each team's partial sums `acc` of its
+// after shaders/lanes_subgroup.wgsl or lanes_shared.wgsl: each team's partial sums (`Sums`) of its
 // RPT rows from row0 on are summed over the team's 32 lanes, then over the KS teams that
 // share those rows (each walked a slice of the columns), and stored. Uses the GEMV's TEAM,
 // `p.rows`, `p.cols`, `p.store` and `y`.
@@ -17,28 +17,44 @@ override RPT: u32 = 4u; // rows per team, at most 4
 // Teams per set of RPT rows (1, 2, 4 or 8): the columns are split between them, so a matrix
 // of few rows still fills the device, and each team still reuses its x loads over RPT rows.
 override KS: u32 = 1u;
-// x is the residual stream, RMS-normalized by the GEMV: acc[SQ] carries the lanes' partial
-// sums of x², summed like the rows, and the results are scaled by 1 / rms(x).
+// x is the residual stream, RMS-normalized by the GEMV: the teams also sum x² (`Sums.sq`), and
+// the results are scaled by 1 / rms(x).
 override NORM: bool = false;
-const SQ: u32 = 4u;
-const SLOTS: u32 = 5u;
-var<workgroup> partial: array<f32, 1280>; // [thread][slot]
 
-// The i-th summed slot: the RPT rows, then x² where the GEMV normalizes.
-fn slot(i: u32) -> u32 {
-    return select(SQ, i, i < RPT);
+// A lane's partial sums: its team's RPT rows (components 0 .. RPT − 1 of `rows`, the others
+// stay 0) and Σ x² with NORM. Named components, not a private array (an array indexed
+// in a loop may live in memory: results/bench-h100-run11.txt).
+struct Sums {
+    rows: vec4<f32>,
+    sq: f32,
 }
 
-fn slot_count() -> u32 {
-    return RPT + select(0u, 1u, NORM);
+var<workgroup> partial: array<vec4<f32>, 256>; // [thread]
+var<workgroup> partial_sq: array<f32, 256>;
+
+// One butterfly step of the subgroup sums, over the components in use.
+fn xor_step(s: Sums, m: u32) -> Sums {
+    var r = s.rows;
+    r.x = r.x + lane_xor(r.x, m);
+    if (RPT > 1u) {
+        r.y = r.y + lane_xor(r.y, m);
+    }
+    if (RPT > 2u) {
+        r.z = r.z + lane_xor(r.z, m);
+        r.w = r.w + lane_xor(r.w, m);
+    }
+    var sq = s.sq;
+    if (NORM) {
+        sq = sq + lane_xor(sq, m);
+    }
+    return Sums(r, sq);
 }
 
 // Called by every thread of the workgroup, in uniform control flow; `eps` is the RMSNorm's
 // (unused without NORM).
-fn team_store(t: u32, lane: u32, row0: u32, partial_sums: array<f32, 5>, eps: f32) {
-    var acc = partial_sums;
+fn team_store(t: u32, lane: u32, row0: u32, lane_sums: Sums, eps: f32) {
+    var s = lane_sums;
     let team = t / TEAM;
-    let n = slot_count();
     // Team sums: a butterfly of subgroup shuffles within each subgroup of SG lanes (none when
     // SG = 1), then a tree in shared memory across the team's 32 / SG subgroups (none when
     // SG = 32). After the butterfly every lane holds its subgroup's sum, so the tree steps of
@@ -46,68 +62,56 @@ fn team_store(t: u32, lane: u32, row0: u32, partial_sums: array<f32, 5>, eps: f3
     // local invocation indices, as every current driver lays out a 1-D workgroup; the
     // rows-per-team tests check it on the device they run on.)
     for (var m = SG / 2u; m > 0u; m = m >> 1u) {
-        for (var i = 0u; i < n; i = i + 1u) {
-            let r = slot(i);
-            acc[r] = acc[r] + lane_xor(acc[r], m);
-        }
+        s = xor_step(s, m);
     }
     if (SG < TEAM) {
-        for (var i = 0u; i < n; i = i + 1u) {
-            partial[t * SLOTS + slot(i)] = acc[slot(i)];
-        }
+        partial[t] = s.rows;
+        partial_sq[t] = s.sq;
         workgroupBarrier();
-        for (var s = TEAM / 2u; s >= SG; s = s >> 1u) {
-            if (lane < s) {
-                for (var i = 0u; i < n; i = i + 1u) {
-                    let at = t * SLOTS + slot(i);
-                    partial[at] = partial[at] + partial[at + s * SLOTS];
-                }
+        for (var k = TEAM / 2u; k >= SG; k = k >> 1u) {
+            if (lane < k) {
+                partial[t] = partial[t] + partial[t + k];
+                partial_sq[t] = partial_sq[t] + partial_sq[t + k];
             }
             workgroupBarrier();
         }
-        for (var i = 0u; i < n; i = i + 1u) {
-            acc[slot(i)] = partial[t * SLOTS + slot(i)];
-        }
+        s = Sums(partial[t], partial_sq[t]);
     }
     // Slice sums: lane 0 of each team posts its sums, the first team of each row set adds
     // the others' in order (the same order on every run).
     if (KS > 1u) {
         workgroupBarrier();
         if (lane == 0u) {
-            for (var i = 0u; i < n; i = i + 1u) {
-                partial[team * SLOTS + slot(i)] = acc[slot(i)];
-            }
+            partial[team] = s.rows;
+            partial_sq[team] = s.sq;
         }
         workgroupBarrier();
         if (lane == 0u && team % KS == 0u) {
             for (var j = 1u; j < KS; j = j + 1u) {
-                for (var i = 0u; i < n; i = i + 1u) {
-                    acc[slot(i)] = acc[slot(i)] + partial[(team + j) * SLOTS + slot(i)];
-                }
+                s = Sums(s.rows + partial[team + j], s.sq + partial_sq[team + j]);
             }
         }
     }
     if (lane != 0u || team % KS != 0u) {
         return;
     }
+    var scaled = s.rows;
     if (NORM) {
-        let inv = inverseSqrt(acc[SQ] / f32(p.cols) + eps);
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            acc[r] = acc[r] * inv;
-        }
+        scaled = scaled * inverseSqrt(s.sq / f32(p.cols) + eps);
     }
+    let rows = scaled; // a value, indexed below without going through memory
     if (p.store == STORE_SILU_MUL) {
         // Rows come in (gate, up) pairs, a pair never split between teams (RPT even).
         for (var r = 0u; r + 1u < RPT; r = r + 2u) {
             if (row0 + r + 1u < p.rows) {
-                let g = acc[r];
-                y[(row0 + r) / 2u] = g / (1.0 + exp(-g)) * acc[r + 1u];
+                let g = rows[r];
+                y[(row0 + r) / 2u] = g / (1.0 + exp(-g)) * rows[r + 1u];
             }
         }
     } else {
         for (var r = 0u; r < RPT; r = r + 1u) {
             if (row0 + r < p.rows) {
-                var sum = acc[r];
+                var sum = rows[r];
                 if (p.store == STORE_ADD) {
                     sum = sum + y[row0 + r];
                 }

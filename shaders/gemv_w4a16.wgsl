@@ -101,18 +101,48 @@ fn term(row: u32, groups: u32, w: u32, word: u32, c: Chunk) -> f32 {
     return scales[g] * (nibbles(word, c) + offset(g) * c.sum);
 }
 
+// Row `row`'s Σ weight·x over the words w, w + step, w + 2·step, w + 3·step (x values c0..c3);
+// 0 past the last row.
+fn step4(row: u32, groups: u32, w: u32, step: u32, c0: Chunk, c1: Chunk, c2: Chunk,
+    c3: Chunk) -> f32 {
+    if (row >= p.rows) {
+        return 0.0;
+    }
+    let at = row * 4u * p.stride + w;
+    let q = vec4<u32>(words[at], words[at + step], words[at + 2u * step], words[at + 3u * step]);
+    return term(row, groups, w, q.x, c0) + term(row, groups, w + step, q.y, c1)
+        + term(row, groups, w + 2u * step, q.z, c2) + term(row, groups, w + 3u * step, q.w, c3);
+}
+
+// Row `row`'s Σ weight·x over word w alone; 0 past the last row.
+fn step1(row: u32, groups: u32, w: u32, c: Chunk) -> f32 {
+    if (row >= p.rows) {
+        return 0.0;
+    }
+    return term(row, groups, w, words[row * 4u * p.stride + w], c);
+}
+
+// With one group per row: row `row`'s Σ code·x (`a`) dequantized with its scale and offset.
+fn per_channel(row: u32, a: f32, x_sum: f32) -> f32 {
+    if (row >= p.rows) {
+        return a;
+    }
+    return scales[row] * (a + offset(row) * x_sum);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
     let team = t / TEAM;
     let row0 = ((wid.y * p.grid_x + wid.x) * (8u / KS) + team / KS) * RPT;
     let words_per_row = p.cols / 8u;
-    let row_words = 4u * p.stride;
     let groups = p.cols / p.group;
     let step = TEAM * KS; // words between a lane's consecutive words
-    // The RPT rows' sums, then x² (gemv_store.wgsl's slot SQ).
-    var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
-    var x_sum = 0.0; // Σ x over the lane's words, for the per-row offsets
+    // Rows row0 .. row0 + RPT − 1 in named components (gemv_store.wgsl's Sums), Σ x² with
+    // NORM, and Σ x over the lane's words for the per-row offsets.
+    var acc = vec4<f32>(0.0);
+    var sq = 0.0;
+    var x_sum = 0.0;
     // Four words per lane per step (w, w + step, w + 2·step, w + 3·step), loaded into named
     // values before any is used. Not a private array: with one (`array<u32, 16>` for 16 words
     // per step) the H100 ran 2–3× slower at 7B shapes, and a 7B decode's GEMVs took 12.0 ms
@@ -124,38 +154,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let c2 = chunk(w + 2u * step);
         let c3 = chunk(w + 3u * step);
         x_sum = x_sum + c0.sum + c1.sum + c2.sum + c3.sum;
-        acc[SQ] = acc[SQ] + c0.sq + c1.sq + c2.sq + c3.sq;
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            let row = row0 + r;
-            if (row < p.rows) {
-                let at = row * row_words + w;
-                let q = vec4<u32>(words[at], words[at + step], words[at + 2u * step],
-                    words[at + 3u * step]);
-                acc[r] = acc[r] + term(row, groups, w, q.x, c0)
-                    + term(row, groups, w + step, q.y, c1)
-                    + term(row, groups, w + 2u * step, q.z, c2)
-                    + term(row, groups, w + 3u * step, q.w, c3);
-            }
+        sq = sq + c0.sq + c1.sq + c2.sq + c3.sq;
+        acc.x = acc.x + step4(row0, groups, w, step, c0, c1, c2, c3);
+        if (RPT > 1u) {
+            acc.y = acc.y + step4(row0 + 1u, groups, w, step, c0, c1, c2, c3);
+        }
+        if (RPT > 2u) {
+            acc.z = acc.z + step4(row0 + 2u, groups, w, step, c0, c1, c2, c3);
+            acc.w = acc.w + step4(row0 + 3u, groups, w, step, c0, c1, c2, c3);
         }
     }
     for (; w < words_per_row; w = w + step) {
         let c = chunk(w);
         x_sum = x_sum + c.sum;
-        acc[SQ] = acc[SQ] + c.sq;
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            let row = row0 + r;
-            if (row < p.rows) {
-                acc[r] = acc[r] + term(row, groups, w, words[row * row_words + w], c);
-            }
+        sq = sq + c.sq;
+        acc.x = acc.x + step1(row0, groups, w, c);
+        if (RPT > 1u) {
+            acc.y = acc.y + step1(row0 + 1u, groups, w, c);
+        }
+        if (RPT > 2u) {
+            acc.z = acc.z + step1(row0 + 2u, groups, w, c);
+            acc.w = acc.w + step1(row0 + 3u, groups, w, c);
         }
     }
     if (groups == 1u) {
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            let row = row0 + r;
-            if (row < p.rows) {
-                acc[r] = scales[row] * (acc[r] + offset(row) * x_sum);
-            }
+        acc.x = per_channel(row0, acc.x, x_sum);
+        if (RPT > 1u) {
+            acc.y = per_channel(row0 + 1u, acc.y, x_sum);
+        }
+        if (RPT > 2u) {
+            acc.z = per_channel(row0 + 2u, acc.z, x_sum);
+            acc.w = per_channel(row0 + 3u, acc.w, x_sum);
         }
     }
-    team_store(t, lane, row0, acc, p.eps);
+    team_store(t, lane, row0, Sums(acc, sq), p.eps);
 }

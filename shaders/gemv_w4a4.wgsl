@@ -84,22 +84,31 @@ fn block(row: u32, q: vec4<u32>, x: XBlock) -> f32 {
     return scales[g] * x.s * (f32(d) + offset * f32(x.n));
 }
 
+// Row `row`'s share of block v (`block`); 0 past the last row.
+fn block_at(row: u32, v: u32, x: XBlock) -> f32 {
+    if (row >= p.rows) {
+        return 0.0;
+    }
+    return block(row, words[row * p.stride + v], x);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
     let team = t / TEAM;
     let row0 = ((wid.y * p.grid_x + wid.x) * (8u / KS) + team / KS) * RPT;
-    var acc = array<f32, 5>(0.0, 0.0, 0.0, 0.0, 0.0);
+    var acc = vec4<f32>(0.0); // rows row0 .. row0 + RPT − 1 (gemv_store.wgsl's Sums)
     let step = TEAM * KS; // vec4s between a lane's consecutive vec4s
-    var v = (team % KS) * TEAM + lane;
-    for (; v < p.stride; v = v + step) {
+    for (var v = (team % KS) * TEAM + lane; v < p.stride; v = v + step) {
         let x = x_block(v);
-        for (var r = 0u; r < RPT; r = r + 1u) {
-            let row = row0 + r;
-            if (row < p.rows) {
-                acc[r] = acc[r] + block(row, words[row * p.stride + v], x);
-            }
+        acc.x = acc.x + block_at(row0, v, x);
+        if (RPT > 1u) {
+            acc.y = acc.y + block_at(row0 + 1u, v, x);
+        }
+        if (RPT > 2u) {
+            acc.z = acc.z + block_at(row0 + 2u, v, x);
+            acc.w = acc.w + block_at(row0 + 3u, v, x);
         }
     }
-    team_store(t, lane, row0, acc, 0.0);
+    team_store(t, lane, row0, Sums(acc, 0.0), 0.0);
 }
