@@ -7,13 +7,19 @@
 #   (copy each binary to .devbin/<name without hash>, strip, xz)
 #   mkdir -p .gl && (cd .gl && apt-get download libvulkan1)
 # and the call carries them: run(command=..., carry=[".devbin", ".gl"]).
-# BENCH_ARGS: device_bench's arguments; BENCH_S: its time limit in seconds.
+# BENCH_ARGS: device_bench's arguments; BENCH_S: its time limit in seconds. An A/B of two
+# code states in one call: build device_bench at the other commit too and put it in .devbin/
+# as device_bench_base.xz; it runs first, with the same arguments, into bench_base.txt.
 source tests/device/vulkan.sh
-cd .devbin && for f in *.xz; do xz -d $f; done; chmod +x device_bench runtime_*
+cd .devbin && for f in *.xz; do xz -d $f; done; chmod +x device_bench* runtime_*
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv
 export OSTQUANT_TEST_DEVICE=gpu
 s=$SECONDS
 timeout -k 5 60 ./runtime_linear --test-threads 1 > $OUT/runtime_linear.txt 2>&1; echo "runtime_linear rc=$? $((SECONDS-s)) s"; tail -4 $OUT/runtime_linear.txt
+if [ -f device_bench_base ]; then
+    s=$SECONDS
+    timeout -k 5 ${BENCH_S:-300} ./device_bench_base ${BENCH_ARGS:-all 32 100 gpu 512,2048} > $OUT/bench_base.txt 2>&1; echo "bench_base rc=$? $((SECONDS-s)) s"
+fi
 s=$SECONDS
 timeout -k 5 ${BENCH_S:-300} ./device_bench ${BENCH_ARGS:-all 32 100 gpu 512,2048} > $OUT/bench.txt 2>&1; echo "bench rc=$? $((SECONDS-s)) s"
 s=$SECONDS
