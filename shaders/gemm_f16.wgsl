@@ -29,6 +29,18 @@ var<workgroup> ws: array<f32, 2048>; // [32 columns][64 rows]
 var<workgroup> xs: array<f32, 1024>; // [32 columns][32 tokens]
 
 // out_index (row, token → Y): shaders/gemm_out.wgsl, prepended by the host.
+// Y[tok, r] (+)= v, inside the matrix only.
+fn put(r: u32, tok: u32, v: f32) {
+    if (r < p.rows && tok < p.tokens) {
+        let o = out_index(tok, r);
+        var sum = v;
+        if (p.accumulate != 0u) {
+            sum = sum + y[o];
+        }
+        y[o] = sum;
+    }
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row0 = wid.x * TN;
@@ -36,7 +48,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let tn = t % 16u;
     let tm = t / 16u;
     let xrow = p.cols / 4u; // vec4s per token
-    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    // Rows 4·tn..4·tn+3 of token 2·tm (acc0) and of token 2·tm + 1 (acc1), in named vectors
+    // rather than an array (an array indexed in a loop may live in memory).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
     let blocks = (p.stride + 3u) / 4u; // 32-column steps
     for (var kb = 0u; kb < blocks; kb = kb + 1u) {
         if (t < TN) {
@@ -82,27 +97,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let w3 = ws[k * TN + tn * 4u + 3u];
             let x0 = xs[k * TM + tm * 2u];
             let x1 = xs[k * TM + tm * 2u + 1u];
-            acc[0] = acc[0] + w0 * x0;
-            acc[1] = acc[1] + w1 * x0;
-            acc[2] = acc[2] + w2 * x0;
-            acc[3] = acc[3] + w3 * x0;
-            acc[4] = acc[4] + w0 * x1;
-            acc[5] = acc[5] + w1 * x1;
-            acc[6] = acc[6] + w2 * x1;
-            acc[7] = acc[7] + w3 * x1;
+            let w4 = vec4<f32>(w0, w1, w2, w3);
+            acc0 = acc0 + w4 * x0;
+            acc1 = acc1 + w4 * x1;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 8u; i = i + 1u) {
-        let r = row0 + tn * 4u + i % 4u;
-        let tok = tok0 + tm * 2u + i / 4u;
-        if (r < p.rows && tok < p.tokens) {
-            var sum = acc[i];
-            let o = out_index(tok, r);
-            if (p.accumulate != 0u) {
-                sum = sum + y[o];
-            }
-            y[o] = sum;
-        }
-    }
+    // The thread's 4 rows × 2 tokens.
+    let r = row0 + tn * 4u;
+    let tok = tok0 + tm * 2u;
+    put(r, tok, acc0.x);
+    put(r + 1u, tok, acc0.y);
+    put(r + 2u, tok, acc0.z);
+    put(r + 3u, tok, acc0.w);
+    put(r, tok + 1u, acc1.x);
+    put(r + 1u, tok + 1u, acc1.y);
+    put(r + 2u, tok + 1u, acc1.z);
+    put(r + 3u, tok + 1u, acc1.w);
 }

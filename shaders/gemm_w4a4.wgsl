@@ -50,7 +50,29 @@ fn word_dot(w: u32, even: u32, odd: u32) -> i32 {
     return dot4I8Packed(w & LOW, even) + dot4I8Packed((w >> 4u) & LOW, odd);
 }
 
+// Tile row r's share of token mm's 32 columns in shared memory: the integer dot product of
+// their codes and its dequant epilogue.
+fn cell(r: u32, mm: u32) -> f32 {
+    let d = word_dot(wq[r * 4u], xq[mm * 8u], xq[mm * 8u + 1u])
+        + word_dot(wq[r * 4u + 1u], xq[mm * 8u + 2u], xq[mm * 8u + 3u])
+        + word_dot(wq[r * 4u + 2u], xq[mm * 8u + 4u], xq[mm * 8u + 5u])
+        + word_dot(wq[r * 4u + 3u], xq[mm * 8u + 6u], xq[mm * 8u + 7u]);
+    return wscale[r] * xscale[mm] * (f32(d) + woff[r] * xsum[mm]);
+}
+
 // out_index (row, token → Y): shaders/gemm_out.wgsl, prepended by the host.
+// Y[tok, r] (+)= v, inside the matrix only.
+fn put(r: u32, tok: u32, v: f32) {
+    if (r < p.rows && tok < p.tokens) {
+        let o = out_index(tok, r);
+        var sum = v;
+        if (p.accumulate != 0u) {
+            sum = sum + y[o];
+        }
+        y[o] = sum;
+    }
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row0 = wid.x * TN;
@@ -60,7 +82,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let groups = p.cols / p.group;
     let agroups = p.cols / p.agroup;
     let xwords = p.cols / 4u; // code words per token
-    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    // Rows 4·tn..4·tn+3 of token 2·tm (acc0) and of token 2·tm + 1 (acc1), in named vectors
+    // rather than an array (an array indexed in a loop may live in memory).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
     for (var kb = 0u; kb < p.stride; kb = kb + 1u) {
         if (t < TN) {
             let r = row0 + t;
@@ -105,27 +130,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             xscale[t] = s;
         }
         workgroupBarrier();
-        for (var i = 0u; i < 8u; i = i + 1u) {
-            let r = tn * 4u + i % 4u;
-            let mm = tm * 2u + i / 4u;
-            let d = word_dot(wq[r * 4u], xq[mm * 8u], xq[mm * 8u + 1u])
-                + word_dot(wq[r * 4u + 1u], xq[mm * 8u + 2u], xq[mm * 8u + 3u])
-                + word_dot(wq[r * 4u + 2u], xq[mm * 8u + 4u], xq[mm * 8u + 5u])
-                + word_dot(wq[r * 4u + 3u], xq[mm * 8u + 6u], xq[mm * 8u + 7u]);
-            acc[i] = acc[i] + wscale[r] * xscale[mm] * (f32(d) + woff[r] * xsum[mm]);
-        }
+        let r = tn * 4u;
+        let mm = tm * 2u;
+        acc0 = acc0 + vec4<f32>(cell(r, mm), cell(r + 1u, mm), cell(r + 2u, mm), cell(r + 3u, mm));
+        acc1 = acc1 + vec4<f32>(cell(r, mm + 1u), cell(r + 1u, mm + 1u), cell(r + 2u, mm + 1u),
+            cell(r + 3u, mm + 1u));
         workgroupBarrier();
     }
-    for (var i = 0u; i < 8u; i = i + 1u) {
-        let r = row0 + tn * 4u + i % 4u;
-        let tok = tok0 + tm * 2u + i / 4u;
-        if (r < p.rows && tok < p.tokens) {
-            var sum = acc[i];
-            let o = out_index(tok, r);
-            if (p.accumulate != 0u) {
-                sum = sum + y[o];
-            }
-            y[o] = sum;
-        }
-    }
+    // The thread's 4 rows × 2 tokens.
+    let r = row0 + tn * 4u;
+    let tok = tok0 + tm * 2u;
+    put(r, tok, acc0.x);
+    put(r + 1u, tok, acc0.y);
+    put(r + 2u, tok, acc0.z);
+    put(r + 3u, tok, acc0.w);
+    put(r, tok + 1u, acc1.x);
+    put(r + 1u, tok + 1u, acc1.y);
+    put(r + 2u, tok + 1u, acc1.z);
+    put(r + 3u, tok + 1u, acc1.w);
 }
