@@ -85,13 +85,22 @@ fn q_dot_key(slot: u32, q_sum: f32) -> f32 {
     return (sum - k_zeros[slot] * q_sum) * k_scales[slot];
 }
 
-// Adds `wt`·v for dims 8w..8w+7 of the value at cache slot `slot` to `acc`.
-fn add_value(acc: ptr<function, array<f32, 8>>, slot: u32, w: u32, wt: f32) {
+// Dims 8w..8w+7 of a value: the even ones (8w, 8w + 2, 8w + 4, 8w + 6) and the odd ones, in
+// named vectors rather than an array (an array indexed in a loop may live in memory).
+struct Dims8 {
+    even: vec4<f32>,
+    odd: vec4<f32>,
+}
+
+// `wt`·v for dims 8w..8w+7 of the value at cache slot `slot`.
+fn value_part(slot: u32, w: u32, wt: f32) -> Dims8 {
     if (p.raw != 0u) {
-        for (var j = 0u; j < 8u; j = j + 1u) {
-            (*acc)[j] = (*acc)[j] + wt * bitcast<f32>(v_codes[slot * HD + 8u * w + j]);
-        }
-        return;
+        let at = slot * HD + 8u * w;
+        let even = vec4<f32>(bitcast<f32>(v_codes[at]), bitcast<f32>(v_codes[at + 2u]),
+            bitcast<f32>(v_codes[at + 4u]), bitcast<f32>(v_codes[at + 6u]));
+        let odd = vec4<f32>(bitcast<f32>(v_codes[at + 1u]), bitcast<f32>(v_codes[at + 3u]),
+            bitcast<f32>(v_codes[at + 5u]), bitcast<f32>(v_codes[at + 7u]));
+        return Dims8(wt * even, wt * odd);
     }
     // Byte j of the word holds dims 2j (low nibble) and 2j + 1 (high nibble).
     let word = v_codes[slot * (HD / 8u) + w];
@@ -99,14 +108,7 @@ fn add_value(acc: ptr<function, array<f32, 8>>, slot: u32, w: u32, wt: f32) {
     let f = wt * v_scales[slot];
     let even = (vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu)) - z) * f;
     let odd = (vec4<f32>(unpack4xU8((word >> 4u) & 0x0F0F0F0Fu)) - z) * f;
-    (*acc)[0] = (*acc)[0] + even.x;
-    (*acc)[1] = (*acc)[1] + odd.x;
-    (*acc)[2] = (*acc)[2] + even.y;
-    (*acc)[3] = (*acc)[3] + odd.y;
-    (*acc)[4] = (*acc)[4] + even.z;
-    (*acc)[5] = (*acc)[5] + odd.z;
-    (*acc)[6] = (*acc)[6] + even.w;
-    (*acc)[7] = (*acc)[7] + odd.w;
+    return Dims8(even, odd);
 }
 
 @compute @workgroup_size(64)
@@ -131,7 +133,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let groups = WG / words;
     let w = t % words;
     let g = t / words;
-    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    var acc = Dims8(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var base = 0u; base < len; base = base + WG) {
         let s = base + t;
         var score = -3.0e38;
@@ -147,21 +149,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         weight[t] = e;
         let n = min(WG, len - base);
         total = total * rescale + reduce(t, e, false); // its barriers also publish weight
-        for (var j = 0u; j < 8u; j = j + 1u) {
-            acc[j] = acc[j] * rescale;
-        }
+        acc = Dims8(acc.even * rescale, acc.odd * rescale);
         if (g < groups) {
             for (var u = g; u < n; u = u + groups) {
-                add_value(&acc, (base + u) * p.nkv + kv, w, weight[u]);
+                let v = value_part((base + u) * p.nkv + kv, w, weight[u]);
+                acc = Dims8(acc.even + v.even, acc.odd + v.odd);
             }
         }
         m = m_new;
         workgroupBarrier();
     }
     if (g < groups) {
-        for (var j = 0u; j < 8u; j = j + 1u) {
-            partial[g * HD + 8u * w + j] = acc[j];
-        }
+        let b = g * HD + 8u * w;
+        partial[b] = acc.even.x;
+        partial[b + 1u] = acc.odd.x;
+        partial[b + 2u] = acc.even.y;
+        partial[b + 3u] = acc.odd.y;
+        partial[b + 4u] = acc.even.z;
+        partial[b + 5u] = acc.odd.z;
+        partial[b + 6u] = acc.even.w;
+        partial[b + 7u] = acc.odd.w;
     }
     workgroupBarrier();
     for (var d = t; d < HD; d = d + WG) {
