@@ -38,19 +38,7 @@ const TM: u32 = 32u; // tokens per tile
 var<workgroup> ws: array<f32, 2048>; // [32 columns][64 rows]
 var<workgroup> xs: array<f32, 1024>; // [32 columns][32 tokens]
 
-// out_index (row, token → Y): shaders/gemm_out.wgsl, prepended by the host.
-// Y[tok, r] (+)= v, inside the matrix only.
-fn put(r: u32, tok: u32, v: f32) {
-    if (r < p.rows && tok < p.tokens) {
-        let o = out_index(tok, r);
-        var sum = v;
-        if (p.accumulate != 0u) {
-            sum = sum + y[o];
-        }
-        y[o] = sum;
-    }
-}
-
+// out_index and put_tile (Y[token, row] (+)= v): shaders/gemm_out.wgsl, prepended by the host.
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row0 = wid.x * TN;
@@ -115,15 +103,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    // The thread's 4 rows × 2 tokens.
-    let r = row0 + tn * 4u;
-    let tok = tok0 + tm * 2u;
-    put(r, tok, acc0.x);
-    put(r + 1u, tok, acc0.y);
-    put(r + 2u, tok, acc0.z);
-    put(r + 3u, tok, acc0.w);
-    put(r, tok + 1u, acc1.x);
-    put(r + 1u, tok + 1u, acc1.y);
-    put(r + 2u, tok + 1u, acc1.z);
-    put(r + 3u, tok + 1u, acc1.w);
+    put_tile(row0 + tn * 4u, tok0 + tm * 2u, acc0, acc1);
 }
