@@ -165,10 +165,33 @@ impl Target<'_> {
         }
     }
 
+    /// The copies of `w` a GPU timing cycles over, uploaded once for all its variants (none
+    /// on the CPU). Consecutive launches read different copies, so that the last-level cache
+    /// (50 MB on an H100) cannot serve them: the figure is of memory, as in decode, where
+    /// every matrix is read once per token.
+    fn upload(&self, w: &HostLinear, iters: usize) -> Result<Vec<Linear>> {
+        let Target::Gpu(gpu, kernel, _) = self else {
+            return Ok(Vec::new());
+        };
+        let copies = match kernel.software {
+            true => 1,
+            false => L2_DEFEAT_BYTES.div_ceil(w.bytes()).clamp(1, iters),
+        };
+        (0..copies).map(|_| Linear::upload(gpu, w)).collect()
+    }
+
     /// y = W·x once (for the correctness check), then seconds per call, the median of three
-    /// rounds: `iters` launches in one compute pass on a GPU, calls repeated for at least
-    /// 0.1 s on the CPU. With integer codes, x is quantized once before the timed launches.
-    fn run(&self, w: &HostLinear, x: &[f32], iters: usize, v: Variant) -> Result<(Vec<f32>, f64)> {
+    /// rounds: `iters` launches in one compute pass on a GPU (cycling over `ms`, the copies
+    /// of `w` from [`Target::upload`]), calls repeated for at least 0.1 s on the CPU. With
+    /// integer codes, x is quantized once before the timed launches.
+    fn run(
+        &self,
+        w: &HostLinear,
+        ms: &[Linear],
+        x: &[f32],
+        iters: usize,
+        v: Variant,
+    ) -> Result<(Vec<f32>, f64)> {
         let mut rounds = Vec::new();
         let got = match self {
             Target::Gpu(gpu, kernel, shared) => {
@@ -176,16 +199,6 @@ impl Target<'_> {
                     Some(k) if v.shared => k,
                     _ => kernel,
                 };
-                // Consecutive launches read different copies of the weights, so that the
-                // last-level cache (50 MB on an H100) cannot serve them: the figure is of
-                // memory, as in decode, where every matrix is read once per token.
-                let copies = match kernel.software {
-                    true => 1,
-                    false => L2_DEFEAT_BYTES.div_ceil(w.bytes()).clamp(1, iters),
-                };
-                let ms = (0..copies)
-                    .map(|_| Linear::upload(gpu, w))
-                    .collect::<Result<Vec<_>>>()?;
                 let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
                 // The codes path quantizes x once, before the timed launches.
                 let codes = match v.codes {
@@ -253,8 +266,9 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
         let mut x4 = x.clone();
         cpu::kernels::act_quant(&mut x4, cols, 4);
         for (name, m, w) in [("int4", int4, w4), ("f16", f16, w16)] {
+            let copies = target.upload(&m, iters)?;
             for v in target.variants(&m) {
-                let (got, secs) = target.run(&m, &x, iters, v)?;
+                let (got, secs) = target.run(&m, &copies, &x, iters, v)?;
                 let x = if v.codes { &x4 } else { &x };
                 let max_rel_err = (0..rows)
                     .map(|r| {
