@@ -180,6 +180,10 @@ enum Command {
         /// Only rows whose every cell is cached (measure nothing; skipped rows are named)
         #[arg(long)]
         cached_only: bool,
+        /// Add a column: each row's zero-shot average minus this method's at the same bits,
+        /// compared item by item, with its standard error
+        #[arg(long)]
+        versus: Option<Method>,
     },
     /// QSUR, eigen-spectra and channel maxima of every quantized input and weight, per layer,
     /// measured on the Wikipedia calibration half, before or after a method's transforms
@@ -531,6 +535,7 @@ pub fn run() -> Result<()> {
             md,
             json,
             cached_only,
+            versus,
         } => crate::results::results(
             model.model.as_deref(),
             model.device,
@@ -541,6 +546,7 @@ pub fn run() -> Result<()> {
                 md: &md,
                 json: json.as_deref(),
                 cached_only,
+                versus,
             },
         ),
         Command::Inspect {
@@ -1058,9 +1064,9 @@ fn eval(
             t.seconds
         );
     }
-    if let Some(avg) = row.zeroshot_avg() {
+    if let (Some(avg), Some(se)) = (row.zeroshot_avg(), row.zeroshot_se()) {
         println!(
-            "  {:<15} {avg:.2} (acc_norm where a task has it, else acc)",
+            "  {:<15} {avg:.2} ± {se:.2} (acc_norm where a task has it, else acc; ± standard error)",
             "average"
         );
     }

@@ -25,6 +25,9 @@ pub struct Table<'a> {
     pub json: Option<&'a Path>,
     /// Skip rows that are not fully cached instead of measuring them.
     pub cached_only: bool,
+    /// Compare every row's zero-shot average item by item with this method's row at the same
+    /// bits (FP's row when it is `fp`).
+    pub versus: Option<Method>,
 }
 
 pub fn results(
@@ -33,7 +36,7 @@ pub fn results(
     settings: &Settings,
     table: &Table,
 ) -> Result<()> {
-    let (md, cached_only) = (table.md, table.cached_only);
+    let (md, cached_only, versus) = (table.md, table.cached_only, table.versus);
     let methods: Vec<Method> = split_list(table.methods)?;
     let bits: Vec<Bits> = split_list(table.bits)?;
     let mut lab = open_lab(model, device)?;
@@ -58,12 +61,12 @@ pub fn results(
             bar.finish_and_clear();
             rows.push(row);
             // Written after every row, so the files show the table as far as it got.
-            write_atomic(md, &markdown(&name, &rows, settings, &skipped))?;
+            write_atomic(md, &markdown(&name, &rows, settings, &skipped, versus))?;
             let list: Vec<_> = rows.iter().map(|r| r.to_json(settings.limit)).collect();
             write_atomic(&json, &serde_json::to_string_pretty(&list)?)?;
         }
     }
-    let table = markdown(&name, &rows, settings, &skipped);
+    let table = markdown(&name, &rows, settings, &skipped, versus);
     write_atomic(md, &table)?;
     print!("{table}");
     eprintln!("ostquant: wrote {} and {}", md.display(), json.display());
@@ -112,7 +115,13 @@ fn short(t: TaskName) -> &'static str {
 }
 
 /// The table with a header that says exactly how it was measured.
-fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -> String {
+fn markdown(
+    model: &str,
+    rows: &[RowResult],
+    s: &Settings,
+    skipped: &[String],
+    versus: Option<Method>,
+) -> String {
     let mut out = String::new();
     let command: Vec<String> = std::env::args().skip(1).collect();
     let device = rows.first().map_or("", |r| r.device.as_str());
@@ -152,13 +161,20 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
     let _ = writeln!(
         out,
         "- Zero-shot: {}, lm-eval-harness scoring; acc_norm for ARC-c, ARC-e, HellaSwag, OBQA and PIQA, \
-         acc for BoolQ, SIQA, WinoGrande, LAMBADA (greedy last word). Average: the mean of the columns.",
+         acc for BoolQ, SIQA, WinoGrande, LAMBADA (greedy last word). Average: the mean of the columns, \
+         ± its standard error as an estimate of the whole tasks' average (binomial per task).{}",
         match s.limit {
             Some(l) => format!(
                 "{l} items per task spread evenly over each task (the same items in every row)"
             ),
             None => "every item of every task".to_string(),
-        }
+        },
+        versus.map_or(String::new(), |m| format!(
+            " Δ vs {m}: the row's average minus {m}'s at the same bits, ± the standard error of \
+             that difference from the item-by-item differences (both rows score the same items, \
+             so what the items share cancels); `-` where a row's cells predate per-item outcomes \
+             (rerun them with `--fresh`)."
+        ))
     );
     let _ = writeln!(
         out,
@@ -184,9 +200,16 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
     for t in &s.tasks {
         let _ = write!(out, " {} |", short(*t));
     }
-    let _ = writeln!(out, " avg | time (s) |");
+    let _ = write!(out, " avg |");
+    if let Some(m) = versus {
+        let _ = write!(out, " Δ vs {m} |");
+    }
+    let _ = writeln!(out, " time (s) |");
     let _ = write!(out, "|---|---|---:|---:|---:|");
     for _ in &s.tasks {
+        let _ = write!(out, "---:|");
+    }
+    if versus.is_some() {
         let _ = write!(out, "---:|");
     }
     let _ = writeln!(out, "---:|---:|");
@@ -204,10 +227,23 @@ fn markdown(model: &str, rows: &[RowResult], s: &Settings, skipped: &[String]) -
             let _ = write!(out, " {:.1} |", t.percent());
         }
         let secs = r.wiki.seconds + r.zeroshot.iter().map(|t| t.seconds).sum::<f64>();
-        let avg = r
-            .zeroshot_avg()
-            .map_or("-".to_string(), |a| format!("{a:.2}"));
-        let _ = writeln!(out, " {avg} | {secs:.0} |");
+        let avg = match (r.zeroshot_avg(), r.zeroshot_se()) {
+            (Some(a), Some(se)) => format!("{a:.2} ± {se:.2}"),
+            _ => "-".to_string(),
+        };
+        let _ = write!(out, " {avg} |");
+        if let Some(m) = versus {
+            let base = rows
+                .iter()
+                .find(|o| o.method == m && (m == Method::Fp || o.bits == r.bits));
+            let cell = match base.and_then(|o| r.paired_difference(o)) {
+                Some(_) if base.is_some_and(|o| std::ptr::eq(o, r)) => "·".to_string(),
+                Some((d, se)) => format!("{d:+.2} ± {se:.2}"),
+                None => "-".to_string(),
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        let _ = writeln!(out, " {secs:.0} |");
     }
     out
 }

@@ -6,9 +6,12 @@ use burn::tensor::Device;
 use ostquant_core::assets;
 use ostquant_core::data::arrow::read_rows;
 use ostquant_core::data::tasks::{Item, Request, TaskName, hellaswag_clean, load};
-use ostquant_core::eval::zeroshot::{Judgement, aggregate, judge};
+use ostquant_core::eval::perplexity::TextScores;
+use ostquant_core::eval::suite::RowResult;
+use ostquant_core::eval::zeroshot::{Judgement, TaskScores, aggregate, judge};
 use ostquant_core::model::llama::Llama;
 use ostquant_core::model::tokenizer::Tokenizer;
+use ostquant_core::quant::method::Method;
 use ostquant_tests::{reference_forward, write_tiny_model};
 
 fn item(choices: &[&str], gold: usize) -> Item {
@@ -66,6 +69,8 @@ fn acc_and_acc_norm_from_known_logliks() {
         "golds {:?}",
         s.golds
     );
+    // Per item: the counted (acc_norm) answer is right for items 1 and 2 only.
+    assert_eq!(s.hits, vec![true, true, false]);
     // Ties go to the first choice, as numpy's argmax does.
     let s = aggregate(TaskName::Boolq, &refs[..1], &[vec![j(-1.0), j(-1.0)]]);
     assert_eq!(s.acc, 0.0);
@@ -91,6 +96,121 @@ fn lambada_counts_greedy_words_and_their_perplexity() {
     assert_eq!(s.acc, 0.5);
     assert!((s.ppl.unwrap() - 2f64.exp()).abs() < 1e-12);
     assert!(s.picks.is_empty() && s.golds.is_empty());
+    assert_eq!(s.hits, vec![true, false]);
+}
+
+/// A row with one task per hit list, as `aggregate` would have scored it.
+fn row(hits: &[Vec<bool>]) -> RowResult {
+    let tasks = [TaskName::Piqa, TaskName::Boolq, TaskName::Winogrande];
+    RowResult {
+        method: Method::Rtn,
+        bits: "W4A16KV16".parse().unwrap(),
+        wiki: TextScores {
+            ppl: 1.0,
+            mean_nll: 0.0,
+            kl: None,
+            top1: None,
+            reference_ppl: None,
+            tokens_scored: 0,
+            windows: 0,
+            ctx: 0,
+            seconds: 0.0,
+        },
+        zeroshot: hits
+            .iter()
+            .zip(tasks)
+            .map(|(h, task)| {
+                let acc = h.iter().filter(|&&x| x).count() as f64 / h.len() as f64;
+                TaskScores {
+                    task,
+                    items: h.len(),
+                    acc,
+                    acc_norm: None,
+                    ppl: None,
+                    picks: vec![],
+                    golds: vec![],
+                    hits: h.clone(),
+                    seconds: 0.0,
+                }
+            })
+            .collect(),
+        device: String::new(),
+        from_cache: true,
+    }
+}
+
+#[test]
+fn paired_difference_and_standard_errors_match_a_naive_computation() {
+    // Pseudo-random outcomes, b agreeing with a on most items (as two quantizations of one
+    // model do), on tasks of different sizes.
+    let mut state = 12345u64;
+    let mut coin = |p: f64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64 / (1u64 << 53) as f64) < p
+    };
+    let sizes = [40, 25, 60];
+    let a: Vec<Vec<bool>> = sizes
+        .iter()
+        .map(|&n| (0..n).map(|_| coin(0.6)).collect())
+        .collect();
+    let b: Vec<Vec<bool>> = a
+        .iter()
+        .map(|h| h.iter().map(|&x| if coin(0.1) { !x } else { x }).collect())
+        .collect();
+    let (ra, rb) = (row(&a), row(&b));
+
+    // Naive: per task, the mean and the sample variance of the 0/±1 differences; the average
+    // over tasks; the variance of a mean of independent task means.
+    let t = sizes.len() as f64;
+    let (mut diff, mut var, mut var_a) = (0.0f64, 0.0f64, 0.0f64);
+    for (ha, hb) in a.iter().zip(&b) {
+        let n = ha.len() as f64;
+        let d: Vec<f64> = ha
+            .iter()
+            .zip(hb)
+            .map(|(&x, &y)| {
+                if x == y {
+                    0.0
+                } else if x {
+                    100.0
+                } else {
+                    -100.0
+                }
+            })
+            .collect();
+        let mean = d.iter().sum::<f64>() / n;
+        let s2 = d.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+        diff += mean / t;
+        var += s2 / n / (t * t);
+        let p = ha.iter().filter(|&&x| x).count() as f64 / n;
+        var_a += 1e4 * p * (1.0 - p) / n / (t * t);
+    }
+    let (d, se) = ra
+        .paired_difference(&rb)
+        .expect("both rows have per-item outcomes");
+    assert!((d - diff).abs() < 1e-9, "difference {d} vs {diff}");
+    assert!(
+        (se - var.sqrt()).abs() < 1e-9,
+        "paired SE {se} vs {}",
+        var.sqrt()
+    );
+    let avg = ra.zeroshot_avg().unwrap();
+    assert!(
+        (avg - rb.zeroshot_avg().unwrap() - d).abs() < 1e-9,
+        "Δ of the averages"
+    );
+    assert!((ra.zeroshot_se().unwrap() - var_a.sqrt()).abs() < 1e-9);
+    // Item by item the rows mostly agree, so the paired error is the smaller one.
+    assert!(se < ra.zeroshot_se().unwrap());
+
+    // Without per-item outcomes (old cells), or on different items, there is no pairing.
+    let mut old = row(&b);
+    old.zeroshot[1].hits.clear();
+    assert!(ra.paired_difference(&old).is_none());
+    let shorter: Vec<Vec<bool>> = b.iter().map(|h| h[1..].to_vec()).collect();
+    assert!(ra.paired_difference(&row(&shorter)).is_none());
 }
 
 #[test]

@@ -255,7 +255,11 @@ impl Panel {
                             .top1
                             .map_or("–".into(), |t| format!("{:.1}%", 100.0 * t)),
                     );
-                    ui.label(r.zeroshot_avg().map_or("–".into(), |a| format!("{a:.2}")));
+                    // ± the standard error: a user comparing rows a point apart sees it.
+                    ui.label(match (r.zeroshot_avg(), r.zeroshot_se()) {
+                        (Some(a), Some(se)) => format!("{a:.2} ± {se:.2}"),
+                        _ => "–".into(),
+                    });
                     for t in &tasks {
                         let s = r.zeroshot.iter().find(|s| s.task == *t);
                         ui.label(s.map_or("–".into(), |s| format!("{:.1}", s.percent())));

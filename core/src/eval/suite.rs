@@ -112,6 +112,50 @@ impl RowResult {
         })
     }
 
+    /// Standard error of [`Self::zeroshot_avg`] as an estimate of the average over the whole
+    /// tasks: each task's binomial error, the tasks independent.
+    pub fn zeroshot_se(&self) -> Option<f64> {
+        let n = self.zeroshot.len() as f64;
+        (n > 0.0).then(|| {
+            self.zeroshot
+                .iter()
+                .map(TaskScores::variance)
+                .sum::<f64>()
+                .sqrt()
+                / n
+        })
+    }
+
+    /// This row's zero-shot average minus `other`'s, scored on the same items, with the
+    /// standard error of that difference from the item-by-item differences (a paired
+    /// comparison: the items' difficulty, shared by both rows, cancels). None unless both rows
+    /// kept their per-item outcomes for the same tasks and items.
+    pub fn paired_difference(&self, other: &RowResult) -> Option<(f64, f64)> {
+        let n = self.zeroshot.len();
+        if n == 0 || other.zeroshot.len() != n {
+            return None;
+        }
+        let (mut diff, mut var) = (0.0, 0.0);
+        for (a, b) in self.zeroshot.iter().zip(&other.zeroshot) {
+            let m = a.hits.len();
+            if a.task != b.task || m == 0 || m != a.items || b.hits.len() != m {
+                return None;
+            }
+            let d: Vec<f64> = a
+                .hits
+                .iter()
+                .zip(&b.hits)
+                .map(|(&x, &y)| 100.0 * (x as u8 as f64 - y as u8 as f64))
+                .collect();
+            let mean = d.iter().sum::<f64>() / m as f64;
+            let ss = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>();
+            diff += mean;
+            // Variance of the task's mean difference (sample variance over m − 1).
+            var += ss / (m.max(2) - 1) as f64 / m as f64;
+        }
+        Some((diff / n as f64, var.sqrt() / n as f64))
+    }
+
     /// The row as `results/<model>.json` stores it.
     pub fn to_json(&self, limit: Option<usize>) -> serde_json::Value {
         let zs: serde_json::Map<String, serde_json::Value> = self
@@ -128,6 +172,7 @@ impl RowResult {
             "top1_agree": self.wiki.top1.unwrap_or(1.0),
             "zeroshot": zs,
             "zeroshot_avg": self.zeroshot_avg(),
+            "zeroshot_se": self.zeroshot_se(),
             "limit": limit,
             "device": self.device,
             "wiki_tokens": self.wiki.tokens_scored,

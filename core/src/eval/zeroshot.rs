@@ -47,6 +47,12 @@ pub struct TaskScores {
     /// Share of the items whose gold answer is each choice, by position.
     #[serde(default)]
     pub golds: Vec<f64>,
+    /// Whether each item's counted answer (the one `percent` counts) is right, in item order:
+    /// two rows scored on the same items compare item by item (a paired difference, whose
+    /// standard error is far smaller than that of either accuracy). Empty in cells written
+    /// before it was kept.
+    #[serde(default)]
+    pub hits: Vec<bool>,
     pub seconds: f64,
 }
 
@@ -54,6 +60,13 @@ impl TaskScores {
     /// The paper's per-task number in percent: acc_norm where the task has it, else acc.
     pub fn percent(&self) -> f64 {
         100.0 * self.acc_norm.unwrap_or(self.acc)
+    }
+
+    /// Variance of `percent` as an estimate of the accuracy on the whole task, from the items
+    /// scored (binomial, p(1 − p)/n, in percent²).
+    pub fn variance(&self) -> f64 {
+        let p = self.percent() / 100.0;
+        1e4 * p * (1.0 - p) / self.items.max(1) as f64
     }
 }
 
@@ -73,6 +86,7 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
     let n = items.len().max(1) as f64;
     let (mut acc, mut acc_norm, mut ll) = (0.0, 0.0, 0.0);
     let (mut picks, mut golds) = (Vec::new(), Vec::new());
+    let mut hits = Vec::with_capacity(items.len());
     // Both lists as long as the most choices an item has, so that they line up.
     let count = |shares: &mut Vec<f64>, choices: usize, choice: usize| {
         if shares.len() < choices {
@@ -84,6 +98,7 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
         if task.is_last_word() {
             acc += j[0].greedy as u8 as f64;
             ll += j[0].loglik;
+            hits.push(j[0].greedy);
             continue;
         }
         let pick = argmax(j.iter().map(|x| x.loglik));
@@ -95,6 +110,7 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
         let pick_norm = argmax(per_byte);
         acc_norm += (pick_norm == item.gold) as u8 as f64;
         let counted = if task.has_acc_norm() { pick_norm } else { pick };
+        hits.push(counted == item.gold);
         count(&mut picks, j.len(), counted);
         count(&mut golds, j.len(), item.gold);
     }
@@ -106,6 +122,7 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
         ppl: task.is_last_word().then(|| (-ll / n).exp()),
         picks,
         golds,
+        hits,
         seconds: 0.0,
     }
 }
