@@ -286,8 +286,9 @@ impl MeasureArgs {
         } else {
             parse_task_list(tasks).map_err(anyhow::Error::msg)?
         };
-        if self.calib_windows == 0 || self.calib_len < 2 {
-            bail!("--calib-windows must be at least 1 and --calib-len at least 2");
+        check_calib_size(self.calib_windows, self.calib_len)?;
+        if self.limit == Some(0) {
+            bail!("--limit must be at least 1 (leave it out for every item)");
         }
         Ok(Settings {
             ctx: self.ctx,
@@ -307,6 +308,14 @@ impl MeasureArgs {
             calib: self.calib.overrides()?,
         })
     }
+}
+
+/// GPTQ and SmoothQuant need at least one calibration window of at least two tokens.
+fn check_calib_size(windows: usize, len: usize) -> Result<()> {
+    if windows == 0 || len < 2 {
+        bail!("--calib-windows must be at least 1 and --calib-len at least 2");
+    }
+    Ok(())
 }
 
 /// Calibration of the learned methods; anything not given comes from the preset.
@@ -498,6 +507,7 @@ pub fn run() -> Result<()> {
             w_group,
             w_asym,
         } => {
+            check_calib_size(calib_windows, calib_len)?;
             let s = Settings {
                 calib_windows,
                 calib_len,
@@ -905,6 +915,8 @@ fn quantize(
     s: &Settings,
 ) -> Result<()> {
     Lab::check_export_bits(bits)?;
+    // Before the calibration, not after it: a bad --out fails at once.
+    ostquant_core::model::qformat::check_out(out)?;
     let t0 = std::time::Instant::now();
     let mut lab = open_lab(args.model.as_deref(), args.device)?;
     let gpu = lab.device().description.starts_with("wgpu");
@@ -1071,11 +1083,10 @@ fn eval(
         );
     }
     if let Some(path) = json {
-        std::fs::write(
+        crate::results::write_atomic(
             path,
-            serde_json::to_string_pretty(&row.to_json(settings.limit))?,
-        )
-        .with_context(|| format!("{}: cannot write", path.display()))?;
+            &serde_json::to_string_pretty(&row.to_json(settings.limit))?,
+        )?;
     }
     Ok(())
 }

@@ -176,6 +176,55 @@ fn truncated_gguf_import() {
 }
 
 #[test]
+fn outputs_and_sizes_that_cannot_work_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    write_tiny_model(&m, 1);
+    // `--out` a folder of other files (here the model itself): refused, nothing touched.
+    let err = fails(&[
+        "quantize",
+        "--model",
+        s(&m),
+        "--device",
+        "cpu",
+        "--method",
+        "rtn",
+        "--out",
+        s(&m),
+    ]);
+    assert!(err.contains("not a folder this tool wrote"), "{err}");
+    assert!(m.join("model.safetensors").is_file());
+    let err = fails(&["import", s(&m.join("model.safetensors")), s(&m)]);
+    assert!(err.contains("not a folder this tool wrote"), "{err}");
+    let err = fails(&[
+        "eval",
+        "--model",
+        s(&m),
+        "--device",
+        "cpu",
+        "--tasks",
+        "piqa",
+        "--limit",
+        "0",
+    ]);
+    assert!(err.contains("--limit must be at least 1"), "{err}");
+    let err = fails(&[
+        "quantize",
+        "--model",
+        s(&m),
+        "--device",
+        "cpu",
+        "--method",
+        "gptq",
+        "--calib-len",
+        "1",
+        "--out",
+        s(&dir.path().join("q")),
+    ]);
+    assert!(err.contains("--calib-len at least 2"), "{err}");
+}
+
+#[test]
 fn generate_streams_from_a_tiny_model() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), 1);

@@ -302,3 +302,52 @@ fn unsupported_dtype_is_reported() {
     let err = err_of(dir.path());
     assert!(err.contains("model.norm.weight has dtype I32"), "{err}");
 }
+
+#[test]
+fn a_tokenizer_larger_than_the_embeddings_is_reported() {
+    // A tokenizer of another model: ids past the embedding rows would fail deep in a forward.
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = write_tiny_model(dir.path(), 1);
+    w.config.vocab_size = 100;
+    let err = Tokenizer::load(dir.path(), &w.config)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("100 embedding rows"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_empty_shard_index_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 1);
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {}}"#,
+    )
+    .unwrap();
+    let err = err_of(dir.path());
+    assert!(
+        err.contains("model.safetensors.index.json") && err.contains("no files"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_zero_rope_scaling_factor_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 1);
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 0.0});
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = err_of(dir.path());
+    assert!(
+        err.contains("config.json") && err.contains("factor 0 must be positive"),
+        "{err}"
+    );
+}

@@ -164,3 +164,96 @@ fn a_failed_export_leaves_nothing_behind() {
         "{err}"
     );
 }
+
+#[test]
+fn export_replaces_only_folders_it_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("m");
+    let w = write_tiny_model(&src, 5);
+    let h = header(None, ForwardOptions::default());
+    // A folder of the user's own files is never replaced (think `--out ~/models`).
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
+    let err = qformat::write(&mine, &src, &w, None, &h)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mine") && err.contains("not a folder this tool wrote"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+    // Nor is the source model folder itself.
+    assert!(qformat::write(&src, &src, &w, None, &h).is_err());
+    assert!(src.join("model.safetensors").is_file());
+    // An empty folder, then the quantized folder itself, are fine: the second write replaces
+    // the first, and nothing is left beside it.
+    let out = tmp.path().join("q");
+    std::fs::create_dir(&out).unwrap();
+    qformat::write(&out, &src, &w, None, &h).unwrap();
+    qformat::write(&out, &src, &w, None, &h).unwrap();
+    assert!(LoadedModel::load(&out, &Device::default()).is_ok());
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["m", "mine", "q"]);
+}
+
+#[test]
+fn a_header_with_impossible_quantizers_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("m");
+    let w = write_tiny_model(&src, 6);
+    let out = tmp.path().join("q");
+    qformat::write(
+        &out,
+        &src,
+        &w,
+        None,
+        &header(None, ForwardOptions::default()),
+    )
+    .unwrap();
+    let path = out.join(qformat::HEADER);
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (edit, expect) in [
+        (
+            serde_json::json!({"weight": {"bits": 4, "sym": true, "group": 12}}),
+            "groups of a multiple of 8",
+        ),
+        (
+            serde_json::json!({"weight": {"bits": 3, "sym": true, "group": null}}),
+            "4-bit weights",
+        ),
+        (
+            serde_json::json!({"forward": {"down_hadamard": false, "qk_hadamard": false,
+                "act": {"bits": 4, "sym": false, "group": 0}, "kv": null}}),
+            "forward.act",
+        ),
+        (
+            serde_json::json!({"forward": {"down_hadamard": false, "qk_hadamard": false,
+                "act": {"bits": 4, "sym": false, "group": 24}, "kv": null}}),
+            "do not divide",
+        ),
+    ] {
+        let mut h = original.clone();
+        for (k, v) in edit.as_object().unwrap() {
+            h[k] = v.clone();
+        }
+        std::fs::write(&path, h.to_string()).unwrap();
+        let err = LoadedModel::load(&out, &Device::default())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("quantization.json") && err.contains(expect),
+            "{edit}: {err}"
+        );
+    }
+}

@@ -117,6 +117,30 @@ fn clip_search_finds_the_brute_force_minimum() {
 }
 
 #[test]
+fn clip_search_picks_what_a_plain_scan_picks() {
+    // The search scores candidates coarse-first and stops losers early; the factor must be the
+    // one a plain scan of every candidate's full error picks (ties: the larger factor).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for trial in 0..200 {
+        let n = [8, 64, 576][trial % 3];
+        let mut g: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        if trial % 2 == 0 {
+            g[trial % n] = rng.random_range(2.0f32..20.0);
+        }
+        for spec in [QuantSpec::sym(4), QuantSpec::asym(4), QuantSpec::sym(3)] {
+            let mut best = (f64::INFINITY, 1.0f32);
+            for c in clip_candidates() {
+                let e = clip_error(&g, &spec, c, 2.4);
+                if e < best.0 {
+                    best = (e, c);
+                }
+            }
+            assert_eq!(search_clip(&g, &spec, 2.4), best.1, "trial {trial}");
+        }
+    }
+}
+
+#[test]
 fn device_quantizer_matches_host() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let (rows, cols) = (6, 128);

@@ -177,7 +177,7 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
     for ((nq, nkv, hd, len, queries), int4) in
         cases.into_iter().flat_map(|c| [(c, true), (c, false)])
     {
-        let att = Attention::new(&gpu, nq, nkv, hd, 256);
+        let att = Attention::new(&gpu, nq, nkv, hd, 256).unwrap();
         let (k, v) = (
             KvCache::new(&gpu, 256, nkv, hd, int4),
             KvCache::new(&gpu, 256, nkv, hd, int4),

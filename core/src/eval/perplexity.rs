@@ -54,7 +54,12 @@ pub fn random_windows(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     use rand::{Rng, SeedableRng};
-    let body = len - bos.is_some() as usize;
+    let body = len.saturating_sub(bos.is_some() as usize);
+    if body == 0 {
+        return Err(Error::other(format!(
+            "a calibration window of {len} tokens holds no text"
+        )));
+    }
     if ids.len() <= body {
         return Err(Error::other(format!(
             "the calibration text has {} tokens, fewer than one window of {len}",

@@ -131,7 +131,7 @@ impl LlamaWeights {
         };
         let c = &config;
         let embed = shards.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut layers = Vec::new(); // not sized from config.json: a bad count must fail, not abort
         for i in 0..c.num_hidden_layers {
             let names = layer_tensor_names(i);
             let shapes = layer_shapes(c);
@@ -246,6 +246,9 @@ impl Shards {
                 .collect();
             files.sort();
             files.dedup();
+            if files.is_empty() {
+                return Err(Error::format(&index_path, "weight_map lists no files"));
+            }
             files
         } else {
             return Err(Error::format(
@@ -285,7 +288,15 @@ impl Shards {
     fn get_int4(&self, name: &str, shape: &[usize], spec: &QuantSpec) -> Result<HostTensor> {
         let base = name.trim_end_matches(".weight");
         let (rows, cols) = (shape[0], shape[1]);
-        let groups = cols / spec.group.unwrap_or(cols).max(1);
+        let group = spec.group.unwrap_or(cols);
+        if group == 0 || !cols.is_multiple_of(group) || !cols.is_multiple_of(8) {
+            let dir = self.files[0].0.parent().unwrap_or(Path::new("."));
+            return Err(Error::format(
+                dir.join(super::qformat::HEADER),
+                format!("weight groups of {group} do not split the {cols} columns of {name}"),
+            ));
+        }
+        let groups = cols / group;
         let words = self.get_raw(&format!("{base}.qweight"), &[rows, cols / 8], Dtype::U32)?;
         let words: Vec<u32> = words
             .chunks_exact(4)

@@ -157,6 +157,22 @@ impl LlamaConfig {
             return Err(Error::format(path, "head_dim must be even for RoPE"));
         }
         if let Some(rs) = &self.rope_scaling {
+            if !(rs.factor.is_finite() && rs.factor > 0.0) {
+                return Err(Error::format(
+                    path,
+                    format!("rope_scaling factor {} must be positive", rs.factor),
+                ));
+            }
+            if let (Some(lo), Some(hi)) = (rs.low_freq_factor, rs.high_freq_factor)
+                && !(hi > lo && lo > 0.0)
+            {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "rope_scaling needs 0 < low_freq_factor < high_freq_factor, not {lo} and {hi}"
+                    ),
+                ));
+            }
             match rs.rope_type.as_str() {
                 "default" | "linear" => {}
                 "llama3" => {

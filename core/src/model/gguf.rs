@@ -247,7 +247,8 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         metadata.insert(key, value);
     }
 
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    // Sized as read, not from the header's counts: a corrupt count must fail on the data.
+    let mut tensors = Vec::new();
     for _ in 0..n_tensors {
         let name = r.string()?;
         let n_dims = r.u32()?;
@@ -510,7 +511,7 @@ impl Reader<'_> {
                 let elem = self.u32()?;
                 let n = self.u64()?;
                 self.check_count(n, 1, "array elements")?;
-                let mut v = Vec::with_capacity(n as usize);
+                let mut v = Vec::new();
                 for _ in 0..n {
                     v.push(self.value(elem, depth + 1)?);
                 }

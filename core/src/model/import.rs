@@ -10,25 +10,22 @@ use serde_json::{Value as Json, json};
 use super::checkpoint::{HostTensor, LayerWeights, LlamaWeights};
 use super::config::{LlamaConfig, RopeScaling, TokenIds};
 use super::gguf::{GgufFile, Value};
+use super::output;
 use crate::error::{Error, Result};
 
 /// The ChatML template SmolLM2 ships; used when a GGUF carries no template of its own.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// Import `gguf` into the folder `out` (which must not exist yet, or is replaced atomically).
+/// Import `gguf` into the folder `out`, which must not exist yet or be empty.
 pub fn import_gguf(gguf: &Path, out: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+    output::check_target(out, None)?;
     let file = GgufFile::open(gguf)?;
     let config = gguf_config(&file)?;
     let tokenizer = gguf_tokenizer(&file)?;
     let tok_config = tokenizer_config(&file)?;
     let weights = gguf_weights(&file, config.clone(), progress)?;
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = tempdir_in(parent, out)?;
+    let tmp = output::staging_dir(out)?;
     let write = || -> Result<()> {
         write_json(
             &tmp.join("config.json"),
@@ -46,21 +43,7 @@ pub fn import_gguf(gguf: &Path, out: &Path, progress: &mut dyn FnMut(usize, usiz
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
-}
-
-fn tempdir_in(parent: &Path, out: &Path) -> Result<std::path::PathBuf> {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    Ok(tmp)
+    output::install(&tmp, out, None)
 }
 
 fn write_json(path: &Path, v: &Json) -> Result<()> {
@@ -222,7 +205,7 @@ fn gguf_weights(
     let (d, ff, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
     let (nq, nkv) = (c.num_attention_heads, c.n_kv_heads());
     let embed = load("token_embd.weight", vec![c.vocab_size, d])?;
-    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    let mut layers = Vec::new(); // not sized from the header: a bad count must fail, not abort
     for i in 0..c.num_hidden_layers {
         let b = |s: &str| format!("blk.{i}.{s}.weight");
         let mut wq = load(&b("attn_q"), vec![nq * hd, d])?;

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::checkpoint::{HostTensor, LayerWeights, LlamaWeights};
 use super::config::LlamaConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::quant::quantizer::{QuantSpec, fake_quant_tensor};
 use crate::transform::hadamard::{Hadamard, RowHadamard, transpose};
 
@@ -198,6 +198,17 @@ impl Llama {
     /// Switch online Hadamards and activation / KV fake quantization on or off.
     pub fn set_options(&mut self, opts: ForwardOptions) -> Result<()> {
         let c = &self.config;
+        // Activation groups split every quantized input: the hidden and FFN widths.
+        if let Some(g) = opts.act.and_then(|a| a.group)
+            && (g == 0
+                || !c.hidden_size.is_multiple_of(g)
+                || !c.intermediate_size.is_multiple_of(g))
+        {
+            return Err(Error::other(format!(
+                "activation groups of {g} do not divide the widths {} and {}",
+                c.hidden_size, c.intermediate_size
+            )));
+        }
         self.online.down_h = if opts.down_hadamard {
             Some(RowHadamard::new(c.intermediate_size, &self.device)?)
         } else {

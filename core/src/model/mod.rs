@@ -4,6 +4,7 @@ pub mod config;
 pub mod gguf;
 pub mod import;
 pub mod llama;
+pub mod output;
 pub mod qformat;
 pub mod tokenizer;
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use checkpoint::LlamaWeights;
 use llama::Llama;
 use tokenizer::Tokenizer;
@@ -30,7 +31,9 @@ impl LoadedModel {
         let mut model = Llama::new(&weights, device);
         // A quantized folder runs with the online transforms and quantizers it was made for.
         if qformat::is_quantized(dir) {
-            model.set_options(qformat::read_header(dir)?.forward.options())?;
+            model
+                .set_options(qformat::read_header(dir)?.forward.options())
+                .map_err(|e| Error::format(dir.join(qformat::HEADER), e.to_string()))?;
         }
         Ok(LoadedModel {
             dir: dir.to_path_buf(),

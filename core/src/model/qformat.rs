@@ -11,12 +11,13 @@
 //! sibling and renamed, so a failed or cancelled export leaves nothing behind.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{HostTensor, LayerWeights, LlamaWeights, layer_tensor_names};
+use super::output;
 use crate::error::{Error, Result};
 use crate::model::llama::ForwardOptions;
 use crate::quant::quantizer::{Grid, LayerGrids, QuantSpec};
@@ -203,20 +204,9 @@ pub fn write(
         blobs.push(("lm_head.weight".into(), embed_like(h)));
     }
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp: PathBuf = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name()
-            .map_or("out".into(), |n| n.to_string_lossy()),
-        std::process::id()
-    ));
+    check_out(out)?;
+    let tmp = output::staging_dir(out)?;
     let result = (|| -> Result<()> {
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let views = blobs
             .iter()
             .map(|(n, b)| {
@@ -251,15 +241,21 @@ pub fn write(
                 std::fs::copy(&from, tmp.join(f)).map_err(|e| Error::io(&from, e))?;
             }
         }
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+        Ok(())
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    match result {
+        Ok(()) => output::install(&tmp, out, Some(HEADER)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
     }
-    result
+}
+
+/// Check that `out` may receive a quantized folder: absent, empty, or a quantized folder
+/// (which [`write`] replaces).
+pub fn check_out(out: &Path) -> Result<()> {
+    output::check_target(out, Some(HEADER))
 }
 
 /// Read a quantized folder's header.
@@ -276,6 +272,33 @@ pub fn read_header(dir: &Path) -> Result<Header> {
                 h.format, h.version
             ),
         ));
+    }
+    // The weights are packed 4-bit codes, 8 to a word: a group must hold whole words.
+    if let Some(w) = &h.weight
+        && (w.bits != 4 || w.group.is_some_and(|g| g == 0 || !g.is_multiple_of(8)))
+    {
+        return Err(Error::format(
+            &path,
+            format!(
+                "weight quantizer {} bits, group {:?}: this format stores 4-bit weights in \
+                 groups of a multiple of 8 columns",
+                w.bits, w.group
+            ),
+        ));
+    }
+    for (what, spec) in [("act", h.forward.act), ("kv", h.forward.kv)] {
+        if let Some(q) = spec
+            && (!(2..=8).contains(&q.bits) || q.group == Some(0))
+        {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "forward.{what}: {} bits, group {:?} (expected 2 to 8 bits and a group of \
+                     at least 1)",
+                    q.bits, q.group
+                ),
+            ));
+        }
     }
     Ok(h)
 }

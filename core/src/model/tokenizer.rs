@@ -79,6 +79,32 @@ impl Tokenizer {
         }
         // LLaMA-family tokenizers add BOS unless they say otherwise; LLaMA-3 says so through its
         // post-processor, which we do not run, so trust the config's flag when present.
+        // Every id the tokenizer can produce must have an embedding row: a tokenizer from
+        // another model (a larger vocabulary) would otherwise fail deep inside the forward.
+        let rows = config.vocab_size;
+        if let Some((tok, id)) = inner
+            .get_vocab(true)
+            .into_iter()
+            .max_by_key(|&(_, id)| id)
+            .filter(|&(_, id)| id as usize >= rows)
+        {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "token {tok:?} has id {id}, but the model has {rows} embedding rows                      (config.json vocab_size): the tokenizer belongs to another model"
+                ),
+            ));
+        }
+        if let Some(id) = bos_id
+            .iter()
+            .chain(&eos_ids)
+            .find(|&&id| id as usize >= rows)
+        {
+            return Err(Error::format(
+                dir.join("config.json"),
+                format!("special token id {id} is outside the vocabulary of {rows} tokens"),
+            ));
+        }
         let add_bos = cfg
             .get("add_bos_token")
             .and_then(|v| v.as_bool())

@@ -8,6 +8,7 @@ use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
 use super::kernel::{Bind, Dispatch, Kernel};
+use crate::error::{Error, Result};
 
 /// One layer's cache of K or V: int4 codes [max_seq, heads, hd/8] with scales and zeros
 /// [max_seq, heads], or (`int4` false) the f32 bits themselves [max_seq, heads, hd].
@@ -66,12 +67,15 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(gpu: &Gpu, nq: usize, nkv: usize, hd: usize, max_seq: usize) -> Self {
-        assert!(
-            hd.is_multiple_of(8) && hd <= 256 && nq.is_multiple_of(nkv),
-            "head shapes"
-        );
-        Attention {
+    pub fn new(gpu: &Gpu, nq: usize, nkv: usize, hd: usize, max_seq: usize) -> Result<Self> {
+        if !(hd.is_multiple_of(8) && hd <= 256 && nkv > 0 && nq.is_multiple_of(nkv)) {
+            return Err(Error::other(format!(
+                "the GPU attention needs a head dimension that is a multiple of 8 up to 256 and \
+                 query heads a multiple of the KV heads, not head dim {hd} with {nq} query and \
+                 {nkv} KV heads (--device cpu runs it)"
+            )));
+        }
+        Ok(Attention {
             nq,
             nkv,
             hd,
@@ -88,7 +92,7 @@ impl Attention {
                 "main",
                 &[("HD", hd as f64)],
             ),
-        }
+        })
     }
 
     fn quant_params(&self, cache: &KvCache, pos: usize, tokens: usize) -> QuantParams {

@@ -381,7 +381,7 @@ impl GpuModel {
                 v_cache: KvCache::new(&gpu, max_seq, nkv, hd, kv4),
             })
             .collect();
-        let attn = Attention::new(&gpu, nq, nkv, hd, max_seq);
+        let attn = Attention::new(&gpu, nq, nkv, hd, max_seq)?;
         let norm = gpu.storage("norm", &norm);
         let kernels = (Ops::new(&gpu), Products::new(&gpu));
         let plan = |tokens| {
