@@ -660,7 +660,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         } else {
             "f16"
         };
-        let mut m = on(&host)?;
+        let mut m = on(&host).map_err(|e| Error::other(format!("{}: {e}", dir.display())))?;
         let f = decode(&mut m, 4, o.tokens)?;
         let name = dir.display().to_string();
         row(out, &name, w, &f).map_err(io)?;

@@ -286,7 +286,8 @@ impl HostModel {
     /// f16 linears and no activation or KV quantization.
     pub fn load(dir: &Path) -> Result<Self> {
         if !qformat::is_quantized(dir) {
-            return Self::from_weights(&LlamaWeights::load(dir)?);
+            return Self::from_weights(&LlamaWeights::load(dir)?)
+                .map_err(|e| Error::other(format!("{}: {e}", dir.display())));
         }
         let header = qformat::read_header(dir)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
