@@ -42,7 +42,8 @@ fn check(edit: Option<fn(&mut ostquant_core::model::config::LlamaConfig)>) {
     let w = match edit {
         None => write_tiny_model(&src, 7),
         Some(f) => {
-            let mut c = ostquant_tests::tiny_config(64);
+            // The tiny tokenizer's vocabulary: every id it can produce has an embedding row.
+            let mut c = ostquant_tests::tiny_config(ostquant_tests::TINY_VOCAB);
             f(&mut c);
             let w = ostquant_tests::random_weights(&c, 7);
             write_tiny_model(&src, 7);

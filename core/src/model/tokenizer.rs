@@ -91,7 +91,8 @@ impl Tokenizer {
             return Err(Error::format(
                 &path,
                 format!(
-                    "token {tok:?} has id {id}, but the model has {rows} embedding rows                      (config.json vocab_size): the tokenizer belongs to another model"
+                    "token {tok:?} has id {id} but the model has {rows} embedding rows (config.json \
+                     vocab_size): the tokenizer belongs to another model"
                 ),
             ));
         }
