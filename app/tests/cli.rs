@@ -435,6 +435,19 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
         table.contains(s(&cells)),
         "the table names its cache: {table}"
     );
+    // Item by item against FP: FP's own row is the base (·), RTN's difference is the
+    // difference of the two averages (both cells keep their items' outcomes).
+    let (_, table) = run("fp,rtn", &["--cached-only", "--versus", "fp"]);
+    let delta = rtn["zeroshot_avg"].as_f64().unwrap() - fp["zeroshot_avg"].as_f64().unwrap();
+    let rtn_line = table.lines().find(|l| l.starts_with("| rtn |")).unwrap();
+    assert!(
+        table.contains("| Δ vs fp |") && table.contains(" | · | "),
+        "{table}"
+    );
+    assert!(
+        rtn_line.contains(&format!(" {delta:+.2} ± ")),
+        "Δ {delta:+.2} in {rtn_line}"
+    );
 
     // The same row measured by `eval` into another cache gives the same perplexity.
     let other = dir.path().join("other-cells");
