@@ -141,6 +141,52 @@ fn clip_search_picks_what_a_plain_scan_picks() {
 }
 
 #[test]
+fn round_half_away_matches_f32_round() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut xs: Vec<f32> = (-300..300).map(|k| k as f32 + 0.5).collect(); // every tie
+    xs.extend([
+        0.0,
+        -0.0,
+        0.49999997,
+        -0.49999997,
+        0.50000006,
+        4_194_303.5,
+        -4_194_303.5,
+    ]);
+    xs.extend((0..100_000).map(|_| rng.random_range(-300.0f32..300.0)));
+    xs.extend((0..1000).map(|_| rng.random_range(-1e-3f32..1e-3)));
+    for x in xs {
+        assert_eq!(round_half_away(x), x.round(), "{x}");
+    }
+    // Far beyond any quantizer's range the result only has to stay beyond it.
+    assert_eq!(round_half_away(1e9), 4_194_304.0);
+    assert_eq!(round_half_away(-1e9), -4_194_304.0);
+}
+
+#[test]
+fn pow_abs_matches_f64_powf() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    for p in [1.0f64, 2.0, 2.4, 3.0, 4.5] {
+        let mut worst = 0.0f64;
+        for _ in 0..100_000 {
+            // Log-uniform magnitudes from 1e-12 to 1e4, both signs.
+            let x =
+                10f64.powf(rng.random_range(-12.0..4.0)) * if rng.random() { 1.0 } else { -1.0 };
+            let want = x.abs().powf(p);
+            if want < 2f64.powi(-126) || want > 1e38 {
+                continue;
+            }
+            let got = pow_abs(x as f32, p as f32) as f64;
+            // The reference gets the same f32 input.
+            let want = (x as f32 as f64).abs().powf(p);
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 1e-5, "p {p}: relative error {worst:e}");
+    }
+    assert!(pow_abs(0.0, 2.4) < 1e-37);
+}
+
+#[test]
 fn device_quantizer_matches_host() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let (rows, cols) = (6, 128);
