@@ -218,10 +218,11 @@ fn describe(info: &wgpu::AdapterInfo) -> String {
 pub fn select(choice: DeviceChoice) -> Result<ComputeDevice> {
     let flex = || ComputeDevice {
         device: Device::flex(),
-        description: format!(
-            "cpu: burn flex backend, {} threads",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        ),
+        // burn's CPU ops and matmuls run on rayon's global pool (RAYON_NUM_THREADS sizes it).
+        description: match rayon::current_num_threads() {
+            1 => "cpu: burn flex backend, 1 thread".to_string(),
+            n => format!("cpu: burn flex backend, {n} threads"),
+        },
     };
     if let Some(s) = shared_wgpu(choice) {
         return Ok(ComputeDevice {
