@@ -66,6 +66,14 @@ pub fn results(
             write_atomic(&json, &serde_json::to_string_pretty(&list)?)?;
         }
     }
+    if rows.is_empty() {
+        // An empty table would replace a good one (say, after the cache was cleared).
+        anyhow::bail!(
+            "no row of this table is cached yet (--cached-only), so {} and {} were left as they were",
+            md.display(),
+            json.display()
+        );
+    }
     let table = markdown(&name, &rows, settings, &skipped, versus);
     write_atomic(md, &table)?;
     print!("{table}");
@@ -182,7 +190,8 @@ fn markdown(
          (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
          random windows of {} tokens of the Wikipedia calibration half (seed 42). OSTQuant and SpinQuant-style \
          rows learn their transforms with the `{}` preset{} ({} steps × {} window(s) × {} tokens of the calibration half), \
-         then GPTQ weights. Time: seconds to measure the row (calibration not included).\n",
+         then GPTQ weights. Time: seconds to measure the row, summed over its cells (calibration not included; \
+         on the CPU tasks run side by side, so the wall time is shorter).\n",
         s.w_group
             .map_or("per output channel".to_string(), |g| format!(
                 "in groups of {g} input columns"

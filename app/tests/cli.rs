@@ -401,6 +401,30 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         (rows, std::fs::read_to_string(&md).unwrap())
     };
+    // Nothing cached yet: --cached-only refuses to write an empty table over the files.
+    std::fs::write(&md, "an earlier table").unwrap();
+    let mut args = vec![
+        "results",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--methods",
+        "fp",
+    ];
+    args.extend([
+        "--cache",
+        s(&cells),
+        "--md",
+        s(&md),
+        "--json",
+        s(&json),
+        "--cached-only",
+    ]);
+    let err = fails(&args);
+    assert!(err.contains("no row of this table is cached yet"), "{err}");
+    assert_eq!(std::fs::read_to_string(&md).unwrap(), "an earlier table");
+    assert!(!json.exists());
     let (rows, table) = run("fp,rtn", &[]);
     let rows = rows.as_array().unwrap().clone();
     assert_eq!(rows.len(), 2, "{rows:?}");
