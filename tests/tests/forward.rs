@@ -123,3 +123,41 @@ fn wgpu_forward_matches_f64_reference() {
 fn wgpu_kv_cache_matches_recompute() {
     check_cache(&software_vulkan());
 }
+
+#[test]
+fn site_inputs_are_what_the_block_shows_its_tap() {
+    // GPTQ takes one site's inputs at a time from `site_input`, which stops the block there;
+    // they must be exactly the tensors a whole block hands its tap (quantizers and online
+    // Hadamards on, so every branch runs).
+    use ostquant_core::model::llama::ForwardOptions;
+    use ostquant_core::quant::quantizer::QuantSpec;
+    let w = random_weights(&tiny_config(64), 13);
+    let mut model = Llama::new(&w, &Device::flex());
+    model
+        .set_options(ForwardOptions {
+            down_hadamard: true,
+            qk_hadamard: true,
+            act: Some(QuantSpec::asym(4)),
+            kv: Some(QuantSpec::asym(4)),
+            ..Default::default()
+        })
+        .unwrap();
+    let tokens: Vec<Vec<u32>> = vec![(0..9).map(|i| (i * 7 + 3) % 64).collect(); 2];
+    let x = model.embed(&tokens);
+    for layer in 0..w.layers.len() {
+        let mut seen = Vec::new();
+        model.block(layer, x.clone(), &mut |_, site, a| seen.push((site, a)));
+        assert_eq!(seen.len(), 4);
+        for (site, tapped) in seen {
+            let got = model.site_input(layer, x.clone(), site);
+            let [b, t, n] = got.dims();
+            let got: Vec<f32> = got
+                .reshape([b * t, n])
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let want: Vec<f32> = tapped.into_data().try_to_vec::<f32>().unwrap();
+            assert_eq!(got, want, "layer {layer} {site:?}");
+        }
+    }
+}

@@ -260,7 +260,7 @@ impl Llama {
         let start = cache.len;
         let pos = self.positions(start, t);
         for (i, kv) in cache.layers.iter_mut().enumerate() {
-            x = self.run_block(i, x, kv, &pos, tap);
+            x = self.run_block(i, x, kv, &pos, tap, None);
         }
         cache.len += t;
         self.final_norm(x)
@@ -286,7 +286,16 @@ impl Llama {
     pub fn block(&self, i: usize, x: Tensor<3>, tap: &mut Tap) -> Tensor<3> {
         let t = x.dims()[1];
         let pos = self.positions(0, t);
-        self.run_block(i, x, &mut None, &pos, tap)
+        self.run_block(i, x, &mut None, &pos, tap, None)
+    }
+
+    /// The input of `site` in block `i` (as [`block`](Self::block) shows it to its tap, before
+    /// any activation quantization), computing only what comes before it: layer-wise GPTQ
+    /// needs one site's inputs at a time.
+    pub fn site_input(&self, i: usize, x: Tensor<3>, site: Site) -> Tensor<3> {
+        let t = x.dims()[1];
+        let pos = self.positions(0, t);
+        self.run_block(i, x, &mut None, &pos, &mut |_, _, _| {}, Some(site))
     }
 
     /// Replace block `i`'s weights (after quantizing them, say).
@@ -313,6 +322,8 @@ impl Llama {
         }
     }
 
+    /// Decoder block `i` on residual states [B, T, d]; with `until`, it stops at that site and
+    /// returns the site's input instead.
     fn run_block(
         &self,
         i: usize,
@@ -320,6 +331,7 @@ impl Llama {
         kv: &mut Option<(Tensor<4>, Tensor<4>)>,
         pos: &Positions,
         tap: &mut Tap,
+        until: Option<Site>,
     ) -> Tensor<3> {
         let (layer, eps) = (&self.layers[i], self.config.rms_norm_eps);
         let mut tap = |site: Site, x: &Tensor<3>| {
@@ -327,9 +339,28 @@ impl Llama {
             tap(i, site, x.clone().reshape([b * t, n]));
         };
         let h = rms_norm(x.clone(), &layer.attn_norm, eps);
-        let x = x + self.attention(layer, h, kv, pos, &mut tap);
+        if until == Some(Site::QkvIn) {
+            return h;
+        }
+        tap(Site::QkvIn, &h);
+        let heads = self.attention_heads(layer, h, kv, pos);
+        if until == Some(Site::OIn) {
+            return heads;
+        }
+        tap(Site::OIn, &heads);
+        let hd = self.config.head_dim();
+        let x = x + linear(self.quant_act(Site::OIn, heads, Some(hd)), &layer.wo_t);
         let h = rms_norm(x.clone(), &layer.ffn_norm, eps);
-        x + self.mlp(layer, h, &mut tap)
+        if until == Some(Site::UpGateIn) {
+            return h;
+        }
+        tap(Site::UpGateIn, &h);
+        let m = self.mlp_hidden(layer, h);
+        if until == Some(Site::DownIn) {
+            return m;
+        }
+        tap(Site::DownIn, &m);
+        x + linear(self.quant_act(Site::DownIn, m, None), &layer.w_down_t)
     }
 
     /// Vocabulary logits [B, T, V] of hidden states [B, T, d].
@@ -340,18 +371,17 @@ impl Llama {
             .reshape([b, t, self.config.vocab_size])
     }
 
-    fn attention(
+    /// The attention heads' outputs [B, T, nq·hd] of normed states `x`: the input of o_proj.
+    fn attention_heads(
         &self,
         l: &Layer,
         x: Tensor<3>,
         kv: &mut Option<(Tensor<4>, Tensor<4>)>,
         pos: &Positions,
-        tap: &mut dyn FnMut(Site, &Tensor<3>),
     ) -> Tensor<3> {
         let c = &self.config;
         let [b, t, _] = x.dims();
         let (hd, nq, nkv) = (c.head_dim(), c.num_attention_heads, c.n_kv_heads());
-        tap(Site::QkvIn, &x);
         let x = self.quant_act(Site::QkvIn, x, None);
         let heads =
             |w: &Tensor<2>, n: usize| linear(x.clone(), w).reshape([b, t, n, hd]).swap_dims(1, 2);
@@ -378,14 +408,12 @@ impl Llama {
             scores = scores + m.clone();
         }
         let out = softmax(scores, 3).matmul(v); // [B, nq, T, hd]
-        let out = out.swap_dims(1, 2).reshape([b, t, nq * hd]);
-        tap(Site::OIn, &out);
-        let out = self.quant_act(Site::OIn, out, Some(hd));
-        linear(out, &l.wo_t)
+        out.swap_dims(1, 2).reshape([b, t, nq * hd])
     }
 
-    fn mlp(&self, l: &Layer, x: Tensor<3>, tap: &mut dyn FnMut(Site, &Tensor<3>)) -> Tensor<3> {
-        tap(Site::UpGateIn, &x);
+    /// gate·up of normed states `x` [B, T, d] (Hadamard-rotated when the online down_proj
+    /// Hadamard is on): the input of down_proj.
+    fn mlp_hidden(&self, l: &Layer, x: Tensor<3>) -> Tensor<3> {
         let x = self.quant_act(Site::UpGateIn, x, None);
         let gate = silu(linear(x.clone(), &l.w_gate_t));
         let mut h = gate * linear(x, &l.w_up_t);
@@ -393,8 +421,7 @@ impl Llama {
             let [b, t, n] = h.dims();
             h = had.apply(h.reshape([b * t, n])).reshape([b, t, n]);
         }
-        tap(Site::DownIn, &h);
-        linear(self.quant_act(Site::DownIn, h, None), &l.w_down_t)
+        h
     }
 
     /// Per-token fake quantization of a linear layer's input [B, T, n] at `site` (groups of

@@ -186,19 +186,11 @@ pub fn gptq_model(
                 _ => w.config.hidden_size,
             };
             let mut h = Hessian::new(n);
-            let mut failed = None;
             for x in &xs {
-                model.block(l, x.clone(), &mut |_, s, a| {
-                    if s == site
-                        && failed.is_none()
-                        && let Err(e) = h.add_tensor(a)
-                    {
-                        failed = Some(e);
-                    }
-                });
-            }
-            if let Some(e) = failed {
-                return Err(e);
+                // Only the part of the block before `site` runs.
+                let a = model.site_input(l, x.clone(), site);
+                let [b, t, _] = a.dims();
+                h.add_tensor(a.reshape([b * t, n]))?;
             }
             let lw = &mut out.layers[l];
             // (name, matrix, index in LayerGrids order q, k, v, o, gate, up, down)
