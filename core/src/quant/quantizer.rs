@@ -157,6 +157,7 @@ fn quant_error_sum_avx2(xs: &[f32], s: f32, z: f32, qmin: f32, qmax: f32, p: f32
 // stays scalar).
 #[inline(always)]
 fn quant_error_sum_portable(xs: &[f32], s: f32, z: f32, qmin: f32, qmax: f32, p: f32) -> f64 {
+    // fake_quant_value with the vectorizable rounding (the same q for every finite x).
     let err = |x: f32| {
         let q = ((round_half_away(x / s) + z).max(qmin).min(qmax) - z) * s;
         pow_abs(x - q, p)
@@ -174,14 +175,16 @@ fn quant_error_sum_portable(xs: &[f32], s: f32, z: f32, qmin: f32, qmax: f32, p:
     lanes.iter().map(|&l| l as f64).sum()
 }
 
+/// Adding 1.5·2²³ to an f32 below 2²² in magnitude leaves no fraction bits: the sum is
+/// rounded to an integer (ties to even), and its low mantissa bits hold that integer + 2²².
+const ROUNDING_MAGIC: f32 = 12_582_912.0;
+
 /// `u.round()` (half away from zero) for |u| ≤ 2²², larger magnitudes clamped to 2²² (every
 /// quantizer clamps far below that). Plain arithmetic instead of a libm call, so it vectorizes.
 #[inline(always)]
 pub fn round_half_away(u: f32) -> f32 {
-    // Adding 1.5·2²³ leaves no fraction bits: the sum is rounded to an integer, ties to even.
-    const MAGIC: f32 = 12_582_912.0;
     let a = u.abs().min(4_194_304.0);
-    let even = (a + MAGIC) - MAGIC;
+    let even = (a + ROUNDING_MAGIC) - ROUNDING_MAGIC;
     // A tie rounded down to even goes up instead (a − even is exact).
     let r = even + if a - even == 0.5 { 1.0 } else { 0.0 };
     r.copysign(u)
@@ -216,10 +219,9 @@ fn log2(x: f32) -> f32 {
 /// 2^y, y clamped to [−126, 127].
 #[inline(always)]
 fn exp2(y: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // as in round_half_away: y + MAGIC holds round(y)
     let y = y.clamp(-126.0, 127.0);
-    let shifted = y + MAGIC;
-    let n = shifted - MAGIC;
+    let shifted = y + ROUNDING_MAGIC;
+    let n = shifted - ROUNDING_MAGIC; // round(y)
     let f = (y - n) * std::f32::consts::LN_2; // 2^(y − n) = e^f, |f| ≤ ln2/2
     // Taylor series of e^f to f⁷/7! (next term below 3e-9 for |f| ≤ 0.347).
     let ef = 1.0
