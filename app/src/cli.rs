@@ -166,6 +166,10 @@ enum Command {
         /// Bit settings of every quantized method
         #[arg(long, default_value = "W4A16KV16,W4A4KV16,W4A4KV4")]
         bits: String,
+        /// One more row, after the others, with its own calibration of a learned method:
+        /// "METHOD BITS [--steps N --lr-scale X …]" (repeatable; the flags are quantize's)
+        #[arg(long = "row", value_name = "SPEC")]
+        rows: Vec<String>,
         /// Zero-shot tasks: all, none, or a list
         #[arg(long, default_value = "all")]
         tasks: String,
@@ -359,6 +363,33 @@ fn check_learns(method: Method, overrides: &Overrides) -> Result<()> {
     Ok(())
 }
 
+/// A `results --row`: a learned method, its bits and its calibration flags.
+#[derive(Parser)]
+#[command(no_binary_name = true)]
+struct RowArgs {
+    method: Method,
+    bits: Bits,
+    #[command(flatten)]
+    overrides: OverrideArgs,
+}
+
+fn parse_row(spec: &str) -> Result<crate::results::Row> {
+    let args = RowArgs::try_parse_from(spec.split_whitespace())
+        .map_err(|e| anyhow::anyhow!("--row {spec:?}: {}", e.render().to_string().trim()))?;
+    let calib = args.overrides.overrides()?;
+    if !args.method.is_learned() {
+        bail!(
+            "--row {spec:?}: {} learns nothing; --row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration",
+            args.method
+        );
+    }
+    Ok(crate::results::Row {
+        method: args.method,
+        bits: args.bits,
+        calib,
+    })
+}
+
 /// Changes to a learned method's preset calibration.
 #[derive(Args)]
 struct OverrideArgs {
@@ -540,6 +571,7 @@ pub fn run() -> Result<()> {
             model,
             methods,
             bits,
+            rows,
             tasks,
             measure,
             md,
@@ -553,6 +585,10 @@ pub fn run() -> Result<()> {
             &crate::results::Table {
                 methods: &methods,
                 bits: &bits,
+                rows: &rows
+                    .iter()
+                    .map(|r| parse_row(r))
+                    .collect::<Result<Vec<_>>>()?,
                 md: &md,
                 json: json.as_deref(),
                 cached_only,

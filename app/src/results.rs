@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 
-use ostquant_core::calib::Settings as CalibSettings;
+use ostquant_core::calib::{Overrides, Settings as CalibSettings};
 use ostquant_core::data::tasks::TaskName;
 use ostquant_core::device::DeviceChoice;
 use ostquant_core::eval::suite::{RowResult, Settings};
@@ -21,6 +21,8 @@ pub struct Table<'a> {
     /// Comma-separated methods and bit settings, in table order.
     pub methods: &'a str,
     pub bits: &'a str,
+    /// Rows after those, each with its own calibration (`--row`).
+    pub rows: &'a [Row],
     pub md: &'a Path,
     pub json: Option<&'a Path>,
     /// Skip rows that are not fully cached instead of measuring them.
@@ -28,6 +30,32 @@ pub struct Table<'a> {
     /// Compare every row's zero-shot average item by item with this method's row at the same
     /// bits (FP's row when it is `fp`).
     pub versus: Option<Method>,
+}
+
+/// A learned method at one bit setting whose calibration differs from the table's, say a
+/// longer one: its overrides apply on top of the table's.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub method: Method,
+    pub bits: Bits,
+    pub calib: Overrides,
+}
+
+/// A row to measure: the table's settings, or a [`Row`]'s, with the footnote that says how.
+struct Planned {
+    method: Method,
+    bits: Bits,
+    settings: Settings,
+    note: Option<usize>,
+}
+
+/// The table so far: measured rows with their footnote numbers, the footnotes, and the rows
+/// skipped because they are not cached.
+#[derive(Default)]
+struct Tabled {
+    rows: Vec<(RowResult, Option<usize>)>,
+    notes: Vec<String>,
+    skipped: Vec<String>,
 }
 
 pub fn results(
@@ -45,28 +73,73 @@ pub fn results(
         .json
         .map(Path::to_path_buf)
         .unwrap_or_else(|| Path::new("results").join(format!("{}.json", name.to_lowercase())));
-    let mut rows: Vec<RowResult> = Vec::new();
-    let mut skipped: Vec<String> = Vec::new();
-    for &m in &methods {
-        let settings_bits: &[Bits] = if m == Method::Fp { &[Bits::FP] } else { &bits };
-        for &b in settings_bits {
-            if cached_only && !lab.is_cached(m, b, settings) {
-                eprintln!("ostquant: {m} {b}: not measured yet, skipped (--cached-only)");
-                skipped.push(format!("{m} {b}"));
-                continue;
-            }
-            eprintln!("ostquant: {m} {b}");
-            let (bar, mut prog) = stage_bar();
-            let row = lab.evaluate(m, b, settings, &mut prog, &AtomicBool::new(false))?;
-            bar.finish_and_clear();
-            rows.push(row);
-            // Written after every row, so the files show the table as far as it got.
-            write_atomic(md, &markdown(&name, &rows, settings, &skipped, versus))?;
-            let list: Vec<_> = rows.iter().map(|r| r.to_json(settings.limit)).collect();
-            write_atomic(&json, &serde_json::to_string_pretty(&list)?)?;
+
+    let mut tabled = Tabled::default();
+    let mut plan: Vec<Planned> = Vec::new();
+    for &method in &methods {
+        let row_bits: &[Bits] = if method == Method::Fp {
+            &[Bits::FP]
+        } else {
+            &bits
+        };
+        for &bits in row_bits {
+            let settings = settings.clone();
+            plan.push(Planned {
+                method,
+                bits,
+                settings,
+                note: None,
+            });
         }
     }
-    if rows.is_empty() {
+    for row in table.rows {
+        let settings = Settings {
+            calib: row.calib.over(&settings.calib),
+            ..settings.clone()
+        };
+        tabled.notes.push(format!(
+            "{} {} calibrated with `{}`",
+            row.method,
+            row.bits,
+            settings.calib.flags()
+        ));
+        let note = Some(tabled.notes.len());
+        plan.push(Planned {
+            method: row.method,
+            bits: row.bits,
+            settings,
+            note,
+        });
+    }
+
+    let mut json_rows = Vec::new();
+    for p in &plan {
+        let label = label(p.method, p.bits, p.note);
+        if cached_only && !lab.is_cached(p.method, p.bits, &p.settings) {
+            eprintln!("ostquant: {label}: not measured yet, skipped (--cached-only)");
+            tabled.skipped.push(label);
+            continue;
+        }
+        eprintln!("ostquant: {label}");
+        let (bar, mut prog) = stage_bar();
+        let row = lab.evaluate(
+            p.method,
+            p.bits,
+            &p.settings,
+            &mut prog,
+            &AtomicBool::new(false),
+        )?;
+        bar.finish_and_clear();
+        let mut obj = row.to_json(p.settings.limit);
+        // Learned rows say how they were calibrated (preset and overrides resolved).
+        obj["calibration"] = serde_json::to_value(p.settings.learned_settings(p.method, p.bits))?;
+        json_rows.push(obj);
+        tabled.rows.push((row, p.note));
+        // Written after every row, so the files show the table as far as it got.
+        write_atomic(md, &markdown(&name, &tabled, settings, versus))?;
+        write_atomic(&json, &serde_json::to_string_pretty(&json_rows)?)?;
+    }
+    if tabled.rows.is_empty() {
         // An empty table would replace a good one (say, after the cache was cleared).
         anyhow::bail!(
             "no row of this table is cached yet (--cached-only), so {} and {} were left as they were",
@@ -74,11 +147,19 @@ pub fn results(
             json.display()
         );
     }
-    let table = markdown(&name, &rows, settings, &skipped, versus);
-    write_atomic(md, &table)?;
-    print!("{table}");
+    let text = markdown(&name, &tabled, settings, versus);
+    write_atomic(md, &text)?;
+    print!("{text}");
     eprintln!("ostquant: wrote {} and {}", md.display(), json.display());
     Ok(())
+}
+
+/// "ostquant-nowomi W4A4KV4 [1]": a row as progress lines and the skipped list name it.
+fn label(method: Method, bits: Bits, note: Option<usize>) -> String {
+    match note {
+        Some(n) => format!("{method} {bits} [{n}]"),
+        None => format!("{method} {bits}"),
+    }
 }
 
 fn split_list<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Vec<T>> {
@@ -97,6 +178,17 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// `arg` as a shell reads it back: quoted when it holds spaces or other special characters,
+/// so the table's command can be pasted as it is.
+fn shell_word(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_.,/:=@+%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
 }
 
 /// The cache folder as the table names it: `~/…` for the home folder, relative paths as given.
@@ -123,16 +215,11 @@ fn short(t: TaskName) -> &'static str {
 }
 
 /// The table with a header that says exactly how it was measured.
-fn markdown(
-    model: &str,
-    rows: &[RowResult],
-    s: &Settings,
-    skipped: &[String],
-    versus: Option<Method>,
-) -> String {
+fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -> String {
+    let (rows, skipped) = (&table.rows, &table.skipped);
     let mut out = String::new();
-    let command: Vec<String> = std::env::args().skip(1).collect();
-    let device = rows.first().map_or("", |r| r.device.as_str());
+    let command: Vec<String> = std::env::args().skip(1).map(|a| shell_word(&a)).collect();
+    let device = rows.first().map_or("", |r| r.0.device.as_str());
     let _ = writeln!(out, "# Results: {model}\n");
     let _ = writeln!(
         out,
@@ -149,7 +236,7 @@ fn markdown(
             )
         }
     );
-    let wiki = rows.first().map(|r| &r.wiki);
+    let wiki = rows.first().map(|r| &r.0.wiki);
     let preset = s.calib.apply(CalibSettings::ostquant(Bits::FP, s.preset));
     let overrides = if s.calib.is_empty() {
         String::new()
@@ -189,7 +276,7 @@ fn markdown(
         "- Weights {}, {}, MSE-searched clipping; activations per token, asymmetric \
          (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
          random windows of {} tokens of the Wikipedia calibration half (seed 42). OSTQuant and SpinQuant-style \
-         rows learn their transforms with the `{}` preset{} ({} steps × {} window(s) × {} tokens of the calibration half), \
+         rows learn their transforms with the `{}` preset{} ({} steps × {} window(s) × {} tokens of the calibration half{}), \
          then GPTQ weights. Time: seconds to measure the row, summed over its cells (calibration not included; \
          on the CPU tasks run side by side, so the wall time is shorter).\n",
         s.w_group
@@ -204,6 +291,11 @@ fn markdown(
         preset.steps,
         preset.batch,
         preset.seq_len,
+        if table.notes.is_empty() {
+            ""
+        } else {
+            "; rows marked [n] as their note under the table says"
+        },
     );
     let _ = write!(out, "| method | bits | wiki ppl | KL to FP | top-1 |");
     for t in &s.tasks {
@@ -222,11 +314,14 @@ fn markdown(
         let _ = write!(out, "---:|");
     }
     let _ = writeln!(out, "---:|---:|");
-    for r in rows {
+    for (r, note) in rows {
         let _ = write!(
             out,
             "| {} | {} | {:.3} | {:.4} | {:.1}% |",
-            r.method.name(),
+            note.map_or(r.method.name().to_string(), |n| format!(
+                "{} [{n}]",
+                r.method
+            )),
             r.bits,
             r.wiki.ppl,
             r.wiki.kl.unwrap_or(0.0),
@@ -244,6 +339,7 @@ fn markdown(
         if let Some(m) = versus {
             let base = rows
                 .iter()
+                .map(|(o, _)| o)
                 .find(|o| o.method == m && (m == Method::Fp || o.bits == r.bits));
             let cell = match base.and_then(|o| r.paired_difference(o)) {
                 Some(_) if base.is_some_and(|o| std::ptr::eq(o, r)) => "·".to_string(),
@@ -254,5 +350,36 @@ fn markdown(
         }
         let _ = writeln!(out, " {secs:.0} |");
     }
+    if !table.notes.is_empty() {
+        let _ = writeln!(out);
+    }
+    for (i, n) in table.notes.iter().enumerate() {
+        let _ = writeln!(out, "[{}] {n}.  ", i + 1);
+    }
     out
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::shell_word;
+
+    #[test]
+    fn shell_words_read_back_as_the_argument() {
+        for arg in [
+            "plain-1.5,x",
+            "two words",
+            "it's",
+            "",
+            "$HOME",
+            "~/x",
+            "a\"b",
+        ] {
+            let word = shell_word(arg);
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf %s {word}")])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), arg, "{word}");
+        }
+    }
 }

@@ -511,6 +511,112 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
 }
 
 #[test]
+fn results_rows_carry_their_own_calibration() {
+    let (dir, model, _) = model_and_text("unused.txt", b"x");
+    let (cells, md, json) = (
+        dir.path().join("cells"),
+        dir.path().join("R.md"),
+        dir.path().join("r.json"),
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "results",
+            "--model",
+            s(&model),
+            "--device",
+            "cpu",
+            "--methods",
+            "fp",
+            "--tasks",
+            "piqa",
+            "--limit",
+            "2",
+            "--windows",
+            "1",
+            "--ctx",
+            "64",
+            "--calib-windows",
+            "2",
+            "--calib-len",
+            "32",
+            "--cache",
+            s(&cells),
+            "--md",
+            s(&md),
+            "--json",
+            s(&json),
+        ];
+        args.extend_from_slice(extra);
+        let out = ostquant(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        let rows: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (rows, std::fs::read_to_string(&md).unwrap())
+    };
+    let row = "spinquant W4A4KV4 --steps 2 --samples 1 --seq-len 16";
+    let (rows, table) = run(&["--row", row]);
+    let spin = &rows[1];
+    assert_eq!(
+        (&spin["method"], &spin["bits"]),
+        (&"spinquant".into(), &"W4A4KV4".into())
+    );
+    let calib = &spin["calibration"];
+    assert_eq!(
+        (&calib["steps"], &calib["samples"], &calib["seq_len"]),
+        (&2.into(), &1.into(), &16.into()),
+        "{spin}"
+    );
+    assert!(rows[0]["calibration"].is_null(), "FP learns nothing");
+    assert!(
+        table.contains("| spinquant [1] | W4A4KV4 |")
+            && table.contains(
+                "[1] spinquant W4A4KV4 calibrated with `--steps 2 --samples 1 --seq-len 16`"
+            )
+            && table.contains(&format!("--row '{row}'")),
+        "{table}"
+    );
+    // The row's flags go on top of the table's: the same calibration split between the two
+    // is the same cached row, and another step count is another row, not measured yet.
+    let (again, _) = run(&[
+        "--cached-only",
+        "--steps",
+        "2",
+        "--row",
+        "spinquant W4A4KV4 --samples 1 --seq-len 16",
+    ]);
+    assert_eq!(again[1]["wiki_ppl"], spin["wiki_ppl"]);
+    let (_, table) = run(&[
+        "--cached-only",
+        "--row",
+        "spinquant W4A4KV4 --steps 3 --samples 1 --seq-len 16",
+    ]);
+    assert!(
+        table.contains("not measured yet: spinquant W4A4KV4 [1]"),
+        "{table}"
+    );
+
+    for (spec, why) in [
+        ("rtn W4A4KV4", "learns nothing"),
+        ("ostquant", "--row \"ostquant\""),
+        ("ostquant W4A4KV4 --stepz 2", "--stepz"),
+    ] {
+        let err = fails(&[
+            "results",
+            "--model",
+            s(&model),
+            "--methods",
+            "fp",
+            "--row",
+            spec,
+            "--md",
+            s(&md),
+        ]);
+        assert!(err.contains(why), "{spec}: {err}");
+    }
+}
+
+#[test]
 fn tasks_measured_side_by_side_score_as_one_at_a_time() {
     // On the CPU, eval runs one task per rayon thread at once; each cell (scores and every
     // item's pick) must be what the same task measured alone gives.

@@ -210,6 +210,22 @@ impl Overrides {
         self == &Overrides::default()
     }
 
+    /// These overrides, and `base`'s where these leave a setting to the preset.
+    pub fn over(&self, base: &Overrides) -> Overrides {
+        Overrides {
+            steps: self.steps.or(base.steps),
+            lr_rot: self.lr_rot.or(base.lr_rot),
+            lr_scale: self.lr_scale.or(base.lr_scale),
+            samples: self.samples.or(base.samples),
+            seq_len: self.seq_len.or(base.seq_len),
+            batch: self.batch.or(base.batch),
+            loss: self.loss.or(base.loss),
+            init: self.init.or(base.init),
+            optimizer: self.optimizer.or(base.optimizer),
+            train_weights: self.train_weights.or(base.train_weights),
+        }
+    }
+
     pub fn apply(&self, s: Settings) -> Settings {
         Settings {
             steps: self.steps.unwrap_or(s.steps),
