@@ -359,25 +359,41 @@ fn eval_scores_a_method_and_caches_the_result() {
     assert!(key.is_file(), "{} missing", key.display());
 }
 
-#[test]
-fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
-    let (dir, model, _) = model_and_text("unused.txt", b"x");
-    let (cells, md, json) = (
-        dir.path().join("cells"),
-        dir.path().join("R.md"),
-        dir.path().join("r.json"),
-    );
-    let run = |methods: &str, extra: &[&str]| {
+/// A tiny model and the files of a `results` table about it: two PIQA items, one 64-token
+/// perplexity window.
+struct TinyTable {
+    dir: tempfile::TempDir,
+    model: std::path::PathBuf,
+    cells: std::path::PathBuf,
+    md: std::path::PathBuf,
+    json: std::path::PathBuf,
+}
+
+impl TinyTable {
+    fn new() -> Self {
+        let (dir, model, _) = model_and_text("unused.txt", b"x");
+        let (cells, md, json) = (
+            dir.path().join("cells"),
+            dir.path().join("R.md"),
+            dir.path().join("r.json"),
+        );
+        TinyTable {
+            dir,
+            model,
+            cells,
+            md,
+            json,
+        }
+    }
+
+    /// `results` with `extra` arguments: the JSON rows and the Markdown table it wrote.
+    fn run(&self, extra: &[&str]) -> (serde_json::Value, String) {
         let mut args = vec![
             "results",
             "--model",
-            s(&model),
+            s(&self.model),
             "--device",
             "cpu",
-            "--methods",
-            methods,
-            "--bits",
-            "W4A4KV4",
             "--tasks",
             "piqa",
             "--limit",
@@ -387,19 +403,30 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
             "--ctx",
             "64",
             "--cache",
-            s(&cells),
+            s(&self.cells),
             "--md",
-            s(&md),
+            s(&self.md),
             "--json",
-            s(&json),
+            s(&self.json),
         ];
         args.extend_from_slice(extra);
         let out = ostquant(&args);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{err}");
         let rows: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        (rows, std::fs::read_to_string(&md).unwrap())
+            serde_json::from_str(&std::fs::read_to_string(&self.json).unwrap()).unwrap();
+        (rows, std::fs::read_to_string(&self.md).unwrap())
+    }
+}
+
+#[test]
+fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
+    let t = TinyTable::new();
+    let (dir, model, cells, md, json) = (&t.dir, &t.model, &t.cells, &t.md, &t.json);
+    let run = |methods: &str, extra: &[&str]| {
+        let mut args = vec!["--methods", methods, "--bits", "W4A4KV4"];
+        args.extend_from_slice(extra);
+        t.run(&args)
     };
     // Nothing cached yet: --cached-only refuses to write an empty table over the files.
     std::fs::write(&md, "an earlier table").unwrap();
@@ -512,47 +539,18 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
 
 #[test]
 fn results_rows_carry_their_own_calibration() {
-    let (dir, model, _) = model_and_text("unused.txt", b"x");
-    let (cells, md, json) = (
-        dir.path().join("cells"),
-        dir.path().join("R.md"),
-        dir.path().join("r.json"),
-    );
+    let t = TinyTable::new();
     let run = |extra: &[&str]| {
         let mut args = vec![
-            "results",
-            "--model",
-            s(&model),
-            "--device",
-            "cpu",
             "--methods",
             "fp",
-            "--tasks",
-            "piqa",
-            "--limit",
-            "2",
-            "--windows",
-            "1",
-            "--ctx",
-            "64",
             "--calib-windows",
             "2",
             "--calib-len",
             "32",
-            "--cache",
-            s(&cells),
-            "--md",
-            s(&md),
-            "--json",
-            s(&json),
         ];
         args.extend_from_slice(extra);
-        let out = ostquant(&args);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{err}");
-        let rows: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        (rows, std::fs::read_to_string(&md).unwrap())
+        t.run(&args)
     };
     let row = "spinquant W4A4KV4 --steps 2 --samples 1 --seq-len 16";
     let (rows, table) = run(&["--row", row]);
@@ -604,13 +602,13 @@ fn results_rows_carry_their_own_calibration() {
         let err = fails(&[
             "results",
             "--model",
-            s(&model),
+            s(&t.model),
             "--methods",
             "fp",
             "--row",
             spec,
             "--md",
-            s(&md),
+            s(&t.md),
         ]);
         assert!(err.contains(why), "{spec}: {err}");
     }
