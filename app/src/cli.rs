@@ -166,8 +166,9 @@ enum Command {
         /// Bit settings of every quantized method
         #[arg(long, default_value = "W4A16KV16,W4A4KV16,W4A4KV4")]
         bits: String,
-        /// One more row, after the others, with its own calibration of a learned method:
-        /// "METHOD BITS [--steps N --lr-scale X …]" (repeatable; the flags are quantize's)
+        /// One more row, after the others: a learned method at one bit setting, with its own
+        /// calibration flags if any: "METHOD BITS [--steps N --lr-scale X …]" (repeatable; the
+        /// flags are quantize's)
         #[arg(long = "row", value_name = "SPEC")]
         rows: Vec<String>,
         /// Zero-shot tasks: all, none, or a list

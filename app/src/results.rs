@@ -32,8 +32,8 @@ pub struct Table<'a> {
     pub versus: Option<Method>,
 }
 
-/// A learned method at one bit setting whose calibration differs from the table's, say a
-/// longer one: its overrides apply on top of the table's.
+/// A learned method at one bit setting, outside the methods × bits grid, whose calibration
+/// may differ from the table's (say, a longer one): its overrides apply on top of the table's.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub method: Method,
@@ -97,13 +97,16 @@ pub fn results(
             calib: row.calib.over(&settings.calib),
             ..settings.clone()
         };
-        tabled.notes.push(format!(
-            "{} {} calibrated with `{}`",
-            row.method,
-            row.bits,
-            settings.calib.flags()
-        ));
-        let note = Some(tabled.notes.len());
+        // A row with the table's own calibration needs no note.
+        let note = (!row.calib.is_empty()).then(|| {
+            tabled.notes.push(format!(
+                "{} {} calibrated with `{}`",
+                row.method,
+                row.bits,
+                settings.calib.flags()
+            ));
+            tabled.notes.len()
+        });
         plan.push(Planned {
             method: row.method,
             bits: row.bits,

@@ -584,6 +584,23 @@ fn results_rows_carry_their_own_calibration() {
         "spinquant W4A4KV4 --samples 1 --seq-len 16",
     ]);
     assert_eq!(again[1]["wiki_ppl"], spin["wiki_ppl"]);
+    // A row with no flags of its own has the table's calibration and no note.
+    let (plain, table) = run(&[
+        "--cached-only",
+        "--steps",
+        "2",
+        "--samples",
+        "1",
+        "--seq-len",
+        "16",
+        "--row",
+        "spinquant W4A4KV4",
+    ]);
+    assert_eq!(plain[1]["wiki_ppl"], spin["wiki_ppl"]);
+    assert!(
+        table.contains("| spinquant | W4A4KV4 |") && !table.contains("[1]"),
+        "{table}"
+    );
     let (_, table) = run(&[
         "--cached-only",
         "--row",
