@@ -429,11 +429,11 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
         t.run(&args)
     };
     // Nothing cached yet: --cached-only refuses to write an empty table over the files.
-    std::fs::write(&md, "an earlier table").unwrap();
+    std::fs::write(md, "an earlier table").unwrap();
     let mut args = vec![
         "results",
         "--model",
-        s(&model),
+        s(model),
         "--device",
         "cpu",
         "--methods",
@@ -441,16 +441,16 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
     ];
     args.extend([
         "--cache",
-        s(&cells),
+        s(cells),
         "--md",
-        s(&md),
+        s(md),
         "--json",
-        s(&json),
+        s(json),
         "--cached-only",
     ]);
     let err = fails(&args);
     assert!(err.contains("no row of this table is cached yet"), "{err}");
-    assert_eq!(std::fs::read_to_string(&md).unwrap(), "an earlier table");
+    assert_eq!(std::fs::read_to_string(md).unwrap(), "an earlier table");
     assert!(!json.exists());
     let (rows, table) = run("fp,rtn", &[]);
     let rows = rows.as_array().unwrap().clone();
@@ -483,7 +483,7 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
         "{table}"
     );
     assert!(
-        table.contains(s(&cells)),
+        table.contains(s(cells)),
         "the table names its cache: {table}"
     );
     // Item by item against FP: FP's own row is the base (·), RTN's difference is the
@@ -505,7 +505,7 @@ fn results_writes_the_table_and_its_json_and_resumes_from_its_cells() {
     let eval = ostquant(&[
         "eval",
         "--model",
-        s(&model),
+        s(model),
         "--device",
         "cpu",
         "--method",
