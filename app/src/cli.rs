@@ -124,6 +124,10 @@ enum Command {
         /// Asymmetric weights (a zero point per channel or group)
         #[arg(long)]
         w_asym: bool,
+        /// Round the weights to nearest instead of GPTQ (learned methods; the others name
+        /// their rounding: rtn or gptq, quarot or quarot-gptq)
+        #[arg(long)]
+        w_rtn: bool,
     },
     /// Benchmark the int4 runtime on a wgpu device or the CPU: int4 and f16 GEMV bandwidth
     /// against the device's read bandwidth, and decode speed of synthetic SmolLM2 / LLaMA-2-7B /
@@ -270,6 +274,10 @@ struct MeasureArgs {
     /// Asymmetric weights (a zero point per channel or group) instead of symmetric
     #[arg(long)]
     w_asym: bool,
+    /// Round the weights to nearest instead of GPTQ (learned methods; the others name
+    /// their rounding: rtn or gptq, quarot or quarot-gptq)
+    #[arg(long)]
+    w_rtn: bool,
     /// Recompute even when a cached result exists
     #[arg(long)]
     fresh: bool,
@@ -304,6 +312,7 @@ impl MeasureArgs {
             calib_len: self.calib_len,
             w_group: self.w_group,
             w_asym: self.w_asym,
+            w_rtn: self.w_rtn,
             fresh: self.fresh,
             cache_dir: self
                 .cache
@@ -372,6 +381,9 @@ struct RowArgs {
     bits: Bits,
     #[command(flatten)]
     overrides: OverrideArgs,
+    /// Round the weights to nearest instead of GPTQ
+    #[arg(long)]
+    w_rtn: bool,
 }
 
 fn parse_row(spec: &str) -> Result<crate::results::Row> {
@@ -388,6 +400,7 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
         method: args.method,
         bits: args.bits,
         calib,
+        w_rtn: args.w_rtn,
     })
 }
 
@@ -538,6 +551,7 @@ pub fn run() -> Result<()> {
             calib_len,
             w_group,
             w_asym,
+            w_rtn,
         } => {
             check_calib_size(calib_windows, calib_len)?;
             let s = Settings {
@@ -545,6 +559,7 @@ pub fn run() -> Result<()> {
                 calib_len,
                 w_group,
                 w_asym,
+                w_rtn,
                 ..Settings::default()
             };
             quantize(&model, method, bits, &out, &calib, &s)
@@ -952,6 +967,7 @@ fn quantize(
     s: &Settings,
 ) -> Result<()> {
     Lab::check_export_bits(bits)?;
+    s.rounding(method)?;
     // Before the calibration, not after it: a bad --out fails at once.
     ostquant_core::model::qformat::check_out(out)?;
     let t0 = std::time::Instant::now();

@@ -39,6 +39,8 @@ pub struct Row {
     pub method: Method,
     pub bits: Bits,
     pub calib: Overrides,
+    /// Round the weights to nearest instead of GPTQ.
+    pub w_rtn: bool,
 }
 
 /// A row to measure: the table's settings, or a [`Row`]'s, with the footnote that says how.
@@ -93,24 +95,29 @@ pub fn results(
         }
     }
     for row in table.rows {
-        let settings = Settings {
+        let row_settings = Settings {
             calib: row.calib.over(&settings.calib),
+            w_rtn: row.w_rtn || settings.w_rtn,
             ..settings.clone()
         };
-        // A row with the table's own calibration needs no note.
-        let note = (!row.calib.is_empty()).then(|| {
-            tabled.notes.push(format!(
-                "{} {} calibrated with `{}`",
-                row.method,
-                row.bits,
-                settings.calib.flags()
-            ));
+        // A row measured as the table says needs no note.
+        let mut how = Vec::new();
+        if !row.calib.is_empty() {
+            how.push(format!("calibrated with `{}`", row_settings.calib.flags()));
+        }
+        if row.w_rtn && !settings.w_rtn {
+            how.push("weights rounded to nearest (no GPTQ)".to_string());
+        }
+        let note = (!how.is_empty()).then(|| {
+            tabled
+                .notes
+                .push(format!("{} {} {}", row.method, row.bits, how.join(", ")));
             tabled.notes.len()
         });
         plan.push(Planned {
             method: row.method,
             bits: row.bits,
-            settings,
+            settings: row_settings,
             note,
         });
     }
@@ -136,6 +143,9 @@ pub fn results(
         let mut obj = row.to_json(p.settings.limit);
         // Learned rows say how they were calibrated (preset and overrides resolved).
         obj["calibration"] = serde_json::to_value(p.settings.learned_settings(p.method, p.bits))?;
+        if p.method != Method::Fp {
+            obj["rounding"] = p.settings.rounding(p.method)?.to_string().into();
+        }
         json_rows.push(obj);
         tabled.rows.push((row, p.note));
         // Written after every row, so the files show the table as far as it got.
@@ -159,10 +169,12 @@ pub fn results(
 
 /// "ostquant-nowomi W4A4KV4 [1]": a row as progress lines and the skipped list name it.
 fn label(method: Method, bits: Bits, note: Option<usize>) -> String {
-    match note {
-        Some(n) => format!("{method} {bits} [{n}]"),
-        None => format!("{method} {bits}"),
-    }
+    format!("{method} {bits}{}", note_mark(note))
+}
+
+/// " [1]" after a row's name where a note under the table says how it was measured.
+fn note_mark(note: Option<usize>) -> String {
+    note.map_or(String::new(), |n| format!(" [{n}]"))
 }
 
 fn split_list<T: std::str::FromStr<Err = String>>(s: &str) -> Result<Vec<T>> {
@@ -280,7 +292,7 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
          (o_proj input per head); K/V per token per head, asymmetric. GPTQ and SmoothQuant calibrate on {} \
          random windows of {} tokens of the Wikipedia calibration half (seed 42). OSTQuant and SpinQuant-style \
          rows learn their transforms with the `{}` preset{} ({} steps × {} window(s) × {} tokens of the calibration half{}), \
-         then GPTQ weights. Time: seconds to measure the row, summed over its cells (calibration not included; \
+         then {} weights. Time: seconds to measure the row, summed over its cells (calibration not included; \
          on the CPU tasks run side by side, so the wall time is shorter).\n",
         s.w_group
             .map_or("per output channel".to_string(), |g| format!(
@@ -299,6 +311,7 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
         } else {
             "; rows marked [n] as their note under the table says"
         },
+        if s.w_rtn { "RTN" } else { "GPTQ" },
     );
     let _ = write!(out, "| method | bits | wiki ppl | KL to FP | top-1 |");
     for t in &s.tasks {
@@ -320,11 +333,9 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
     for (r, note) in rows {
         let _ = write!(
             out,
-            "| {} | {} | {:.3} | {:.4} | {:.1}% |",
-            note.map_or(r.method.name().to_string(), |n| format!(
-                "{} [{n}]",
-                r.method
-            )),
+            "| {}{} | {} | {:.3} | {:.4} | {:.1}% |",
+            r.method,
+            note_mark(*note),
             r.bits,
             r.wiki.ppl,
             r.wiki.kl.unwrap_or(0.0),

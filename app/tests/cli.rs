@@ -611,6 +611,31 @@ fn results_rows_carry_their_own_calibration() {
         "{table}"
     );
 
+    // A row of RTN weights is another row (its own cells), noted as such.
+    let (rtn, table) = run(&[
+        "--cached-only",
+        "--row",
+        row,
+        "--row",
+        "spinquant W4A4KV4 --steps 2 --samples 1 --seq-len 16 --w-rtn",
+    ]);
+    assert!(
+        table.contains("not measured yet: spinquant W4A4KV4 [2]"),
+        "{table}"
+    );
+    assert_eq!(rtn[1]["rounding"], "gptq");
+    let (rtn, table) = run(&[
+        "--row",
+        "spinquant W4A4KV4 --steps 2 --samples 1 --seq-len 16 --w-rtn",
+    ]);
+    assert_eq!(rtn[1]["rounding"], "rtn");
+    assert_ne!(rtn[1]["wiki_ppl"], spin["wiki_ppl"]);
+    assert!(
+        table.contains(
+            "[1] spinquant W4A4KV4 calibrated with `--steps 2 --samples 1 --seq-len 16`, weights rounded to nearest (no GPTQ)"
+        ),
+        "{table}"
+    );
     for (spec, why) in [
         ("rtn W4A4KV4", "learns nothing"),
         ("ostquant", "--row \"ostquant\""),
@@ -856,6 +881,60 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
             "{device}: runtime {rt_ppl} vs burn {burn_ppl}: {rt_out}"
         );
         assert!(number_after(&rt_out, "top-1 agreement") >= 95.0, "{rt_out}");
+    }
+    // --w-rtn: the same learned transforms (the checkpoint is reused, so the losses are the
+    // same), weights rounded to nearest instead of GPTQ: other int4 codes.
+    let rtn_out = model.with_file_name("q-rtn");
+    let run = ostquant(&[
+        "quantize",
+        "--model",
+        s(&model),
+        "--device",
+        "cpu",
+        "--method",
+        "ostquant",
+        "--bits",
+        "W4A4KV4",
+        "--steps",
+        "3",
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--w-rtn",
+        "--out",
+        s(&rtn_out),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let rtn_header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rtn_out.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(header["details"]["rounding"], "gptq");
+    assert_eq!(rtn_header["details"]["rounding"], "rtn");
+    assert_eq!(rtn_header["details"]["losses"], header["details"]["losses"]);
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert_ne!(weights(&out), weights(&rtn_out));
+    for (method, why) in [
+        ("gptq", "is the method rtn"),
+        ("quarot-gptq", "is the method quarot"),
+    ] {
+        let err = fails(&[
+            "quantize",
+            "--model",
+            s(&model),
+            "--method",
+            method,
+            "--w-rtn",
+            "--out",
+            s(&rtn_out.with_file_name("never")),
+        ]);
+        assert!(err.contains(why), "{err}");
+        let err = fails(&["eval", "--model", s(&model), "--method", method, "--w-rtn"]);
+        assert!(err.contains(why), "{err}");
     }
     // Options that a method without calibration cannot use are refused.
     let err = fails(&[

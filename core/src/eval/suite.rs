@@ -29,7 +29,8 @@ use crate::model::llama::{ForwardOptions, Llama};
 use crate::model::qformat::{self, Header};
 use crate::model::tokenizer::Tokenizer;
 use crate::quant::method::{
-    Bits, Calibration, Method, Quantized, quantize_weights, transform, weight_spec, with_bits,
+    Bits, Calibration, Method, Quantized, Rounding, quantize_weights, transform, weight_spec,
+    with_bits,
 };
 
 /// Seed of the calibration windows (the papers' seed).
@@ -52,6 +53,8 @@ pub struct Settings {
     pub w_group: Option<usize>,
     /// Asymmetric weights (zero point) instead of symmetric.
     pub w_asym: bool,
+    /// Round the learned methods' weights to nearest instead of GPTQ (SPEC's `w_gptq False`).
+    pub w_rtn: bool,
     /// Recompute even what is cached.
     pub fresh: bool,
     /// Where measurements are cached (a folder that can be kept in a repository, so that a
@@ -71,6 +74,22 @@ impl Settings {
             .learned_settings(bits, self.preset)
             .map(|s| self.calib.apply(s))
     }
+
+    /// How `method`'s weights are rounded: its own way, or RTN with `w_rtn`. GPTQ and
+    /// QuaRot-GPTQ refuse `w_rtn`: their round-to-nearest versions are the methods `rtn` and
+    /// `quarot`.
+    pub fn rounding(&self, method: Method) -> Result<Rounding> {
+        if !self.w_rtn {
+            return Ok(method.rounding());
+        }
+        match method {
+            Method::Gptq => Err(Error::other("gptq with RTN weights is the method rtn")),
+            Method::QuarotGptq => Err(Error::other(
+                "quarot-gptq with RTN weights is the method quarot",
+            )),
+            _ => Ok(Rounding::Rtn),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -84,6 +103,7 @@ impl Default for Settings {
             calib_len: 512,
             w_group: None,
             w_asym: false,
+            w_rtn: false,
             fresh: false,
             cache_dir: super::default_cache_dir(),
             preset: Preset::Cpu,
@@ -348,6 +368,9 @@ impl Lab {
             if s.w_asym {
                 key += "-wasym";
             }
+            if s.w_rtn && method.rounding() == Rounding::Gptq {
+                key += "-wrtn";
+            }
         }
         key
     }
@@ -398,6 +421,7 @@ impl Lab {
         cancel: &AtomicBool,
     ) -> Result<RowResult> {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
+        s.rounding(method)?;
         let mkey = Self::method_key(method, bits, s);
         let key = |task: &str, limit| self.cell(s, &mkey, bits, task, limit);
         let wiki_key = key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows);
@@ -558,9 +582,10 @@ impl Lab {
             learned,
         };
         progress("preparing", 0, 1);
+        let rounding = s.rounding(method)?;
         let (tw, online) = transform(&self.weights, method, &calib)?;
-        let spec = weight_spec(bits.w, s.w_group, s.w_asym);
-        let q = quantize_weights(tw, &online, method, spec.as_ref(), &calib, &mut |d, t| {
+        let spec = weight_spec(bits.w, s.w_group, s.w_asym).filter(|_| method != Method::Fp);
+        let q = quantize_weights(tw, &online, rounding, spec.as_ref(), &calib, &mut |d, t| {
             progress("quantizing weights", d, t)
         })?;
         Ok((q, online))
@@ -635,6 +660,7 @@ impl Lab {
             details: serde_json::json!({
                 "calibration": learned.map(|l| &l.settings),
                 "losses": learned.map(|l| &l.losses),
+                "rounding": q.grids.as_ref().map(|_| s.rounding(method)).transpose()?,
                 "gptq_windows": [s.calib_windows, s.calib_len],
                 "source": self.dir,
                 "device": self.device.description,

@@ -191,8 +191,33 @@ impl Method {
             Method::SmoothQuant | Method::Gptq | Method::QuarotGptq
         ) || self.is_learned()
     }
-    fn uses_gptq(self) -> bool {
-        matches!(self, Method::Gptq | Method::QuarotGptq) || self.is_learned()
+    /// How the method rounds weights: GPTQ for gptq, quarot-gptq and the learned methods (the
+    /// paper's setting), RTN for the others.
+    pub fn rounding(self) -> Rounding {
+        if matches!(self, Method::Gptq | Method::QuarotGptq) || self.is_learned() {
+            Rounding::Gptq
+        } else {
+            Rounding::Rtn
+        }
+    }
+}
+
+/// How linear weights are put on their quantization grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rounding {
+    /// Round to nearest, each weight on its own.
+    Rtn,
+    /// GPTQ: each column's rounding error pushed onto the columns not yet quantized.
+    Gptq,
+}
+
+impl fmt::Display for Rounding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rounding::Rtn => "rtn",
+            Rounding::Gptq => "gptq",
+        })
     }
 }
 
@@ -301,24 +326,24 @@ pub struct Quantized {
     pub grids: Option<Vec<LayerGrids>>,
 }
 
-/// Quantize the linear weights of transformed weights `w` with `spec` and the method's weight
-/// quantizer (GPTQ or RTN); no spec (16 bits) or the FP method leaves them as they are.
+/// Quantize the linear weights of transformed weights `w` with `spec`, rounded by `rounding`;
+/// no spec (16 bits, or the FP method) leaves them as they are.
 pub fn quantize_weights(
     mut w: LlamaWeights,
     online: &ForwardOptions,
-    method: Method,
+    rounding: Rounding,
     spec: Option<&QuantSpec>,
     calib: &Calibration,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Quantized> {
-    let Some(spec) = spec.filter(|_| method != Method::Fp) else {
+    let Some(spec) = spec else {
         return Ok(Quantized {
             weights: w,
             grids: None,
         });
     };
     check_weight_group(&w.config, spec.group)?;
-    if method.uses_gptq() {
+    if rounding == Rounding::Gptq {
         let (weights, grids) = gptq_model(&w, online, calib.windows, spec, calib.device, progress)?;
         return Ok(Quantized {
             weights,
