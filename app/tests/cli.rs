@@ -804,30 +804,35 @@ fn eval_rejects_a_weight_group_that_does_not_divide_the_layers() {
 fn quantize_calibrates_writes_an_int4_folder_that_runs() {
     let (_dir, model, _) = model_and_text("unused.txt", b"x");
     let out = model.with_file_name("q");
-    let run = ostquant(&[
-        "quantize",
-        "--model",
-        s(&model),
-        "--device",
-        "cpu",
-        "--method",
-        "ostquant",
-        "--bits",
-        "W4A4KV4",
-        "--steps",
-        "3",
-        "--samples",
-        "2",
-        "--seq-len",
-        "16",
-        "--calib-windows",
-        "2",
-        "--calib-len",
-        "32",
-        "--fresh",
-        "--out",
-        s(&out),
-    ]);
+    // A 3-step OSTQuant calibration, GPTQ on two 32-token windows.
+    let quantize = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            "--model",
+            s(&model),
+            "--device",
+            "cpu",
+            "--method",
+            "ostquant",
+            "--bits",
+            "W4A4KV4",
+            "--steps",
+            "3",
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--calib-windows",
+            "2",
+            "--calib-len",
+            "32",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        ostquant(&args)
+    };
+    let run = quantize(&out, &["--fresh"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&run.stdout),
         String::from_utf8_lossy(&run.stderr),
@@ -885,26 +890,7 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
     // --w-rtn: the same learned transforms (the checkpoint is reused, so the losses are the
     // same), weights rounded to nearest instead of GPTQ: other int4 codes.
     let rtn_out = model.with_file_name("q-rtn");
-    let run = ostquant(&[
-        "quantize",
-        "--model",
-        s(&model),
-        "--device",
-        "cpu",
-        "--method",
-        "ostquant",
-        "--bits",
-        "W4A4KV4",
-        "--steps",
-        "3",
-        "--samples",
-        "2",
-        "--seq-len",
-        "16",
-        "--w-rtn",
-        "--out",
-        s(&rtn_out),
-    ]);
+    let run = quantize(&rtn_out, &["--w-rtn"]);
     assert!(
         run.status.success(),
         "{}",
