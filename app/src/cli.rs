@@ -373,7 +373,7 @@ fn check_learns(method: Method, overrides: &Overrides) -> Result<()> {
     Ok(())
 }
 
-/// A `results --row`: a learned method, its bits and its calibration flags.
+/// A `results --row`: a method, its bits, and how it differs from the table's settings.
 #[derive(Parser)]
 #[command(no_binary_name = true)]
 struct RowArgs {
@@ -384,23 +384,45 @@ struct RowArgs {
     /// Round the weights to nearest instead of GPTQ
     #[arg(long)]
     w_rtn: bool,
+    /// GPTQ and SmoothQuant calibration windows of this row
+    #[arg(long)]
+    calib_windows: Option<usize>,
+    /// Tokens per calibration window of this row
+    #[arg(long)]
+    calib_len: Option<usize>,
 }
 
 fn parse_row(spec: &str) -> Result<crate::results::Row> {
     let args = RowArgs::try_parse_from(spec.split_whitespace())
         .map_err(|e| anyhow::anyhow!("--row {spec:?}: {}", e.render().to_string().trim()))?;
     let calib = args.overrides.overrides()?;
-    if !args.method.is_learned() {
+    let windows_given = args.calib_windows.is_some() || args.calib_len.is_some();
+    let method = args.method;
+    if windows_given {
+        if !method.needs_calibration() {
+            bail!(
+                "--row {spec:?}: {method} calibrates nothing, so it takes no --calib-windows or --calib-len"
+            );
+        }
+        if args.w_rtn {
+            bail!(
+                "--row {spec:?}: --w-rtn rounds without GPTQ, so its calibration windows would change nothing"
+            );
+        }
+        check_calib_size(args.calib_windows.unwrap_or(1), args.calib_len.unwrap_or(2))?;
+    }
+    if !method.is_learned() && (!calib.is_empty() || args.w_rtn || !windows_given) {
         bail!(
-            "--row {spec:?}: {} learns nothing; --row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration",
-            args.method
+            "--row {spec:?}: {method} learns nothing; a row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration, or a calibrated method (gptq, smoothquant, quarot-gptq) its own --calib-windows and --calib-len"
         );
     }
     Ok(crate::results::Row {
-        method: args.method,
+        method,
         bits: args.bits,
         calib,
         w_rtn: args.w_rtn,
+        calib_windows: args.calib_windows,
+        calib_len: args.calib_len,
     })
 }
 

@@ -32,15 +32,19 @@ pub struct Table<'a> {
     pub versus: Option<Method>,
 }
 
-/// A learned method at one bit setting, outside the methods × bits grid, whose calibration
-/// may differ from the table's (say, a longer one): its overrides apply on top of the table's.
+/// A method at one bit setting, outside the methods × bits grid, whose calibration may differ
+/// from the table's (say, a longer one): its overrides apply on top of the table's.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub method: Method,
     pub bits: Bits,
+    /// The learned transforms' calibration.
     pub calib: Overrides,
     /// Round the weights to nearest instead of GPTQ.
     pub w_rtn: bool,
+    /// GPTQ's (and SmoothQuant's) calibration windows and their length.
+    pub calib_windows: Option<usize>,
+    pub calib_len: Option<usize>,
 }
 
 /// A row to measure: the table's settings, or a [`Row`]'s, with the footnote that says how.
@@ -98,6 +102,8 @@ pub fn results(
         let row_settings = Settings {
             calib: row.calib.over(&settings.calib),
             w_rtn: row.w_rtn || settings.w_rtn,
+            calib_windows: row.calib_windows.unwrap_or(settings.calib_windows),
+            calib_len: row.calib_len.unwrap_or(settings.calib_len),
             ..settings.clone()
         };
         // A row measured as the table says needs no note.
@@ -107,6 +113,18 @@ pub fn results(
         }
         if row.w_rtn && !settings.w_rtn {
             how.push("weights rounded to nearest (no GPTQ)".to_string());
+        }
+        let windows = (row_settings.calib_windows, row_settings.calib_len);
+        if windows != (settings.calib_windows, settings.calib_len) {
+            let what = if row.method == Method::SmoothQuant {
+                "SmoothQuant"
+            } else {
+                "GPTQ"
+            };
+            how.push(format!(
+                "{what} on {} windows of {} tokens",
+                windows.0, windows.1
+            ));
         }
         let note = (!how.is_empty()).then(|| {
             tabled
@@ -145,6 +163,9 @@ pub fn results(
         obj["calibration"] = serde_json::to_value(p.settings.learned_settings(p.method, p.bits))?;
         if p.method != Method::Fp {
             obj["rounding"] = p.settings.rounding(p.method)?.to_string().into();
+        }
+        if p.method.needs_calibration() {
+            obj["calib_windows"] = [p.settings.calib_windows, p.settings.calib_len].into();
         }
         json_rows.push(obj);
         tabled.rows.push((row, p.note));

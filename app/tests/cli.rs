@@ -636,8 +636,33 @@ fn results_rows_carry_their_own_calibration() {
         ),
         "{table}"
     );
+    // A baseline's row may calibrate GPTQ on other windows than the table's: its own cell,
+    // noted, with the windows in its JSON row.
+    let (gptq, table) = run(&["--row", "quarot-gptq W4A16KV16 --calib-windows 3"]);
+    assert_eq!(gptq[1]["calib_windows"], serde_json::json!([3, 32]));
+    let (table_gptq, _) = t.run(&[
+        "--methods",
+        "fp,quarot-gptq",
+        "--bits",
+        "W4A16KV16",
+        "--calib-windows",
+        "2",
+        "--calib-len",
+        "32",
+    ]);
+    assert_eq!(table_gptq[1]["calib_windows"], serde_json::json!([2, 32]));
+    assert_ne!(gptq[1]["wiki_ppl"], table_gptq[1]["wiki_ppl"]);
+    assert!(
+        table.contains("| quarot-gptq [1] | W4A16KV16 |")
+            && table.contains("[1] quarot-gptq W4A16KV16 GPTQ on 3 windows of 32 tokens"),
+        "{table}"
+    );
     for (spec, why) in [
         ("rtn W4A4KV4", "learns nothing"),
+        ("quarot-gptq W4A4KV4", "learns nothing"),
+        ("rtn W4A4KV4 --calib-windows 3", "calibrates nothing"),
+        ("ostquant W4A4KV4 --w-rtn --calib-windows 3", "without GPTQ"),
+        ("gptq W4A4KV4 --calib-windows 0", "at least 1"),
         ("ostquant", "--row \"ostquant\""),
         ("ostquant W4A4KV4 --stepz 2", "--stepz"),
     ] {
