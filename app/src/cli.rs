@@ -27,7 +27,7 @@ use ostquant_core::quant::method::{Bits, Method};
 #[derive(Parser)]
 #[command(
     name = "ostquant",
-    version,
+    version = ostquant_core::VERSION,
     about = "Quantize LLaMA-family models to 4 bits with OSTQuant, and run them",
     long_about = "Quantize LLaMA-family models to 4 bits with OSTQuant, and run them.\n\nWithout a command, opens the desktop app."
 )]

@@ -167,6 +167,7 @@ pub fn results(
         if p.method.needs_calibration() {
             obj["calib_windows"] = [p.settings.calib_windows, p.settings.calib_len].into();
         }
+        obj["measured_by"] = lab.measured_by(p.method, p.bits, &p.settings).into();
         json_rows.push(obj);
         tabled.rows.push((row, p.note));
         // Written after every row, so the files show the table as far as it got.

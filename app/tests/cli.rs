@@ -566,6 +566,15 @@ fn results_rows_carry_their_own_calibration() {
         "{spin}"
     );
     assert!(rows[0]["calibration"].is_null(), "FP learns nothing");
+    // Every cell names the build that measured it; this run measured them all.
+    let builds = spin["measured_by"]
+        .as_array()
+        .expect("measured_by is a list");
+    assert_eq!(builds.len(), 1, "{spin}");
+    assert!(
+        builds[0].as_str().is_some_and(|b| b != "unrecorded"),
+        "{spin}"
+    );
     assert!(
         table.contains("| spinquant [1] | W4A4KV4 |")
             && table.contains(

@@ -15,3 +15,10 @@ pub mod runtime;
 pub mod transform;
 
 pub use error::{Error, Result};
+
+/// The commit this library was built from ("-dirty" with uncommitted changes under core/ or
+/// shaders/, "unknown" outside git): measured results carry it as `measured_by`.
+pub const BUILD: &str = env!("OSTQUANT_BUILD");
+
+/// "0.1.0 (abc1234)": the version and the build, as `ostquant --version` prints them.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("OSTQUANT_BUILD"), ")");

@@ -40,11 +40,16 @@ pub fn cache_get<T: DeserializeOwned>(path: &Path) -> Option<T> {
 }
 
 /// Write atomically (temp file, then rename), so an interrupted run never leaves half a result.
+/// The result is stamped with the build that measured it (`measured_by`).
 pub fn cache_put<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let dir = path.parent().expect("cache paths have a parent");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let text = serde_json::to_string_pretty(value).expect("results serialize");
+    let mut value = serde_json::to_value(value).expect("results serialize");
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("measured_by".into(), crate::BUILD.into());
+    }
+    let text = serde_json::to_string_pretty(&value).expect("results serialize");
     std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

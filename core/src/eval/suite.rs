@@ -394,19 +394,39 @@ impl Lab {
         )
     }
 
-    /// Whether every measurement of `method` at `bits` is in the cache.
-    pub fn is_cached(&self, method: Method, bits: Bits, s: &Settings) -> bool {
+    /// The cache files of `method` at `bits`: perplexity first, then each zero-shot task.
+    fn cells(&self, method: Method, bits: Bits, s: &Settings) -> Vec<PathBuf> {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
         let mkey = Self::method_key(method, bits, s);
         let key = |task: &str, limit| self.cell(s, &mkey, bits, task, limit);
-        let wiki: Option<TextScores> = cached(
-            &key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows),
-            false,
-        );
-        wiki.is_some()
-            && s.tasks
+        std::iter::once(key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows))
+            .chain(s.tasks.iter().map(|t| key(t.name(), s.limit)))
+            .collect()
+    }
+
+    /// Whether every measurement of `method` at `bits` is in the cache.
+    pub fn is_cached(&self, method: Method, bits: Bits, s: &Settings) -> bool {
+        let cells = self.cells(method, bits, s);
+        cached::<TextScores>(&cells[0], false).is_some()
+            && cells[1..]
                 .iter()
-                .all(|t| cached::<TaskScores>(&key(t.name(), s.limit), false).is_some())
+                .all(|c| cached::<TaskScores>(c, false).is_some())
+    }
+
+    /// The builds that measured the cached cells of `method` at `bits`, each once, in order
+    /// ("unrecorded" for cells written before results named their build).
+    pub fn measured_by(&self, method: Method, bits: Bits, s: &Settings) -> Vec<String> {
+        let mut builds: Vec<String> = Vec::new();
+        for cell in self.cells(method, bits, s) {
+            let Some(value) = cache_get::<serde_json::Value>(&cell) else {
+                continue;
+            };
+            let build = value["measured_by"].as_str().unwrap_or("unrecorded");
+            if !builds.iter().any(|b| b == build) {
+                builds.push(build.to_string());
+            }
+        }
+        builds
     }
 
     /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can. Once
