@@ -437,6 +437,37 @@ fn export_writes_an_int4_folder_that_the_chat_runs() {
         h.state().shared.error
     );
     assert!(out.join("quantization.json").is_file());
+
+    // A learned method exports the transforms calibrated in the window, its weights rounded to
+    // nearest when asked.
+    {
+        let f = &mut h.state_mut().calibrate.form;
+        f.method = Method::Ostquant;
+        f.bits = "W4A16KV16".into();
+        f.reset();
+        (f.steps, f.samples, f.seq_len, f.fresh) = (2, 1, 16, true);
+        f.export_method = Method::Ostquant;
+        f.export_w_rtn = true;
+    }
+    let app = h.state_mut();
+    app.calibrate.start(&ctx, &mut app.shared);
+    wait(&mut h, "the calibration", |a| !a.calibrate.is_running());
+    let rtn = tmp.path().join("exported-rtn");
+    let app = h.state_mut();
+    app.calibrate.export_to(&ctx, &mut app.shared, rtn.clone());
+    wait(&mut h, "the learned export", |a| {
+        !a.calibrate.is_exporting()
+    });
+    assert!(
+        h.state().shared.error.is_none(),
+        "{:?}",
+        h.state().shared.error
+    );
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rtn.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(header["details"]["rounding"], "rtn", "{header}");
+
     let app = h.state_mut();
     app.chat.open_quantized(&ctx, &app.shared, out);
     wait(&mut h, "the exported folder", |a| {

@@ -36,6 +36,8 @@ pub struct Form {
     /// The method and bits of the export section.
     pub export_method: Method,
     pub export_bits: String,
+    /// Round a learned method's weights to nearest instead of GPTQ.
+    pub export_w_rtn: bool,
 }
 
 impl Default for Form {
@@ -54,6 +56,7 @@ impl Default for Form {
             fresh: false,
             export_method: Method::Ostquant,
             export_bits: BITS[0].into(),
+            export_w_rtn: false,
         };
         f.reset();
         f
@@ -316,6 +319,10 @@ impl Panel {
             _ => None,
         };
         let lab = m.lab.clone();
+        let s = Settings {
+            w_rtn: self.form.export_w_rtn && method.is_learned(),
+            ..Settings::default()
+        };
         self.export = Some(Job::spawn(
             ctx,
             format!("exporting {}", out.display()),
@@ -323,7 +330,6 @@ impl Panel {
                 let mut lab = lab
                     .lock()
                     .map_err(|_| anyhow::anyhow!("the model is unavailable"))?;
-                let s = Settings::default();
                 let bytes = lab.export(
                     method,
                     bits,
@@ -532,16 +538,26 @@ impl Panel {
                         ui.selectable_value(&mut f.export_bits, b.to_string(), b);
                     }
                 });
+            ui.add_enabled(
+                f.export_method.is_learned(),
+                egui::Checkbox::new(&mut f.export_w_rtn, "Round to nearest"),
+            )
+            .on_hover_text(
+                "Round the learned model's weights to nearest instead of GPTQ \
+                 (the baselines name their rounding: rtn or gptq, quarot or quarot-gptq)",
+            );
             let idle = self.export.is_none() && self.picking.is_none() && self.job.is_none();
             if ui
                 .add_enabled(idle, egui::Button::new("Export int4 folder…"))
                 .on_hover_text("Learned methods use the transforms calibrated above")
                 .clicked()
             {
+                let rtn = f.export_w_rtn && f.export_method.is_learned();
                 let name = format!(
-                    "{}-{}",
+                    "{}-{}{}",
                     f.export_method.name(),
-                    f.export_bits.to_lowercase()
+                    f.export_bits.to_lowercase(),
+                    if rtn { "-rtn" } else { "" }
                 );
                 self.picking = Some(dialog::pick(
                     ui.ctx(),

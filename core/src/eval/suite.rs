@@ -684,6 +684,7 @@ impl Lab {
                 "gptq_windows": [s.calib_windows, s.calib_len],
                 "source": self.dir,
                 "device": self.device.description,
+                "build": crate::BUILD,
             }),
         };
         qformat::write(out, &self.dir, &q.weights, q.grids.as_deref(), &header)?;
