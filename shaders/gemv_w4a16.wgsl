@@ -73,14 +73,20 @@ fn chunk(w: u32) -> Chunk {
     }
     return Chunk(a, b, dot(a + b, vec4<f32>(1.0)), sq);
 }
-// Σ code·x over one packed word: code j (column 8w + j) sits in bits 4j..4j+3, so byte k holds
-// columns 2k (low nibble) and 2k + 1 (high nibble): the masked bytes are the even columns, the
-// shifted ones the odd.
+// Σ code·x over one packed word (code j, column 8w + j, in bits 4j..4j+3). No int→float
+// conversion: a code shifted into the top of an f32 mantissa under 1.0's exponent is the float
+// 1 + code/16, exactly, in two integer operations (a shift, then and+or), where a conversion
+// runs at a fraction of the FMA rate on NVIDIA GPUs and a word needs eight. Then
+// Σ code·x = 16·(Σ (1 + code/16)·x − Σ x).
+const TOP_OF_MANTISSA = vec4<u32>(19u, 15u, 11u, 7u); // bits 4j..4j+3 → 19..22, j = 0..3
+fn one_plus_sixteenths(codes: u32) -> vec4<f32> {
+    let m = (vec4<u32>(codes) << TOP_OF_MANTISSA) & vec4<u32>(0x00780000u);
+    return bitcast<vec4<f32>>(m | vec4<u32>(0x3F800000u));
+}
 fn nibbles(word: u32, c: Chunk) -> f32 {
-    let even = vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu));
-    let odd = vec4<f32>(unpack4xU8((word >> 4u) & 0x0F0F0F0Fu));
-    return dot(even, vec4<f32>(c.a.x, c.a.z, c.b.x, c.b.z))
-        + dot(odd, vec4<f32>(c.a.y, c.a.w, c.b.y, c.b.w));
+    let lo = one_plus_sixteenths(word); // columns 8w .. 8w+3
+    let hi = one_plus_sixteenths(word >> 16u); // columns 8w+4 .. 8w+7
+    return 16.0 * (dot(lo, c.a) + dot(hi, c.b) - c.sum);
 }
 
 // The integer offset of group g: codes c mean c + qmin − zero.
