@@ -59,9 +59,16 @@ struct Planned {
 /// skipped because they are not cached.
 #[derive(Default)]
 struct Tabled {
-    rows: Vec<(RowResult, Option<usize>)>,
+    rows: Vec<Measured>,
     notes: Vec<String>,
     skipped: Vec<String>,
+}
+
+/// A row of the table: its results, its footnote, and the builds that measured its cells.
+struct Measured {
+    result: RowResult,
+    note: Option<usize>,
+    builds: Vec<String>,
 }
 
 pub fn results(
@@ -167,9 +174,14 @@ pub fn results(
         if p.method.needs_calibration() {
             obj["calib_windows"] = [p.settings.calib_windows, p.settings.calib_len].into();
         }
-        obj["measured_by"] = lab.measured_by(p.method, p.bits, &p.settings).into();
+        let builds = lab.measured_by(p.method, p.bits, &p.settings);
+        obj["measured_by"] = builds.clone().into();
         json_rows.push(obj);
-        tabled.rows.push((row, p.note));
+        tabled.rows.push(Measured {
+            result: row,
+            note: p.note,
+            builds,
+        });
         // Written after every row, so the files show the table as far as it got.
         write_atomic(md, &markdown(&name, &tabled, settings, versus))?;
         write_atomic(&json, &serde_json::to_string_pretty(&json_rows)?)?;
@@ -256,7 +268,7 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
     let (rows, skipped) = (&table.rows, &table.skipped);
     let mut out = String::new();
     let command: Vec<String> = std::env::args().skip(1).map(|a| shell_word(&a)).collect();
-    let device = rows.first().map_or("", |r| r.0.device.as_str());
+    let device = rows.first().map_or("", |r| r.result.device.as_str());
     let _ = writeln!(out, "# Results: {model}\n");
     let _ = writeln!(
         out,
@@ -273,7 +285,7 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
             )
         }
     );
-    let wiki = rows.first().map(|r| &r.0.wiki);
+    let wiki = rows.first().map(|r| &r.result.wiki);
     let preset = s.calib.apply(CalibSettings::ostquant(Bits::FP, s.preset));
     let overrides = if s.calib.is_empty() {
         String::new()
@@ -352,7 +364,10 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
         let _ = write!(out, "---:|");
     }
     let _ = writeln!(out, "---:|---:|");
-    for (r, note) in rows {
+    for Measured {
+        result: r, note, ..
+    } in rows
+    {
         let _ = write!(
             out,
             "| {}{} | {} | {:.3} | {:.4} | {:.1}% |",
@@ -375,7 +390,7 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
         if let Some(m) = versus {
             let base = rows
                 .iter()
-                .map(|(o, _)| o)
+                .map(|o| &o.result)
                 .find(|o| o.method == m && (m == Method::Fp || o.bits == r.bits));
             let cell = match base.and_then(|o| r.paired_difference(o)) {
                 Some(_) if base.is_some_and(|o| std::ptr::eq(o, r)) => "·".to_string(),
@@ -392,7 +407,34 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
     for (i, n) in table.notes.iter().enumerate() {
         let _ = writeln!(out, "[{}] {n}.  ", i + 1);
     }
+    let _ = writeln!(out, "\n{}", builds_line(rows));
     out
+}
+
+/// "Measured by: `abc1234`: rtn W4A16KV16, …; unrecorded (…): …": which build measured which
+/// rows' cells (a row whose cells come from several builds is under each).
+fn builds_line(rows: &[Measured]) -> String {
+    let mut builds: Vec<(&str, Vec<String>)> = Vec::new();
+    for r in rows {
+        for b in &r.builds {
+            let label = label(r.result.method, r.result.bits, r.note);
+            match builds.iter_mut().find(|(name, _)| name == b) {
+                Some((_, labels)) => labels.push(label),
+                None => builds.push((b, vec![label])),
+            }
+        }
+    }
+    let groups: Vec<String> = builds
+        .iter()
+        .map(|(b, labels)| {
+            let name = match *b {
+                "unrecorded" => "unrecorded (cells written before they named their build)".into(),
+                b => format!("`{b}`"),
+            };
+            format!("{name}: {}", labels.join(", "))
+        })
+        .collect();
+    format!("Measured by: {}.", groups.join("; "))
 }
 
 #[cfg(all(test, unix))]

@@ -575,6 +575,11 @@ fn results_rows_carry_their_own_calibration() {
         builds[0].as_str().is_some_and(|b| b != "unrecorded"),
         "{spin}"
     );
+    let measured_by = format!(
+        "Measured by: `{}`: fp W16A16KV16, spinquant W4A4KV4 [1].",
+        builds[0].as_str().unwrap()
+    );
+    assert!(table.contains(&measured_by), "{table}");
     assert!(
         table.contains("| spinquant [1] | W4A4KV4 |")
             && table.contains(
