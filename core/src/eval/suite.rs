@@ -442,10 +442,8 @@ impl Lab {
     ) -> Result<RowResult> {
         let bits = if method == Method::Fp { Bits::FP } else { bits };
         s.rounding(method)?;
-        let mkey = Self::method_key(method, bits, s);
-        let key = |task: &str, limit| self.cell(s, &mkey, bits, task, limit);
-        let wiki_key = key(&format!("{}-ctx{}", wiki::WIKI_NAME, s.ctx), s.windows);
-        let task_keys: Vec<_> = s.tasks.iter().map(|t| key(t.name(), s.limit)).collect();
+        let mut task_keys = self.cells(method, bits, s);
+        let wiki_key = task_keys.remove(0);
         let fresh = s.fresh;
         let mut wiki_scores: Option<TextScores> = cached(&wiki_key, fresh);
         let mut task_scores: Vec<Option<TaskScores>> =
