@@ -81,6 +81,12 @@ impl Form {
         }
     }
 
+    /// Whether the export rounds to nearest: asked for, and a learned method (the baselines
+    /// name their rounding).
+    fn export_rtn(&self) -> bool {
+        self.export_w_rtn && self.export_method.is_learned()
+    }
+
     /// Whether the sizes and learning rates are the preset's (else the form says "edited").
     fn is_preset(&self) -> bool {
         let bits: Bits = self.bits.parse().unwrap_or(Bits { w: 4, a: 4, kv: 4 });
@@ -320,7 +326,7 @@ impl Panel {
         };
         let lab = m.lab.clone();
         let s = Settings {
-            w_rtn: self.form.export_w_rtn && method.is_learned(),
+            w_rtn: self.form.export_rtn(),
             ..Settings::default()
         };
         self.export = Some(Job::spawn(
@@ -552,7 +558,7 @@ impl Panel {
                 .on_hover_text("Learned methods use the transforms calibrated above")
                 .clicked()
             {
-                let rtn = f.export_w_rtn && f.export_method.is_learned();
+                let rtn = f.export_rtn();
                 let name = format!(
                     "{}-{}{}",
                     f.export_method.name(),
