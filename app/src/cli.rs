@@ -22,7 +22,7 @@ use ostquant_core::model::LoadedModel;
 use ostquant_core::model::import::import_gguf;
 use ostquant_core::model::qformat;
 use ostquant_core::model::tokenizer::ChatMessage;
-use ostquant_core::quant::method::{Bits, Method};
+use ostquant_core::quant::method::{Bits, Method, Rounding};
 
 #[derive(Parser)]
 #[command(
@@ -128,6 +128,10 @@ enum Command {
         /// their rounding: rtn or gptq, quarot or quarot-gptq)
         #[arg(long)]
         w_rtn: bool,
+        /// GPTQ takes the input columns by decreasing Hessian diagonal (act-order) instead of
+        /// in order (the paper's setting); per-channel weight scales only
+        #[arg(long)]
+        act_order: bool,
     },
     /// Benchmark the int4 runtime on a wgpu device or the CPU: int4 and f16 GEMV bandwidth
     /// against the device's read bandwidth, and decode speed of synthetic SmolLM2 / LLaMA-2-7B /
@@ -278,6 +282,10 @@ struct MeasureArgs {
     /// their rounding: rtn or gptq, quarot or quarot-gptq)
     #[arg(long)]
     w_rtn: bool,
+    /// GPTQ takes the input columns by decreasing Hessian diagonal (act-order) instead of in
+    /// order (the paper's setting); per-channel weight scales only
+    #[arg(long)]
+    act_order: bool,
     /// Recompute even when a cached result exists
     #[arg(long)]
     fresh: bool,
@@ -313,6 +321,7 @@ impl MeasureArgs {
             w_group: self.w_group,
             w_asym: self.w_asym,
             w_rtn: self.w_rtn,
+            act_order: self.act_order,
             fresh: self.fresh,
             cache_dir: self
                 .cache
@@ -384,6 +393,9 @@ struct RowArgs {
     /// Round the weights to nearest instead of GPTQ
     #[arg(long)]
     w_rtn: bool,
+    /// GPTQ in act-order
+    #[arg(long)]
+    act_order: bool,
     /// GPTQ and SmoothQuant calibration windows of this row
     #[arg(long)]
     calib_windows: Option<usize>,
@@ -411,9 +423,17 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
         }
         check_calib_size(args.calib_windows.unwrap_or(1), args.calib_len.unwrap_or(2))?;
     }
-    if !method.is_learned() && (!calib.is_empty() || args.w_rtn || !windows_given) {
+    if args.act_order && method.rounding() != Rounding::Gptq {
+        bail!("--row {spec:?}: {method} runs no GPTQ, so --act-order would change nothing");
+    }
+    if args.act_order && args.w_rtn {
+        bail!("--row {spec:?}: --w-rtn rounds without GPTQ, so --act-order would change nothing");
+    }
+    if !method.is_learned()
+        && (!calib.is_empty() || args.w_rtn || !(windows_given || args.act_order))
+    {
         bail!(
-            "--row {spec:?}: {method} learns nothing; a row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration, or a calibrated method (gptq, smoothquant, quarot-gptq) its own --calib-windows and --calib-len"
+            "--row {spec:?}: {method} learns nothing; a row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration, or a GPTQ method its own --calib-windows, --calib-len or --act-order"
         );
     }
     Ok(crate::results::Row {
@@ -421,6 +441,7 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
         bits: args.bits,
         calib,
         w_rtn: args.w_rtn,
+        act_order: args.act_order,
         calib_windows: args.calib_windows,
         calib_len: args.calib_len,
     })
@@ -574,6 +595,7 @@ pub fn run() -> Result<()> {
             w_group,
             w_asym,
             w_rtn,
+            act_order,
         } => {
             check_calib_size(calib_windows, calib_len)?;
             let s = Settings {
@@ -582,6 +604,7 @@ pub fn run() -> Result<()> {
                 w_group,
                 w_asym,
                 w_rtn,
+                act_order,
                 ..Settings::default()
             };
             quantize(&model, method, bits, &out, &calib, &s)

@@ -42,6 +42,8 @@ pub struct Row {
     pub calib: Overrides,
     /// Round the weights to nearest instead of GPTQ.
     pub w_rtn: bool,
+    /// GPTQ in act-order.
+    pub act_order: bool,
     /// GPTQ's (and SmoothQuant's) calibration windows and their length.
     pub calib_windows: Option<usize>,
     pub calib_len: Option<usize>,
@@ -109,6 +111,7 @@ pub fn results(
         let row_settings = Settings {
             calib: row.calib.over(&settings.calib),
             w_rtn: row.w_rtn || settings.w_rtn,
+            act_order: row.act_order || settings.act_order,
             calib_windows: row.calib_windows.unwrap_or(settings.calib_windows),
             calib_len: row.calib_len.unwrap_or(settings.calib_len),
             ..settings.clone()
@@ -120,6 +123,9 @@ pub fn results(
         }
         if row.w_rtn && !settings.w_rtn {
             how.push("weights rounded to nearest (no GPTQ)".to_string());
+        }
+        if row.act_order && !settings.act_order {
+            how.push("GPTQ in act-order".to_string());
         }
         let windows = (row_settings.calib_windows, row_settings.calib_len);
         if windows != (settings.calib_windows, settings.calib_len) {
@@ -345,7 +351,13 @@ fn markdown(model: &str, table: &Tabled, s: &Settings, versus: Option<Method>) -
         } else {
             "; rows marked [n] as their note under the table says"
         },
-        if s.w_rtn { "RTN" } else { "GPTQ" },
+        if s.w_rtn {
+            "RTN"
+        } else if s.act_order {
+            "GPTQ (act-order)"
+        } else {
+            "GPTQ"
+        },
     );
     let _ = write!(out, "| method | bits | wiki ppl | KL to FP | top-1 |");
     for t in &s.tasks {

@@ -671,11 +671,24 @@ fn results_rows_carry_their_own_calibration() {
             && table.contains("[1] quarot-gptq W4A16KV16 GPTQ on 3 windows of 32 tokens"),
         "{table}"
     );
+    // ... or take GPTQ's columns in act-order: another cell, noted.
+    let (ao, table) = run(&["--row", "quarot-gptq W4A16KV16 --act-order"]);
+    assert_eq!(ao[1]["rounding"], "gptq-act-order");
+    assert_eq!(table_gptq[1]["rounding"], "gptq");
+    assert!(
+        table.contains("[1] quarot-gptq W4A16KV16 GPTQ in act-order"),
+        "{table}"
+    );
     for (spec, why) in [
         ("rtn W4A4KV4", "learns nothing"),
         ("quarot-gptq W4A4KV4", "learns nothing"),
         ("rtn W4A4KV4 --calib-windows 3", "calibrates nothing"),
         ("ostquant W4A4KV4 --w-rtn --calib-windows 3", "without GPTQ"),
+        ("rtn W4A4KV4 --act-order", "runs no GPTQ"),
+        (
+            "ostquant W4A4KV4 --w-rtn --act-order",
+            "--act-order would change nothing",
+        ),
         ("gptq W4A4KV4 --calib-windows 0", "at least 1"),
         ("ostquant", "--row \"ostquant\""),
         ("ostquant W4A4KV4 --stepz 2", "--stepz"),
@@ -961,6 +974,39 @@ fn quantize_calibrates_writes_an_int4_folder_that_runs() {
         let err = fails(&["eval", "--model", s(&model), "--method", method, "--w-rtn"]);
         assert!(err.contains(why), "{err}");
     }
+    // --act-order: the same transforms, GPTQ's columns by decreasing Hessian diagonal.
+    let ao_out = model.with_file_name("q-act-order");
+    let run = quantize(&ao_out, &["--act-order"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ao_header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ao_out.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(ao_header["details"]["rounding"], "gptq-act-order");
+    assert_eq!(ao_header["details"]["losses"], header["details"]["losses"]);
+    assert_ne!(weights(&out), weights(&ao_out));
+    let never = ao_out.with_file_name("never");
+    for (extra, why) in [
+        (&["--method", "quarot"][..], "rounds its weights to nearest"),
+        (&["--w-rtn"][..], "no meaning with RTN weights"),
+        (&["--w-group", "16"][..], "per-channel weight scales only"),
+    ] {
+        let mut args = vec![
+            "quantize",
+            "--model",
+            s(&model),
+            "--act-order",
+            "--out",
+            s(&never),
+        ];
+        args.extend_from_slice(extra);
+        let err = fails(&args);
+        assert!(err.contains(why), "{extra:?}: {err}");
+    }
+    assert!(!never.exists());
     // Options that a method without calibration cannot use are refused.
     let err = fails(&[
         "quantize",

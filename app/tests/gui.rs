@@ -409,7 +409,7 @@ fn opening_an_int4_folder_opens_its_original_and_the_folder_in_chat() {
 /// window is refused with a message, and nothing is written.
 #[test]
 fn export_writes_an_int4_folder_that_the_chat_runs() {
-    use ostquant_core::quant::method::Method;
+    use ostquant_core::quant::method::{Method, Rounding};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny(tmp.path());
     let mut h = harness(false);
@@ -429,6 +429,9 @@ fn export_writes_an_int4_folder_that_the_chat_runs() {
     app.shared.error = None;
     app.calibrate.form.export_method = Method::Quarot;
     app.calibrate.form.export_bits = "W4A16KV16".into();
+    // A choice of GPTQ column order left over from another method does not apply to quarot,
+    // which rounds to nearest.
+    app.calibrate.form.export_rounding = Rounding::GptqActOrder;
     app.calibrate.export_to(&ctx, &mut app.shared, out.clone());
     wait(&mut h, "the export", |a| !a.calibrate.is_exporting());
     assert!(
@@ -436,7 +439,10 @@ fn export_writes_an_int4_folder_that_the_chat_runs() {
         "{:?}",
         h.state().shared.error
     );
-    assert!(out.join("quantization.json").is_file());
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(header["details"]["rounding"], "rtn", "{header}");
 
     // A learned method exports the transforms calibrated in the window, its weights rounded to
     // nearest when asked.
@@ -447,7 +453,7 @@ fn export_writes_an_int4_folder_that_the_chat_runs() {
         f.reset();
         (f.steps, f.samples, f.seq_len, f.fresh) = (2, 1, 16, true);
         f.export_method = Method::Ostquant;
-        f.export_w_rtn = true;
+        f.export_rounding = Rounding::Rtn;
     }
     let app = h.state_mut();
     app.calibrate.start(&ctx, &mut app.shared);

@@ -222,14 +222,30 @@ fn describe(info: &wgpu::AdapterInfo) -> String {
     )
 }
 
+/// The processor's model name where the OS says it (Linux), so that CPU figures name their
+/// machine: floating-point sums, and so calibrations, differ in their last bits between CPUs.
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+}
+
 pub fn select(choice: DeviceChoice) -> Result<ComputeDevice> {
     let flex = || ComputeDevice {
         device: Device::flex(),
         // burn's CPU ops and matmuls run on rayon's global pool (RAYON_NUM_THREADS sizes it).
-        description: match rayon::current_num_threads() {
-            1 => "cpu: burn flex backend, 1 thread".to_string(),
-            n => format!("cpu: burn flex backend, {n} threads"),
-        },
+        description: format!(
+            "cpu: burn flex backend, {} thread{}{}",
+            rayon::current_num_threads(),
+            if rayon::current_num_threads() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            cpu_model().map_or(String::new(), |m| format!(" on {m}")),
+        ),
     };
     if let Some(s) = shared_wgpu(choice) {
         return Ok(ComputeDevice {

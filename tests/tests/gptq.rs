@@ -1,5 +1,6 @@
 //! GPTQ against RTN on correlated inputs, its identity with RTN when inputs are uncorrelated,
-//! its output on the quantization grid, and the layer-wise driver on a tiny model.
+//! its output on the quantization grid, act-order as natural order on permuted columns, and
+//! the layer-wise driver on a tiny model.
 
 use burn::tensor::{Device, Tensor, TensorData};
 use ostquant_core::model::checkpoint::HostTensor;
@@ -79,7 +80,7 @@ fn gptq_beats_rtn_on_correlated_inputs() {
         shape: vec![out, n],
         data: w.clone(),
     };
-    gptq_quantize(&mut g, &hessian(&x, n), &spec).unwrap();
+    gptq_quantize(&mut g, &hessian(&x, n), &spec, false).unwrap();
     let (e_rtn, e_gptq) = (
         output_error(&x, &w, &rtn, n),
         output_error(&x, &w, &g.data, n),
@@ -101,7 +102,7 @@ fn gptq_output_lies_on_each_rows_grid() {
         shape: vec![out, n],
         data: w.clone(),
     };
-    gptq_quantize(&mut g, &hessian(&x, n), &spec).unwrap();
+    gptq_quantize(&mut g, &hessian(&x, n), &spec, false).unwrap();
     for (orig, q) in w.chunks_exact(n).zip(g.data.chunks_exact(n)) {
         let (s, _) = search_params(orig, &spec, Some(CLIP_POWER));
         for &v in q {
@@ -130,7 +131,7 @@ fn gptq_equals_rtn_when_inputs_are_uncorrelated() {
         shape: vec![out, n],
         data: w.clone(),
     };
-    gptq_quantize(&mut g, &h, &spec).unwrap();
+    gptq_quantize(&mut g, &h, &spec, false).unwrap();
     let mut rtn = w;
     fake_quant_matrix(&mut rtn, n, &spec, Some(CLIP_POWER));
     for (a, b) in g.data.iter().zip(&rtn) {
@@ -146,7 +147,7 @@ fn gptq_rejects_nan_activations() {
         shape: vec![2, 4],
         data: vec![0.5; 8],
     };
-    let err = gptq_quantize(&mut w, &h, &QuantSpec::sym(4)).unwrap_err();
+    let err = gptq_quantize(&mut w, &h, &QuantSpec::sym(4), false).unwrap_err();
     assert!(err.to_string().contains("NaN"), "{err}");
 }
 
@@ -173,6 +174,7 @@ fn layerwise_gptq_is_closer_to_fp_than_rtn_on_a_tiny_model() {
         &ForwardOptions::default(),
         &windows,
         &QuantSpec::sym(3),
+        false,
         &dev,
         &mut |_, _| {},
     )
@@ -221,7 +223,7 @@ fn grouped_and_asymmetric_gptq_use_at_most_2_to_the_bits_levels_per_group() {
             shape: vec![out, n],
             data: w.clone(),
         };
-        gptq_quantize(&mut g, &h, &spec).unwrap();
+        gptq_quantize(&mut g, &h, &spec, false).unwrap();
         for chunk in g.data.chunks_exact(group) {
             let mut levels: Vec<f32> = chunk.to_vec();
             levels.sort_by(f32::total_cmp);
@@ -241,7 +243,7 @@ fn grouped_and_asymmetric_gptq_use_at_most_2_to_the_bits_levels_per_group() {
             group: None,
             ..spec
         };
-        gptq_quantize(&mut per_row, &h, &row_spec).unwrap();
+        gptq_quantize(&mut per_row, &h, &row_spec, false).unwrap();
         assert!(
             output_error(&x, &w, &g.data, n) < output_error(&x, &w, &per_row.data, n),
             "{spec:?}"
@@ -254,10 +256,95 @@ fn grouped_and_asymmetric_gptq_use_at_most_2_to_the_bits_levels_per_group() {
         },
         &h,
         &QuantSpec::sym(4).with_group(7),
+        false,
     );
     assert!(
         bad.unwrap_err()
             .to_string()
             .contains("group 7 does not divide 32")
+    );
+}
+
+/// Correlated inputs whose columns carry very different energies (as LLM activations do).
+fn uneven_inputs(rng: &mut impl Rng, rows: usize, n: usize) -> Vec<f32> {
+    let gains: Vec<f32> = (0..n).map(|_| (3.0 * rng.random::<f32>()).exp()).collect();
+    let mut x = correlated_inputs(rng, rows, n);
+    for r in x.chunks_exact_mut(n) {
+        for (v, g) in r.iter_mut().zip(&gains) {
+            *v *= g;
+        }
+    }
+    x
+}
+
+#[test]
+fn act_order_is_natural_order_gptq_on_columns_sorted_by_energy() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (rows, n, out) = (256, 24, 5);
+    let x = uneven_inputs(&mut rng, rows, n);
+    let w = randn(&mut rng, out * n);
+    // The order, from the inputs in f64: columns by decreasing Σ x².
+    let energy: Vec<f64> = (0..n)
+        .map(|j| x.chunks_exact(n).map(|r| (r[j] as f64).powi(2)).sum())
+        .collect();
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.sort_by(|&a, &b| energy[b].total_cmp(&energy[a]));
+    let permute = |m: &[f32]| -> Vec<f32> {
+        m.chunks_exact(n)
+            .flat_map(|r| perm.iter().map(|&c| r[c]))
+            .collect()
+    };
+    let mut natural = HostTensor {
+        shape: vec![out, n],
+        data: permute(&w),
+    };
+    gptq_quantize(
+        &mut natural,
+        &hessian(&permute(&x), n),
+        &QuantSpec::sym(4),
+        false,
+    )
+    .unwrap();
+    let mut act = HostTensor {
+        shape: vec![out, n],
+        data: w.clone(),
+    };
+    gptq_quantize(&mut act, &hessian(&x, n), &QuantSpec::sym(4), true).unwrap();
+    for (a, b) in permute(&act.data).iter().zip(&natural.data) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    // Groups are refused: their columns would no longer be contiguous.
+    let err = gptq_quantize(
+        &mut act,
+        &hessian(&x, n),
+        &QuantSpec::sym(4).with_group(8),
+        true,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("act-order"), "{err}");
+}
+
+#[test]
+fn act_order_lowers_the_output_error_when_column_energies_differ() {
+    // Summed over several draws, so that the test is about the method, not one seed.
+    let (mut e_natural, mut e_act) = (0.0, 0.0);
+    for seed in 0..6 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(100 + seed);
+        let (rows, n, out) = (256, 32, 8);
+        let x = uneven_inputs(&mut rng, rows, n);
+        let w = randn(&mut rng, out * n);
+        let h = hessian(&x, n);
+        for (act_order, e) in [(false, &mut e_natural), (true, &mut e_act)] {
+            let mut g = HostTensor {
+                shape: vec![out, n],
+                data: w.clone(),
+            };
+            gptq_quantize(&mut g, &h, &QuantSpec::sym(3), act_order).unwrap();
+            *e += output_error(&x, &w, &g.data, n);
+        }
+    }
+    assert!(
+        e_act < e_natural,
+        "act-order output error {e_act:.4} vs natural order {e_natural:.4}"
     );
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use ostquant_core::calib::{Event, Learned, Loss, Preset, SAVE_EVERY, Settings as CalibSettings};
 use ostquant_core::eval::suite::Settings;
-use ostquant_core::quant::method::{Bits, Method};
+use ostquant_core::quant::method::{Bits, Method, Rounding};
 use serde::{Deserialize, Serialize};
 
 use super::app::{LearnedRun, Shared};
@@ -36,8 +36,9 @@ pub struct Form {
     /// The method and bits of the export section.
     pub export_method: Method,
     pub export_bits: String,
-    /// Round a learned method's weights to nearest instead of GPTQ.
-    pub export_w_rtn: bool,
+    /// How the export rounds weights, where the method lets it choose (see
+    /// [`Form::export_rounding`]).
+    pub export_rounding: Rounding,
 }
 
 impl Default for Form {
@@ -56,7 +57,7 @@ impl Default for Form {
             fresh: false,
             export_method: Method::Ostquant,
             export_bits: BITS[0].into(),
-            export_w_rtn: false,
+            export_rounding: Rounding::Gptq,
         };
         f.reset();
         f
@@ -81,10 +82,16 @@ impl Form {
         }
     }
 
-    /// Whether the export rounds to nearest: asked for, and a learned method (the baselines
-    /// name their rounding).
-    fn export_rtn(&self) -> bool {
-        self.export_w_rtn && self.export_method.is_learned()
+    /// How the export rounds weights: the choice where the method allows it. Methods that round
+    /// to nearest (rtn, quarot, …) have no choice; gptq and quarot-gptq choose the column
+    /// order; learned methods may also round to nearest.
+    fn export_rounding(&self) -> Rounding {
+        let m = self.export_method;
+        match (m.rounding(), self.export_rounding) {
+            (Rounding::Rtn, _) => Rounding::Rtn,
+            (_, Rounding::Rtn) if !m.is_learned() => m.rounding(),
+            (_, chosen) => chosen,
+        }
     }
 
     /// Whether the sizes and learning rates are the preset's (else the form says "edited").
@@ -325,8 +332,10 @@ impl Panel {
             _ => None,
         };
         let lab = m.lab.clone();
+        let (rounding, own) = (self.form.export_rounding(), method.rounding());
         let s = Settings {
-            w_rtn: self.form.export_rtn(),
+            w_rtn: rounding == Rounding::Rtn && own == Rounding::Gptq,
+            act_order: rounding == Rounding::GptqActOrder,
             ..Settings::default()
         };
         self.export = Some(Job::spawn(
@@ -544,26 +553,44 @@ impl Panel {
                         ui.selectable_value(&mut f.export_bits, b.to_string(), b);
                     }
                 });
-            ui.add_enabled(
-                f.export_method.is_learned(),
-                egui::Checkbox::new(&mut f.export_w_rtn, "Round to nearest"),
-            )
-            .on_hover_text(
-                "Round the learned model's weights to nearest instead of GPTQ \
-                 (the baselines name their rounding: rtn or gptq, quarot or quarot-gptq)",
-            );
+            ui.label("Weights");
+            let chosen = f.export_rounding();
+            ui.add_enabled_ui(f.export_method.rounding() == Rounding::Gptq, |ui| {
+                egui::ComboBox::from_id_salt("export rounding")
+                    .selected_text(rounding_label(chosen))
+                    .show_ui(ui, |ui| {
+                        let mut choices = vec![Rounding::Gptq, Rounding::GptqActOrder];
+                        if f.export_method.is_learned() {
+                            choices.push(Rounding::Rtn);
+                        }
+                        for r in choices {
+                            ui.selectable_value(&mut f.export_rounding, r, rounding_label(r));
+                        }
+                    })
+                    .response
+                    .on_hover_text(
+                        "GPTQ in order (the paper's setting) or by decreasing input energy \
+                         (act-order); learned methods may also round to nearest. The baselines \
+                         name their rounding: rtn or gptq, quarot or quarot-gptq",
+                    );
+            });
             let idle = self.export.is_none() && self.picking.is_none() && self.job.is_none();
             if ui
                 .add_enabled(idle, egui::Button::new("Export int4 folder…"))
                 .on_hover_text("Learned methods use the transforms calibrated above")
                 .clicked()
             {
-                let rtn = f.export_rtn();
+                // The suggested name says a rounding other than the method's own.
+                let rounding = f.export_rounding();
                 let name = format!(
                     "{}-{}{}",
                     f.export_method.name(),
                     f.export_bits.to_lowercase(),
-                    if rtn { "-rtn" } else { "" }
+                    if rounding == f.export_method.rounding() {
+                        String::new()
+                    } else {
+                        format!("-{rounding}")
+                    }
                 );
                 self.picking = Some(dialog::pick(
                     ui.ctx(),
@@ -589,5 +616,14 @@ impl Panel {
                 l.bits
             ));
         }
+    }
+}
+
+/// What the export's weights combo calls a rounding.
+fn rounding_label(r: Rounding) -> &'static str {
+    match r {
+        Rounding::Gptq => "GPTQ",
+        Rounding::GptqActOrder => "GPTQ, act-order",
+        Rounding::Rtn => "round to nearest",
     }
 }

@@ -55,6 +55,9 @@ pub struct Settings {
     pub w_asym: bool,
     /// Round the learned methods' weights to nearest instead of GPTQ (SPEC's `w_gptq False`).
     pub w_rtn: bool,
+    /// GPTQ in act-order (columns by decreasing Hessian diagonal) instead of the paper's
+    /// natural order.
+    pub act_order: bool,
     /// Recompute even what is cached.
     pub fresh: bool,
     /// Where measurements are cached (a folder that can be kept in a repository, so that a
@@ -75,12 +78,31 @@ impl Settings {
             .map(|s| self.calib.apply(s))
     }
 
-    /// How `method`'s weights are rounded: its own way, or RTN with `w_rtn`. GPTQ and
-    /// QuaRot-GPTQ refuse `w_rtn`: their round-to-nearest versions are the methods `rtn` and
-    /// `quarot`.
+    /// How `method`'s weights are rounded: its own way, RTN with `w_rtn`, or GPTQ in
+    /// act-order with `act_order`. GPTQ and QuaRot-GPTQ refuse `w_rtn`: their round-to-nearest
+    /// versions are the methods `rtn` and `quarot`. Act-order is refused where no GPTQ runs.
     pub fn rounding(&self, method: Method) -> Result<Rounding> {
+        let own = method.rounding();
+        if self.act_order {
+            if self.w_rtn {
+                return Err(Error::other(
+                    "act-order orders GPTQ's columns; it has no meaning with RTN weights",
+                ));
+            }
+            if own != Rounding::Gptq {
+                return Err(Error::other(format!(
+                    "{method} rounds its weights to nearest; act-order orders GPTQ's columns"
+                )));
+            }
+            if self.w_group.is_some() {
+                return Err(Error::other(
+                    "act-order works with per-channel weight scales only, not with --w-group",
+                ));
+            }
+            return Ok(Rounding::GptqActOrder);
+        }
         if !self.w_rtn {
-            return Ok(method.rounding());
+            return Ok(own);
         }
         match method {
             Method::Gptq => Err(Error::other("gptq with RTN weights is the method rtn")),
@@ -104,6 +126,7 @@ impl Default for Settings {
             w_group: None,
             w_asym: false,
             w_rtn: false,
+            act_order: false,
             fresh: false,
             cache_dir: super::default_cache_dir(),
             preset: Preset::Cpu,
@@ -370,6 +393,9 @@ impl Lab {
             }
             if s.w_rtn && method.rounding() == Rounding::Gptq {
                 key += "-wrtn";
+            }
+            if s.act_order && method.rounding() == Rounding::Gptq {
+                key += "-actorder";
             }
         }
         key

@@ -6,6 +6,11 @@
 //! weights before the next block sees them. With groups, each group's scale is searched when
 //! the loop reaches it, on the weights as the earlier columns' errors left them.
 //!
+//! Act-order (an option, off in the paper's setting) quantizes the columns by decreasing
+//! H diagonal, so the inputs with the most energy are rounded first, while the most columns
+//! remain to absorb their error. With per-channel scales the grid does not depend on the
+//! order, so the packed format is unchanged.
+//!
 //! Output rows are independent given H⁻¹, so each row runs the column loop on its own (in
 //! parallel); this is the same arithmetic as the reference's blocked "lazy batch" update, which
 //! only reorders it for GPU memory traffic.
@@ -86,9 +91,14 @@ fn inverse_cholesky_upper(h: &[f64], n: usize, mut damp: f64) -> Result<Vec<f64>
     ))
 }
 
-/// Quantize `w` [out, in] in place with GPTQ against the Hessian of its inputs; returns the
-/// grid of every (row, group).
-pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Result<Vec<Grid>> {
+/// Quantize `w` [out, in] in place with GPTQ against the Hessian of its inputs, in act-order
+/// when `act_order`; returns the grid of every (row, group).
+pub fn gptq_quantize(
+    w: &mut HostTensor,
+    h: &Hessian,
+    spec: &QuantSpec,
+    act_order: bool,
+) -> Result<Vec<Grid>> {
     let n = w.shape[1];
     assert_eq!(n, h.n, "GPTQ: weight has {n} inputs, Hessian {}", h.n);
     if h.sum.iter().any(|v| !v.is_finite()) {
@@ -111,6 +121,20 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
             "GPTQ: group {group} does not divide {n} input columns"
         )));
     }
+    if act_order && group != n {
+        // Groups in act-order would need a column-to-group index in the packed format.
+        return Err(Error::other(
+            "GPTQ: act-order works with per-channel weight scales only, not with groups",
+        ));
+    }
+    // order[i]: the input column quantized i-th.
+    let mut order: Vec<usize> = (0..n).collect();
+    if act_order {
+        order.sort_by(|&a, &b| hm[b * n + b].total_cmp(&hm[a * n + a]));
+        hm = (0..n * n)
+            .map(|k| hm[order[k / n] * n + order[k % n]])
+            .collect();
+    }
     let mean_diag = (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
     let u = inverse_cholesky_upper(&hm, n, DAMP * mean_diag)?;
     let groups = n / group;
@@ -130,7 +154,7 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
                     *x = 0.0;
                 }
             }
-            let mut r: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            let mut r: Vec<f64> = order.iter().map(|&c| row[c] as f64).collect();
             let (mut s, mut z) = (1.0, 0.0);
             for i in 0..n {
                 if i % group == 0 {
@@ -146,8 +170,8 @@ pub fn gptq_quantize(w: &mut HostTensor, h: &Hessian, spec: &QuantSpec) -> Resul
                     r[j] -= err * ui[j];
                 }
             }
-            for (x, v) in row.iter_mut().zip(r) {
-                *x = v as f32;
+            for (&c, v) in order.iter().zip(r) {
+                row[c] = v as f32;
             }
         });
     Ok(grids)
@@ -162,6 +186,7 @@ pub fn gptq_model(
     online: &ForwardOptions,
     windows: &[Vec<u32>],
     spec: &QuantSpec,
+    act_order: bool,
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(LlamaWeights, Vec<LayerGrids>)> {
@@ -205,7 +230,7 @@ pub fn gptq_model(
                 Site::DownIn => vec![("down", &mut lw.w_down, 6)],
             };
             for (name, m, k) in mats {
-                layer_grids[k] = gptq_quantize(m, &h, spec)
+                layer_grids[k] = gptq_quantize(m, &h, spec, act_order)
                     .map_err(|e| Error::other(format!("layer {l} {name}_proj: {e}")))?;
             }
             model.set_layer(l, &out.layers[l]);

@@ -204,12 +204,14 @@ impl Method {
 
 /// How linear weights are put on their quantization grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Rounding {
     /// Round to nearest, each weight on its own.
     Rtn,
     /// GPTQ: each column's rounding error pushed onto the columns not yet quantized.
     Gptq,
+    /// GPTQ with the columns taken by decreasing Hessian diagonal.
+    GptqActOrder,
 }
 
 impl fmt::Display for Rounding {
@@ -217,6 +219,7 @@ impl fmt::Display for Rounding {
         f.write_str(match self {
             Rounding::Rtn => "rtn",
             Rounding::Gptq => "gptq",
+            Rounding::GptqActOrder => "gptq-act-order",
         })
     }
 }
@@ -343,16 +346,28 @@ pub fn quantize_weights(
         });
     };
     check_weight_group(&w.config, spec.group)?;
-    if rounding == Rounding::Gptq {
-        let (weights, grids) = gptq_model(&w, online, calib.windows, spec, calib.device, progress)?;
-        return Ok(Quantized {
-            weights,
-            grids: Some(grids),
-        });
-    }
-    let grids = quantize_weights_rtn(&mut w, spec);
+    let act_order = match rounding {
+        Rounding::Rtn => {
+            let grids = quantize_weights_rtn(&mut w, spec);
+            return Ok(Quantized {
+                weights: w,
+                grids: Some(grids),
+            });
+        }
+        Rounding::Gptq => false,
+        Rounding::GptqActOrder => true,
+    };
+    let (weights, grids) = gptq_model(
+        &w,
+        online,
+        calib.windows,
+        spec,
+        act_order,
+        calib.device,
+        progress,
+    )?;
     Ok(Quantized {
-        weights: w,
+        weights,
         grids: Some(grids),
     })
 }
