@@ -22,7 +22,7 @@ use ostquant_core::model::LoadedModel;
 use ostquant_core::model::import::import_gguf;
 use ostquant_core::model::qformat;
 use ostquant_core::model::tokenizer::ChatMessage;
-use ostquant_core::quant::method::{Bits, Method, Rounding};
+use ostquant_core::quant::method::{Bits, Method};
 
 #[derive(Parser)]
 #[command(
@@ -423,12 +423,16 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
         }
         check_calib_size(args.calib_windows.unwrap_or(1), args.calib_len.unwrap_or(2))?;
     }
-    if args.act_order && method.rounding() != Rounding::Gptq {
-        bail!("--row {spec:?}: {method} runs no GPTQ, so --act-order would change nothing");
-    }
-    if args.act_order && args.w_rtn {
-        bail!("--row {spec:?}: --w-rtn rounds without GPTQ, so --act-order would change nothing");
-    }
+    // The row's rounding, checked now so that a bad row fails before the table measures
+    // anything (the table's --w-group is checked again when the row runs).
+    let rounding = Settings {
+        w_rtn: args.w_rtn,
+        act_order: args.act_order,
+        ..Settings::default()
+    };
+    rounding
+        .rounding(method)
+        .map_err(|e| anyhow::anyhow!("--row {spec:?}: {e}"))?;
     if !method.is_learned()
         && (!calib.is_empty() || args.w_rtn || !(windows_given || args.act_order))
     {
