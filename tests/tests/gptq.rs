@@ -5,9 +5,9 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use ostquant_core::model::checkpoint::HostTensor;
 use ostquant_core::model::llama::{ForwardOptions, Llama};
-use ostquant_core::quant::gptq::{CLIP_POWER, Hessian, gptq_model, gptq_quantize};
+use ostquant_core::quant::gptq::{Hessian, gptq_model, gptq_quantize};
 use ostquant_core::quant::method::quantize_weights_rtn;
-use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_matrix, search_params};
+use ostquant_core::quant::quantizer::{CLIP_POWER, QuantSpec, fake_quant_matrix, search_params};
 use ostquant_tests::{random_weights, tiny_config};
 use rand::{Rng, SeedableRng};
 

@@ -216,3 +216,59 @@ fn device_quantizer_matches_host() {
         assert!(diff <= 2, "{spec:?}: {diff} values differ");
     }
 }
+
+#[test]
+fn calibration_weight_quantizer_is_clip_searched_rtn_with_a_masked_gradient() {
+    // The weights a W4A16 calibration sees are the deployed RTN weights (per output channel,
+    // clip search), and the gradient is 1 where a value lands inside its grid, 0 where clamped.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (rows, cols) = (7, 48);
+    // Cubed uniforms: heavy tails, so the search clips and some values get clamped.
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| 3.0 * rng.random_range(-1.0f32..1.0).powi(3))
+        .collect();
+    for spec in [QuantSpec::sym(4), QuantSpec::asym(4)] {
+        let mut want = w.clone();
+        fake_quant_matrix(&mut want, cols, &spec, Some(CLIP_POWER));
+        // Mask by hand: the code of each value on its row's searched grid, before clamping.
+        let mut inside = Vec::new();
+        for row in w.chunks(cols) {
+            let (s, z) = search_params(row, &spec, Some(CLIP_POWER));
+            inside.extend(row.iter().map(|&x| {
+                let c = (x / s).round() + z;
+                (spec.qmin()..=spec.qmax()).contains(&c)
+            }));
+        }
+        let clamped = inside.iter().filter(|&&b| !b).count();
+        assert!(clamped > 0, "the test data must clip some values");
+
+        let device = Device::flex().autodiff();
+        // The calibration keeps weights transposed, [in, out].
+        let w_t: Vec<f32> = (0..cols * rows)
+            .map(|i| w[(i % rows) * cols + i / rows])
+            .collect();
+        let leaf =
+            Tensor::<2>::from_data(TensorData::new(w_t, [cols, rows]), &device).require_grad();
+        let q_t = fake_quant_weight_t(leaf.clone(), &spec);
+        let got: Vec<f32> = q_t
+            .clone()
+            .transpose()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!((g - e).abs() < 1e-6, "{spec:?} [{i}]: {g} vs host {e}");
+        }
+        let grads = q_t.sum().backward();
+        let grad: Vec<f32> = leaf
+            .grad(&grads)
+            .unwrap()
+            .transpose()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        for (i, (g, &m)) in grad.iter().zip(&inside).enumerate() {
+            assert_eq!(*g, if m { 1.0 } else { 0.0 }, "{spec:?} gradient [{i}]");
+        }
+    }
+}

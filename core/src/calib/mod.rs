@@ -135,6 +135,11 @@ impl Settings {
         let mut h = sha2::Sha256::default();
         use sha2::Digest;
         h.update(serde_json::to_vec(self).expect("settings serialize"));
+        if self.train_weights {
+            // The weights seen in calibration gained the clip search (before: min/max grids);
+            // a new key keeps checkpoints learned against the old quantizer from being reused.
+            h.update(b"w-clip");
+        }
         let hex: String = h.finalize()[..6]
             .iter()
             .map(|b| format!("{b:02x}"))

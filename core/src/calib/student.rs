@@ -9,7 +9,7 @@ use super::transforms::{LayerTransforms, Shapes, Transforms};
 use crate::error::Result;
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
 use crate::model::llama::{ForwardOptions, Layer, Llama, upload_t};
-use crate::quant::quantizer::{QuantSpec, device_params};
+use crate::quant::quantizer::{QuantSpec, fake_quant_weight_t};
 use crate::transform::fuse::fold_norms;
 use crate::transform::hadamard::RowHadamard;
 
@@ -222,7 +222,7 @@ impl Student {
             .transpose()
             .matmul(p.r_res.clone());
         let q = |w: Tensor<2>| match &self.weight {
-            Some(spec) => fake_quant_columns(w, spec),
+            Some(spec) => fake_quant_weight_t(w, spec),
             None => w,
         };
         Layer {
@@ -274,18 +274,4 @@ fn rotate_output_rows(w: Tensor<2>, r_ov: Tensor<3>, s: Shapes) -> Tensor<2> {
         .reshape([s.nkv, hd, g, d])
         .swap_dims(1, 2)
         .reshape([s.nq * hd, d])
-}
-
-/// Fake-quantize a transposed weight [in, out] per output channel (column) with min/max
-/// scales; the gradient passes straight through where the value is inside the clip range.
-fn fake_quant_columns(w_t: Tensor<2>, spec: &QuantSpec) -> Tensor<2> {
-    let w = w_t.transpose();
-    let lo = w.clone().min_dim(1).clamp_max(0.0).detach();
-    let hi = w.clone().max_dim(1).clamp_min(0.0).detach();
-    let (scale, zero) = device_params(lo, hi, spec);
-    let q = (w.clone().div(scale.clone()).round() + zero.clone())
-        .clamp(spec.qmin(), spec.qmax())
-        .sub(zero)
-        .mul(scale);
-    (w.clone() + (q - w).detach()).transpose()
 }

@@ -22,12 +22,12 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{HostTensor, LlamaWeights};
 use crate::model::llama::{ForwardOptions, Llama, Site};
-use crate::quant::quantizer::{Grid, LayerGrids, QuantSpec, fake_quant_value, search_params};
+use crate::quant::quantizer::{
+    CLIP_POWER, Grid, LayerGrids, QuantSpec, fake_quant_value, search_params,
+};
 
 /// Relative damping added to the Hessian's diagonal.
 pub const DAMP: f64 = 0.01;
-/// Error power of the per-row scale search.
-pub const CLIP_POWER: f32 = 2.4;
 /// Calibration windows pushed through a block at once.
 const BATCH: usize = 4;
 

@@ -16,7 +16,7 @@ use crate::model::checkpoint::LlamaWeights;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::{ForwardOptions, Llama};
 use crate::quant::gptq::gptq_model;
-use crate::quant::quantizer::{LayerGrids, QuantSpec, fake_quant_matrix};
+use crate::quant::quantizer::{CLIP_POWER, LayerGrids, QuantSpec, fake_quant_matrix};
 use crate::quant::smoothquant;
 use crate::transform::fuse::{fold_norms, fuse_down_hadamard, rotate_residual, rotate_value_heads};
 use crate::transform::hadamard::{Hadamard, random_hadamard};
@@ -404,7 +404,7 @@ pub fn quantize_weights_rtn(w: &mut LlamaWeights, spec: &QuantSpec) -> Vec<Layer
             ]
             .map(|m| {
                 let cols = m.shape[1];
-                fake_quant_matrix(&mut m.data, cols, spec, Some(2.4))
+                fake_quant_matrix(&mut m.data, cols, spec, Some(CLIP_POWER))
             })
         })
         .collect()

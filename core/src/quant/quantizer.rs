@@ -107,6 +107,10 @@ pub fn fake_quant_group(g: &mut [f32], spec: &QuantSpec, clip: f32) {
     }
 }
 
+/// Error power of the weights' clip search (RTN, GPTQ and the weights seen in calibration):
+/// Σ|x − q(x)|^2.4, as the reference's `w_clip`.
+pub const CLIP_POWER: f32 = 2.4;
+
 /// The shrink factors of the clip search: 1.00, 0.99, …, 0.21 (80 values).
 pub fn clip_candidates() -> impl Iterator<Item = f32> {
     (0..80).map(|i| 1.0 - i as f32 / 100.0)
@@ -311,6 +315,46 @@ pub fn device_params(
         let z = lo.neg().div(s.clone()).round().detach();
         (s, z)
     }
+}
+
+/// Fake-quantize a transposed weight [in, out] per output channel (column) as the deployed RTN
+/// and GPTQ weights are: each channel's range shrunk by the MSE clip search (SPEC §5.3, the
+/// reference's `w_clip`). The search runs on the host over the detached values, so the grid is
+/// a constant to autodiff; the gradient passes straight through where a value lands inside
+/// the grid and is zero where it is clamped.
+pub fn fake_quant_weight_t(
+    w_t: burn::tensor::Tensor<2>,
+    spec: &QuantSpec,
+) -> burn::tensor::Tensor<2> {
+    use burn::tensor::{Tensor, TensorData};
+    use rayon::prelude::*;
+    let w = w_t.transpose();
+    let [rows, cols] = w.dims();
+    let values = w
+        .clone()
+        .detach()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 weights");
+    let clips: Vec<f32> = values
+        .par_chunks(cols)
+        .map(|row| search_clip(row, spec, CLIP_POWER))
+        .collect();
+    let clip =
+        Tensor::<1>::from_data(TensorData::new(clips, [rows]), &w.device()).reshape([rows, 1]);
+    let lo = w.clone().min_dim(1).clamp_max(0.0).detach() * clip.clone();
+    let hi = w.clone().max_dim(1).clamp_min(0.0).detach() * clip;
+    let (scale, zero) = device_params(lo, hi, spec);
+    let code = w.clone().detach().div(scale.clone()).round() + zero.clone();
+    let inside = code
+        .clone()
+        .greater_equal_elem(spec.qmin())
+        .bool_and(code.clone().lower_equal_elem(spec.qmax()))
+        .float();
+    let q = code.clamp(spec.qmin(), spec.qmax()).sub(zero).mul(scale);
+    // Forward: q. Backward: the mask.
+    (q + (w.clone() - w.detach()) * inside).transpose()
 }
 
 /// Fake-quantize a [rows, cols] tensor on the device, groups along each row (dynamic
