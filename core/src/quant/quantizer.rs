@@ -317,11 +317,11 @@ pub fn device_params(
     }
 }
 
-/// Fake-quantize a transposed weight [in, out] per output channel (column) as the deployed RTN
-/// and GPTQ weights are: each channel's range shrunk by the MSE clip search (SPEC §5.3, the
-/// reference's `w_clip`). The search runs on the host over the detached values, so the grid is
-/// a constant to autodiff; the gradient passes straight through where a value lands inside
-/// the grid and is zero where it is clamped.
+/// Fake-quantize a transposed weight [in, out] per output channel (column) exactly as RTN
+/// deploys it ([`fake_quant_matrix`] with the clip search: SPEC §5.3, the reference's
+/// `w_clip`). The search and the rounding run on the host over the detached values, so the
+/// grid is a constant to autodiff; the gradient passes straight through where a value lands
+/// inside its grid and is zero where it is clamped.
 pub fn fake_quant_weight_t(
     w_t: burn::tensor::Tensor<2>,
     spec: &QuantSpec,
@@ -330,29 +330,27 @@ pub fn fake_quant_weight_t(
     use rayon::prelude::*;
     let w = w_t.transpose();
     let [rows, cols] = w.dims();
-    let values = w
+    let mut q = w
         .clone()
         .detach()
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 weights");
-    let clips: Vec<f32> = values
-        .par_chunks(cols)
-        .map(|row| search_clip(row, spec, CLIP_POWER))
-        .collect();
-    let clip =
-        Tensor::<1>::from_data(TensorData::new(clips, [rows]), &w.device()).reshape([rows, 1]);
-    let lo = w.clone().min_dim(1).clamp_max(0.0).detach() * clip.clone();
-    let hi = w.clone().max_dim(1).clamp_min(0.0).detach() * clip;
-    let (scale, zero) = device_params(lo, hi, spec);
-    let code = w.clone().detach().div(scale.clone()).round() + zero.clone();
-    let inside = code
-        .clone()
-        .greater_equal_elem(spec.qmin())
-        .bool_and(code.clone().lower_equal_elem(spec.qmax()))
-        .float();
-    let q = code.clamp(spec.qmin(), spec.qmax()).sub(zero).mul(scale);
+    let mut inside = vec![0.0f32; q.len()];
+    q.par_chunks_mut(cols)
+        .zip(inside.par_chunks_mut(cols))
+        .for_each(|(row, mask)| {
+            let (scale, zero) = search_params(row, spec, Some(CLIP_POWER));
+            for (x, m) in row.iter_mut().zip(mask) {
+                let code = (*x / scale).round() + zero;
+                *m = f32::from(u8::from((spec.qmin()..=spec.qmax()).contains(&code)));
+                *x = fake_quant_value(*x, spec, scale, zero);
+            }
+        });
+    let device = w.device();
+    let q = Tensor::<2>::from_data(TensorData::new(q, [rows, cols]), &device);
+    let inside = Tensor::<2>::from_data(TensorData::new(inside, [rows, cols]), &device);
     // Forward: q. Backward: the mask.
     (q + (w.clone() - w.detach()) * inside).transpose()
 }
