@@ -425,12 +425,12 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
     }
     // The row's rounding, checked now so that a bad row fails before the table measures
     // anything (the table's --w-group is checked again when the row runs).
-    let rounding = Settings {
+    let row_weights = Settings {
         w_rtn: args.w_rtn,
         act_order: args.act_order,
         ..Settings::default()
     };
-    rounding
+    row_weights
         .rounding(method)
         .map_err(|e| anyhow::anyhow!("--row {spec:?}: {e}"))?;
     if !method.is_learned()

@@ -330,24 +330,26 @@ pub fn fake_quant_weight_t(
     use rayon::prelude::*;
     let w = w_t.transpose();
     let [rows, cols] = w.dims();
-    let mut q = w
+    let values = w
         .clone()
         .detach()
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 weights");
-    let mut inside = vec![0.0f32; q.len()];
-    q.par_chunks_mut(cols)
-        .zip(inside.par_chunks_mut(cols))
-        .for_each(|(row, mask)| {
-            let (scale, zero) = search_params(row, spec, Some(CLIP_POWER));
-            for (x, m) in row.iter_mut().zip(mask) {
-                let code = (*x / scale).round() + zero;
-                *m = f32::from(u8::from((spec.qmin()..=spec.qmax()).contains(&code)));
-                *x = fake_quant_value(*x, spec, scale, zero);
-            }
-        });
+    let mut q = values.clone();
+    let grids = fake_quant_matrix(&mut q, cols, spec, Some(CLIP_POWER));
+    // 1 where a value's code on its row's grid needs no clamping.
+    let inside: Vec<f32> = values
+        .par_chunks(cols)
+        .zip(grids.par_iter())
+        .flat_map_iter(|(row, g)| {
+            row.iter().map(|&x| {
+                let code = (x / g.scale).round() + g.zero;
+                f32::from(u8::from((spec.qmin()..=spec.qmax()).contains(&code)))
+            })
+        })
+        .collect();
     let device = w.device();
     let q = Tensor::<2>::from_data(TensorData::new(q, [rows, cols]), &device);
     let inside = Tensor::<2>::from_data(TensorData::new(inside, [rows, cols]), &device);
