@@ -319,9 +319,11 @@ pub fn device_params(
 
 /// Fake-quantize a transposed weight [in, out] per output channel (column) exactly as RTN
 /// deploys it ([`fake_quant_matrix`] with the clip search: SPEC §5.3, the reference's
-/// `w_clip`). The search and the rounding run on the host over the detached values, so the
-/// grid is a constant to autodiff; the gradient passes straight through where a value lands
-/// inside its grid and is zero where it is clamped.
+/// `w_clip`), error power [`CLIP_POWER`]: the reference's training quantizer scores with
+/// power 2 and deploys with 2.4; this trains on the deployed grid. The search and the rounding
+/// run on the host over the detached values, so the grid is a constant to autodiff; the
+/// gradient passes straight through where a value lands inside its grid and is zero where it
+/// is clamped.
 pub fn fake_quant_weight_t(
     w_t: burn::tensor::Tensor<2>,
     spec: &QuantSpec,
