@@ -53,6 +53,18 @@ struct Params {
 const TEAM: u32 = 32u;
 // RPT, KS, NORM, the team sums and the store: shaders/gemv_store.wgsl, prepended by the host.
 
+// Probes the benchmark times to find what bounds this kernel (core/runtime/linear.rs's
+// `Probe`); the runtime always runs PROBE_NONE. X_HALF is a whole kernel on x given as f16
+// pairs (binding 4 then holds cols / 2 words); the others compute nothing meaningful: NO_X
+// never reads x (a value from the word index stands in), NO_WEIGHTS never reads the codes
+// (the word index stands in), NO_MATH reads both but folds each word in with one add.
+override PROBE: u32 = 0u;
+const PROBE_NONE: u32 = 0u;
+const PROBE_X_HALF: u32 = 1u;
+const PROBE_NO_X: u32 = 2u;
+const PROBE_NO_WEIGHTS: u32 = 3u;
+const PROBE_NO_MATH: u32 = 4u;
+
 // The x values of columns 8w .. 8w+3 (a) and 8w+4 .. 8w+7 (b) (times gamma with NORM), their
 // sum, and the sum of the squares of the raw values (with NORM).
 struct Chunk {
@@ -63,8 +75,19 @@ struct Chunk {
 }
 
 fn chunk(w: u32) -> Chunk {
-    var a = x[2u * w];
-    var b = x[2u * w + 1u];
+    var a: vec4<f32>;
+    var b: vec4<f32>;
+    if (PROBE == PROBE_X_HALF) {
+        let h = bitcast<vec4<u32>>(x[w]);
+        a = vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y));
+        b = vec4<f32>(unpack2x16float(h.z), unpack2x16float(h.w));
+    } else if (PROBE == PROBE_NO_X) {
+        a = vec4<f32>(f32(w & 7u));
+        b = a;
+    } else {
+        a = x[2u * w];
+        b = x[2u * w + 1u];
+    }
     var sq = 0.0;
     if (NORM) {
         sq = dot(a, a) + dot(b, b);
@@ -84,6 +107,9 @@ fn one_plus_sixteenths(codes: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(m | vec4<u32>(0x3F800000u));
 }
 fn nibbles(word: u32, c: Chunk) -> f32 {
+    if (PROBE == PROBE_NO_MATH) {
+        return bitcast<f32>(word & 0x3F7FFFFFu); // finite: exponent at most 126
+    }
     let lo = one_plus_sixteenths(word); // columns 8w .. 8w+3
     let hi = one_plus_sixteenths(word >> 16u); // columns 8w+4 .. 8w+7
     return 16.0 * (dot(lo, c.a) + dot(hi, c.b) - c.sum);
@@ -115,7 +141,10 @@ fn step4(row: u32, groups: u32, w: u32, step: u32, c0: Chunk, c1: Chunk, c2: Chu
         return 0.0;
     }
     let at = row * 4u * p.stride + w;
-    let q = vec4<u32>(words[at], words[at + step], words[at + 2u * step], words[at + 3u * step]);
+    var q = vec4<u32>(at, at + step, at + 2u * step, at + 3u * step);
+    if (PROBE != PROBE_NO_WEIGHTS) {
+        q = vec4<u32>(words[q.x], words[q.y], words[q.z], words[q.w]);
+    }
     return term(row, groups, w, q.x, c0) + term(row, groups, w + step, q.y, c1)
         + term(row, groups, w + 2u * step, q.z, c2) + term(row, groups, w + 3u * step, q.w, c3);
 }
@@ -125,7 +154,11 @@ fn step1(row: u32, groups: u32, w: u32, c: Chunk) -> f32 {
     if (row >= p.rows) {
         return 0.0;
     }
-    return term(row, groups, w, words[row * 4u * p.stride + w], c);
+    var word = row * 4u * p.stride + w;
+    if (PROBE != PROBE_NO_WEIGHTS) {
+        word = words[word];
+    }
+    return term(row, groups, w, word, c);
 }
 
 // With one group per row: row `row`'s Σ code·x (`a`) dequantized with its scale and offset.

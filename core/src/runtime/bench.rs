@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::host::{HostLinear, HostModel, SyntheticWeights};
 use super::kernel::{Dispatch, Kernel, record_all};
-use super::linear::{ActCodes, Input, Linear, Products, Tiling};
+use super::linear::{ActCodes, Input, Linear, Probe, Products, Tiling};
 use super::model::GpuModel;
 use super::{Gpu, Runtime, cpu};
 use crate::device::DeviceChoice;
@@ -122,46 +122,58 @@ enum Target<'g> {
     Cpu,
 }
 
-/// One timed kernel: its input (f32, or the W4A4 path's integer codes), its int4 tiling, and
-/// whether it sums in shared memory only.
+/// One timed kernel: its input (f32, or the W4A4 path's integer codes), its int4 tiling,
+/// whether it sums in shared memory only, and which W4A16 probe it is.
 #[derive(Clone, Copy)]
 struct Variant {
     codes: bool,
     tiling: Option<Tiling>,
     shared: bool,
+    probe: Probe,
 }
 
 impl Target<'_> {
     /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`]
     /// (on the software device, compute-bound, only the unsplit ones), with f32
-    /// activations and with 4-bit integer activation codes, and the runtime's choice again with shared-memory
-    /// sums where the runtime's use subgroups.
+    /// activations and with 4-bit integer activation codes; the runtime's choice again with
+    /// shared-memory sums where the runtime's use subgroups; and with f32 activations, the
+    /// runtime's choice as every [`Probe`].
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
+        let plain = Variant {
+            codes: false,
+            tiling: None,
+            shared: false,
+            probe: Probe::None,
+        };
         match (self, w) {
             (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => [false, true]
                 .iter()
                 .flat_map(|&codes| {
                     let software = k.software;
+                    let picked = Some(Tiling::for_rows(w.rows(), codes, software));
                     let tilings = Tiling::ALL.into_iter();
                     let tilings = tilings.filter(move |t| !software || t.slices == 1);
                     let all = tilings.map(move |t| Variant {
                         codes,
                         tiling: Some(t),
-                        shared: false,
+                        ..plain
                     });
                     let smem = shared.as_ref().map(|_| Variant {
                         codes,
-                        tiling: Some(Tiling::for_rows(w.rows(), codes, software)),
+                        tiling: picked,
                         shared: true,
+                        ..plain
                     });
-                    all.chain(smem)
+                    let probes = Probe::ALL.into_iter().filter(move |_| !codes);
+                    let probes = probes.map(move |probe| Variant {
+                        tiling: picked,
+                        probe,
+                        ..plain
+                    });
+                    all.chain(smem).chain(probes)
                 })
                 .collect(),
-            _ => vec![Variant {
-                codes: false,
-                tiling: None,
-                shared: false,
-            }],
+            _ => vec![plain],
         }
     }
 
@@ -199,7 +211,11 @@ impl Target<'_> {
                     Some(k) if v.shared => k,
                     _ => kernel,
                 };
-                let (xb, y) = (gpu.storage("x", x), gpu.output("y", w.rows()));
+                let xb = match v.probe {
+                    Probe::XHalf => gpu.storage("x", &half_pairs(x)),
+                    _ => gpu.storage("x", x),
+                };
+                let y = gpu.output("y", w.rows());
                 // The codes path quantizes x once, before the timed launches.
                 let codes = match v.codes {
                     true => Some(ActCodes::new(gpu, 1, w.cols(), w.cols(), 4)?),
@@ -216,7 +232,12 @@ impl Target<'_> {
                 };
                 let ds = ms
                     .iter()
-                    .map(|m| kernel.launch(gpu, m, x, &y, false, v.tiling))
+                    .map(|m| match (m, v.probe, v.tiling) {
+                        (Linear::Int4(m), probe, Some(t)) if probe != Probe::None => {
+                            Ok(kernel.launch_probe(gpu, m, &xb, &y, t, probe))
+                        }
+                        _ => kernel.launch(gpu, m, x, &y, false, v.tiling),
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 for _ in 0..3 {
                     rounds.push(time(gpu, iters, &y, &ds)?);
@@ -265,11 +286,18 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut x4 = x.clone();
         cpu::kernels::act_quant(&mut x4, cols, 4);
+        let x16: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
         for (name, m, w) in [("int4", int4, w4), ("f16", f16, w16)] {
             let copies = target.upload(&m, iters)?;
             for v in target.variants(&m) {
                 let (got, secs) = target.run(&m, &copies, &x, iters, v)?;
-                let x = if v.codes { &x4 } else { &x };
+                let x = match (v.codes, v.probe) {
+                    (true, _) => &x4,
+                    (false, Probe::XHalf) => &x16,
+                    _ => &x,
+                };
+                // The probes that leave out a read or the arithmetic compute nothing to check.
+                let checked = matches!(v.probe, Probe::None | Probe::XHalf);
                 let max_rel_err = (0..rows)
                     .map(|r| {
                         let row = &w[r * cols..(r + 1) * cols];
@@ -282,8 +310,19 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                         (got[r] as f64 - dot(|v| v)).abs() / dot(f64::abs).max(1e-12)
                     })
                     .fold(0.0, f64::max);
-                // Codes are one byte per column, f32 activations four.
-                let bytes = m.bytes() + cols * if v.codes { 1 } else { 4 };
+                let max_rel_err = if checked { max_rel_err } else { f64::NAN };
+                // Codes are one byte per column, f16 activations two, f32 four.
+                let x_bytes = cols
+                    * match (v.codes, v.probe) {
+                        (true, _) => 1,
+                        (false, Probe::XHalf) => 2,
+                        _ => 4,
+                    };
+                let bytes = match v.probe {
+                    Probe::NoX => m.bytes(),
+                    Probe::NoWeights => x_bytes,
+                    _ => m.bytes() + x_bytes,
+                };
                 let software = matches!(target, Target::Gpu(_, g, _) if g.software);
                 let picked = if v.tiling == Some(Tiling::for_rows(rows, v.codes, software)) {
                     "*"
@@ -291,10 +330,10 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                     ""
                 };
                 let name = if v.codes { "w4a4" } else { name };
-                let picked = if v.shared {
-                    format!("{picked} smem")
-                } else {
-                    picked.to_string()
+                let picked = match (v.shared, v.probe) {
+                    (true, _) => format!("{picked} smem"),
+                    (false, Probe::None) => picked.to_string(),
+                    (false, probe) => format!("{picked} {}", probe.name()),
                 };
                 out.push(GemvFigure {
                     rows,
@@ -312,6 +351,31 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+/// f32 values as f16 pairs, two per word (low half first): x for [`Probe::XHalf`].
+fn half_pairs(x: &[f32]) -> Vec<u32> {
+    x.chunks(2)
+        .map(|p| {
+            let h = |i: usize| {
+                p.get(i)
+                    .map_or(0, |&v| half::f16::from_f32(v).to_bits() as u32)
+            };
+            h(0) | h(1) << 16
+        })
+        .collect()
+}
+
+/// A GEMV's relative error in the table: "-" for a probe that computes nothing to check.
+struct RelErr(f64);
+
+impl std::fmt::Display for RelErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.is_nan() {
+            true => f.pad("-"),
+            false => f.pad(&format!("{:.1e}", self.0)),
+        }
+    }
 }
 
 /// Shapes of the synthetic decode benchmarks: (name, config).
@@ -459,7 +523,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only",
+                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic)",
                 o.iters
             ),
         )
@@ -468,7 +532,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     writeln!(out, "\nGEMV, {calls} (GB/s: bytes read per call / time):").map_err(io)?;
     writeln!(
         out,
-        "{:>6} {:>6} {:>13} {:>9} {:>9} {:>8} {:>7} {:>9}",
+        "{:>6} {:>6} {:>16} {:>9} {:>9} {:>8} {:>7} {:>9}",
         "out", "in", "W", "MB read", "µs/call", "GB/s", "of read", "rel err"
     )
     .map_err(io)?;
@@ -483,7 +547,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     for f in &gemv {
         writeln!(
             out,
-            "{:>6} {:>6} {:>13} {:>9.2} {:>9.1} {:>8.1} {:>6.0}% {:>9.1e}",
+            "{:>6} {:>6} {:>16} {:>9.2} {:>9.1} {:>8.1} {:>6.0}% {:>9}",
             f.rows,
             f.cols,
             f.weights,
@@ -491,7 +555,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             f.micros,
             f.gb_per_s,
             100.0 * f.gb_per_s / peak,
-            f.max_rel_err
+            RelErr(f.max_rel_err)
         )
         .map_err(io)?;
         if f.max_rel_err > 1e-4 {

@@ -454,11 +454,43 @@ struct CodesParams {
     _pad: [u32; 2],
 }
 
+/// Variants of the W4A16 GEMV that the benchmark times beside it to find what bounds it
+/// (PROBE in shaders/gemv_w4a16.wgsl). The runtime runs [`Probe::None`] only.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Probe {
+    /// The kernel itself.
+    None = 0,
+    /// The whole kernel on x given as f16 pairs: half the x traffic.
+    XHalf = 1,
+    /// Weights read and unpacked, x never read.
+    NoX = 2,
+    /// x read, weights never read.
+    NoWeights = 3,
+    /// Weights and x read, one add per word in place of the arithmetic.
+    NoMath = 4,
+}
+
+impl Probe {
+    /// The probes, the kernel itself excepted.
+    pub const ALL: [Probe; 4] = [Probe::XHalf, Probe::NoX, Probe::NoWeights, Probe::NoMath];
+
+    /// The benchmark table's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Probe::None => "",
+            Probe::XHalf => "x16",
+            Probe::NoX => "no-x",
+            Probe::NoWeights => "no-w",
+            Probe::NoMath => "no-math",
+        }
+    }
+}
+
 /// The two int4 GEMVs, compiled per tiling on first use.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Gemv {
     /// f32 x (gemv_w4a16.wgsl), `bool`: x RMS-normalized on the way in.
-    W4A16(bool),
+    W4A16(bool, Probe),
     /// Integer activation codes (gemv_w4a4.wgsl).
     W4A4,
 }
@@ -543,17 +575,27 @@ impl Products {
         kernels
             .entry((kind, tiling))
             .or_insert_with(|| {
-                let (name, source, norm) = match kind {
-                    Gemv::W4A16(norm) => ("gemv_w4a16", &self.w4a16_source, norm),
-                    Gemv::W4A4 => ("gemv_w4a4", &self.w4a4_source, false),
-                };
                 let constants = [
                     ("RPT", tiling.rows as f64),
                     ("KS", tiling.slices as f64),
-                    ("NORM", norm as u32 as f64),
                     ("SG", self.subgroup_lanes as f64),
                 ];
-                Kernel::specialized(gpu, name, source, "main", &constants)
+                match kind {
+                    Gemv::W4A16(norm, probe) => {
+                        let more = [("NORM", norm as u32 as f64), ("PROBE", probe as u32 as f64)];
+                        let constants = [&constants[..], &more].concat();
+                        Kernel::specialized(
+                            gpu,
+                            "gemv_w4a16",
+                            &self.w4a16_source,
+                            "main",
+                            &constants,
+                        )
+                    }
+                    Gemv::W4A4 => {
+                        Kernel::specialized(gpu, "gemv_w4a4", &self.w4a4_source, "main", &constants)
+                    }
+                }
             })
             .clone()
     }
@@ -561,7 +603,7 @@ impl Products {
     /// The launch of y = W·x (x: `cols` f32, y: `rows` f32, both on the GPU).
     pub fn dispatch(&self, gpu: &Gpu, w: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
         match w {
-            Linear::Int4(m) => self.int4_f32(gpu, m, x, None, y, Store::Write, None),
+            Linear::Int4(m) => self.int4_f32(gpu, m, x, None, y, Store::Write, None, Probe::None),
             Linear::Half(m) => self.half_f32(gpu, m, x, y, false),
         }
     }
@@ -682,10 +724,17 @@ impl Products {
         tiling: Option<Tiling>,
     ) -> Result<Dispatch> {
         match x {
-            Input::F32(x) => Ok(self.int4_f32(gpu, m, x, None, y, store, tiling)),
-            Input::RmsNormed { h, weight, eps } => {
-                Ok(self.int4_f32(gpu, m, h, Some((weight, eps)), y, store, tiling))
-            }
+            Input::F32(x) => Ok(self.int4_f32(gpu, m, x, None, y, store, tiling, Probe::None)),
+            Input::RmsNormed { h, weight, eps } => Ok(self.int4_f32(
+                gpu,
+                m,
+                h,
+                Some((weight, eps)),
+                y,
+                store,
+                tiling,
+                Probe::None,
+            )),
             Input::Codes(x) => self.int4_codes(gpu, m, x, y, store, tiling),
         }
     }
@@ -701,6 +750,7 @@ impl Products {
         y: &wgpu::Buffer,
         store: Store,
         tiling: Option<Tiling>,
+        probe: Probe,
     ) -> Dispatch {
         let tiling = store.tiling(tiling, m.rows, false, self.software);
         let g = grid(m.rows, tiling.rows_per_workgroup());
@@ -718,13 +768,27 @@ impl Products {
         };
         // Without a norm the weight binding is unused: x stands in for it.
         let gamma = norm.map_or(x, |n| n.0);
-        self.int4_kernel(gpu, Gemv::W4A16(norm.is_some()), tiling)
+        self.int4_kernel(gpu, Gemv::W4A16(norm.is_some(), probe), tiling)
             .dispatch(
                 gpu,
                 &params,
                 &[&m.words, &m.scales, &m.zeros, x, y, gamma],
                 g,
             )
+    }
+
+    /// y = W·x through the W4A16 GEMV's `probe` variant (x as f16 pairs for
+    /// [`Probe::XHalf`]): the benchmark's diagnostic launches.
+    pub fn launch_probe(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        tiling: Tiling,
+        probe: Probe,
+    ) -> Dispatch {
+        self.int4_f32(gpu, m, x, None, y, Store::Write, Some(tiling), probe)
     }
 
     /// The W4A4 GEMV (integer accumulation, dequant epilogue per 32-column block), storing
