@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::tensor::wgpu::wgpu;
 use rand::{Rng, SeedableRng};
@@ -48,16 +48,34 @@ pub struct GemvFigure {
     pub max_rel_err: f64,
 }
 
-/// Time `iters` launches cycling over `ds` recorded in one compute pass (after an untimed
-/// one), then read `sync` back: seconds per launch.
-fn time(gpu: &Gpu, iters: usize, sync: &wgpu::Buffer, ds: &[Dispatch]) -> Result<f64> {
-    // An untimed pass of the same length first: the GPU's clocks rise with load.
+/// Untimed load before a kernel's first timing. An idle GPU's clocks rise with load over
+/// this order of time: after one untimed pass of 100 launches (~10 ms) instead, the H100
+/// timed its 7B-shape GEMVs ~3× slower per byte than a decode running the same kernels
+/// (results/bench-h100-run14.txt).
+const WARM_UP: Duration = Duration::from_millis(300);
+
+/// Time `iters` launches cycling over `ds` recorded in one compute pass, after untimed passes
+/// of the same launches for at least `warm_up` (one at least), then read `sync` back:
+/// seconds per launch.
+fn time(
+    gpu: &Gpu,
+    iters: usize,
+    sync: &wgpu::Buffer,
+    ds: &[Dispatch],
+    warm_up: Duration,
+) -> Result<f64> {
     let pass = || {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         record_all(&mut enc, ds.iter().cycle().take(iters));
         enc
     };
-    gpu.finish_f32(pass(), sync, 1)?;
+    let t0 = Instant::now();
+    loop {
+        gpu.finish_f32(pass(), sync, 1)?;
+        if t0.elapsed() >= warm_up {
+            break;
+        }
+    }
     let enc = pass();
     let t0 = Instant::now();
     gpu.finish_f32(enc, sync, 1)?;
@@ -92,7 +110,7 @@ pub fn read_gb_per_s(gpu: &Gpu, mb: usize, iters: usize) -> Result<f64> {
         _pad: [0; 2],
     };
     let d = kernel.dispatch(gpu, &params, &[&data, &out], (groups, 1, 1));
-    let secs = time(gpu, iters, &out, &[d])?;
+    let secs = time(gpu, iters, &out, &[d], WARM_UP)?;
     Ok((n4 * 16) as f64 / secs / 1e9)
 }
 
@@ -123,27 +141,38 @@ enum Target<'g> {
 }
 
 /// One timed kernel: its input (f32, or the W4A4 path's integer codes), its int4 tiling,
-/// whether it sums in shared memory only, and which W4A16 probe it is.
+/// whether it sums in shared memory only, which W4A16 probe it is, and whether consecutive
+/// launches write separate outputs (`free`).
 #[derive(Clone, Copy)]
 struct Variant {
     codes: bool,
     tiling: Option<Tiling>,
     shared: bool,
     probe: Probe,
+    /// Launches cycle over [`FREE_OUTPUTS`] outputs, so wgpu needs no barrier between most
+    /// of them and the GPU may overlap one's tail with the next one's start; otherwise every
+    /// launch rewrites the same output and waits for the one before, as in decode.
+    free: bool,
 }
+
+/// Outputs a `free` timing cycles over: a barrier (a drain of the GPU) every this many
+/// launches at most.
+const FREE_OUTPUTS: usize = 16;
 
 impl Target<'_> {
     /// The kernel variants to time for `w`: on a GPU every int4 tiling of [`Tiling::ALL`]
     /// (on the software device, compute-bound, only the unsplit ones), with f32
     /// activations and with 4-bit integer activation codes; the runtime's choice again with
     /// shared-memory sums where the runtime's use subgroups; and with f32 activations, the
-    /// runtime's choice as every [`Probe`].
+    /// runtime's choice as every [`Probe`]; and on a GPU the runtime's choices (and the f16
+    /// GEMV) again with launches `free` of each other.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         let plain = Variant {
             codes: false,
             tiling: None,
             shared: false,
             probe: Probe::None,
+            free: false,
         };
         match (self, w) {
             (Target::Gpu(_, k, shared), HostLinear::Int4 { .. }) => [false, true]
@@ -170,10 +199,23 @@ impl Target<'_> {
                         probe,
                         ..plain
                     });
-                    all.chain(smem).chain(probes)
+                    let free = Variant {
+                        codes,
+                        tiling: picked,
+                        free: true,
+                        ..plain
+                    };
+                    all.chain(smem).chain(probes).chain([free])
                 })
                 .collect(),
-            _ => vec![plain],
+            (Target::Gpu(..), _) => vec![
+                plain,
+                Variant {
+                    free: true,
+                    ..plain
+                },
+            ],
+            (Target::Cpu, _) => vec![plain],
         }
     }
 
@@ -215,7 +257,14 @@ impl Target<'_> {
                     Probe::XHalf => gpu.storage("x", &half_pairs(x)),
                     _ => gpu.storage("x", x),
                 };
-                let y = gpu.output("y", w.rows());
+                let launches = if v.free {
+                    ms.len().max(FREE_OUTPUTS)
+                } else {
+                    ms.len()
+                };
+                let outputs = if v.free { FREE_OUTPUTS } else { 1 };
+                let ys: Vec<_> = (0..outputs).map(|_| gpu.output("y", w.rows())).collect();
+                let y = &ys[0];
                 // The codes path quantizes x once, before the timed launches.
                 let codes = match v.codes {
                     true => Some(ActCodes::new(gpu, 1, w.cols(), w.cols(), 4)?),
@@ -230,19 +279,22 @@ impl Target<'_> {
                     }
                     None => Input::F32(&xb),
                 };
-                let ds = ms
-                    .iter()
-                    .map(|m| match (m, v.probe, v.tiling) {
-                        (Linear::Int4(m), probe, Some(t)) if probe != Probe::None => {
-                            Ok(kernel.launch_probe(gpu, m, &xb, &y, t, probe))
+                let ds = (0..launches)
+                    .map(|i| {
+                        let (m, y) = (&ms[i % ms.len()], &ys[i % outputs]);
+                        match (m, v.probe, v.tiling) {
+                            (Linear::Int4(m), probe, Some(t)) if probe != Probe::None => {
+                                Ok(kernel.launch_probe(gpu, m, &xb, y, t, probe))
+                            }
+                            _ => kernel.launch(gpu, m, x, y, false, v.tiling),
                         }
-                        _ => kernel.launch(gpu, m, x, &y, false, v.tiling),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                for _ in 0..3 {
-                    rounds.push(time(gpu, iters, &y, &ds)?);
+                for round in 0..3 {
+                    let warm_up = if round == 0 { WARM_UP } else { Duration::ZERO };
+                    rounds.push(time(gpu, iters, y, &ds, warm_up)?);
                 }
-                gpu.read_f32(&y, w.rows())?
+                gpu.read_f32(y, w.rows())?
             }
             Target::Cpu => {
                 let mut y = vec![0f32; w.rows()];
@@ -330,17 +382,18 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                     ""
                 };
                 let name = if v.codes { "w4a4" } else { name };
-                let picked = match (v.shared, v.probe) {
-                    (true, _) => format!("{picked} smem"),
-                    (false, Probe::None) => picked.to_string(),
-                    (false, probe) => format!("{picked} {}", probe.name()),
+                let picked = match (v.shared, v.probe, v.free) {
+                    (true, ..) => format!("{picked} smem"),
+                    (false, Probe::None, false) => picked.to_string(),
+                    (false, Probe::None, true) => format!("{picked} free"),
+                    (false, probe, _) => format!("{picked} {}", probe.name()),
                 };
                 out.push(GemvFigure {
                     rows,
                     cols,
                     weights: match v.tiling {
                         Some(t) => format!("{name} {t}{picked}"),
-                        None => name.to_string(),
+                        None => format!("{name}{picked}").trim_end().to_string(),
                     },
                     bytes,
                     micros: secs * 1e6,
@@ -523,8 +576,9 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic)",
-                o.iters
+                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds after {} ms of untimed launches; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic); free: launches writing {FREE_OUTPUTS} outputs in turn, so that most need not wait for the one before (elsewhere every launch rewrites one output and waits, as in decode)",
+                o.iters,
+                WARM_UP.as_millis()
             ),
         )
     };
