@@ -396,6 +396,12 @@ struct RowArgs {
     /// GPTQ in act-order
     #[arg(long)]
     act_order: bool,
+    /// Weights of this row in groups of this many input columns
+    #[arg(long)]
+    w_group: Option<usize>,
+    /// Asymmetric weights (a zero point) in this row
+    #[arg(long)]
+    w_asym: bool,
     /// GPTQ and SmoothQuant calibration windows of this row
     #[arg(long)]
     calib_windows: Option<usize>,
@@ -428,17 +434,22 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
     let row_weights = Settings {
         w_rtn: args.w_rtn,
         act_order: args.act_order,
+        w_group: args.w_group,
         ..Settings::default()
     };
     row_weights
         .rounding(method)
         .map_err(|e| anyhow::anyhow!("--row {spec:?}: {e}"))?;
+    let own_grid = args.w_group.is_some() || args.w_asym;
     if !method.is_learned()
-        && (!calib.is_empty() || args.w_rtn || !(windows_given || args.act_order))
+        && (!calib.is_empty() || args.w_rtn || !(windows_given || args.act_order || own_grid))
     {
         bail!(
-            "--row {spec:?}: {method} learns nothing; a row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration, or a GPTQ method its own --calib-windows, --calib-len or --act-order"
+            "--row {spec:?}: {method} learns nothing; a row gives a learned method (ostquant, spinquant, an ostquant ablation) its own calibration, a GPTQ method its own --calib-windows, --calib-len or --act-order, or any method its own --w-group or --w-asym"
         );
+    }
+    if method == Method::Fp && own_grid {
+        bail!("--row {spec:?}: fp quantizes no weights, so it takes no --w-group or --w-asym");
     }
     Ok(crate::results::Row {
         method,
@@ -446,6 +457,8 @@ fn parse_row(spec: &str) -> Result<crate::results::Row> {
         calib,
         w_rtn: args.w_rtn,
         act_order: args.act_order,
+        w_group: args.w_group,
+        w_asym: args.w_asym,
         calib_windows: args.calib_windows,
         calib_len: args.calib_len,
     })

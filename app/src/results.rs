@@ -44,6 +44,10 @@ pub struct Row {
     pub w_rtn: bool,
     /// GPTQ in act-order.
     pub act_order: bool,
+    /// Weights in groups of this many input columns (None: the table's grid).
+    pub w_group: Option<usize>,
+    /// Asymmetric weights.
+    pub w_asym: bool,
     /// GPTQ's (and SmoothQuant's) calibration windows and their length.
     pub calib_windows: Option<usize>,
     pub calib_len: Option<usize>,
@@ -112,6 +116,8 @@ pub fn results(
             calib: row.calib.over(&settings.calib),
             w_rtn: row.w_rtn || settings.w_rtn,
             act_order: row.act_order || settings.act_order,
+            w_group: row.w_group.or(settings.w_group),
+            w_asym: row.w_asym || settings.w_asym,
             calib_windows: row.calib_windows.unwrap_or(settings.calib_windows),
             calib_len: row.calib_len.unwrap_or(settings.calib_len),
             ..settings.clone()
@@ -126,6 +132,12 @@ pub fn results(
         }
         if row.act_order && !settings.act_order {
             how.push("GPTQ in act-order".to_string());
+        }
+        if let Some(g) = row.w_group.filter(|&g| settings.w_group != Some(g)) {
+            how.push(format!("weights in groups of {g} input columns"));
+        }
+        if row.w_asym && !settings.w_asym {
+            how.push("asymmetric weights".to_string());
         }
         let windows = (row_settings.calib_windows, row_settings.calib_len);
         if windows != (settings.calib_windows, settings.calib_len) {
@@ -176,6 +188,10 @@ pub fn results(
         obj["calibration"] = serde_json::to_value(p.settings.learned_settings(p.method, p.bits))?;
         if p.method != Method::Fp {
             obj["rounding"] = p.settings.rounding(p.method)?.to_string().into();
+        }
+        if p.method != Method::Fp {
+            obj["w_group"] = p.settings.w_group.into();
+            obj["w_asym"] = p.settings.w_asym.into();
         }
         if p.method.needs_calibration() {
             obj["calib_windows"] = [p.settings.calib_windows, p.settings.calib_len].into();

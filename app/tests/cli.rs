@@ -679,7 +679,28 @@ fn results_rows_carry_their_own_calibration() {
         table.contains("[1] quarot-gptq W4A16KV16 GPTQ in act-order"),
         "{table}"
     );
+    // Any quantizing row may have its own weight grid: another cell, noted, in its JSON row.
+    let (grouped, table) = run(&["--row", "rtn W4A16KV16 --w-group 16 --w-asym"]);
+    assert_eq!(
+        (&grouped[1]["w_group"], &grouped[1]["w_asym"]),
+        (&16.into(), &true.into())
+    );
+    assert_eq!(
+        (&table_gptq[1]["w_group"], &table_gptq[1]["w_asym"]),
+        (&serde_json::Value::Null, &false.into())
+    );
+    assert!(
+        table.contains(
+            "[1] rtn W4A16KV16 weights in groups of 16 input columns, asymmetric weights"
+        ),
+        "{table}"
+    );
     for (spec, why) in [
+        (
+            "quarot-gptq W4A16KV16 --act-order --w-group 16",
+            "per-channel weight scales only",
+        ),
+        ("fp W16A16KV16 --w-group 16", "takes no --w-group"),
         ("rtn W4A4KV4", "learns nothing"),
         ("quarot-gptq W4A4KV4", "learns nothing"),
         ("rtn W4A4KV4 --calib-windows 3", "calibrates nothing"),
