@@ -55,7 +55,8 @@ const TEAM: u32 = 32u;
 
 // Probes the benchmark times to find what bounds this kernel (core/runtime/linear.rs's
 // `Probe`); the runtime always runs PROBE_NONE. X_HALF is a whole kernel on x given as f16
-// pairs (binding 4 then holds cols / 2 words); the others compute nothing meaningful: NO_X
+// pairs (binding 4 then holds cols / 2 words), AHEAD a whole kernel loading each step's
+// weights a step early; the others compute nothing meaningful: NO_X
 // never reads x (a value from the word index stands in), NO_WEIGHTS never reads the codes
 // (the word index stands in), NO_MATH reads both but folds each word in with one add.
 override PROBE: u32 = 0u;
@@ -64,6 +65,7 @@ const PROBE_X_HALF: u32 = 1u;
 const PROBE_NO_X: u32 = 2u;
 const PROBE_NO_WEIGHTS: u32 = 3u;
 const PROBE_NO_MATH: u32 = 4u;
+const PROBE_AHEAD: u32 = 5u;
 
 // The x values of columns 8w .. 8w+3 (a) and 8w+4 .. 8w+7 (b) (times gamma with NORM), their
 // sum, and the sum of the squares of the raw values (with NORM).
@@ -133,17 +135,48 @@ fn term(row: u32, groups: u32, w: u32, word: u32, c: Chunk) -> f32 {
     return scales[g] * (nibbles(word, c) + offset(g) * c.sum);
 }
 
-// Row `row`'s Σ weight·x over the words w, w + step, w + 2·step, w + 3·step (x values c0..c3);
-// 0 past the last row.
-fn step4(row: u32, groups: u32, w: u32, step: u32, c0: Chunk, c1: Chunk, c2: Chunk,
-    c3: Chunk) -> f32 {
+// Row `row`'s words w, w + step, w + 2·step, w + 3·step (their indices with NO_WEIGHTS); 0
+// past the last row.
+fn words4(row: u32, w: u32, step: u32) -> vec4<u32> {
     if (row >= p.rows) {
-        return 0.0;
+        return vec4<u32>(0u);
     }
     let at = row * 4u * p.stride + w;
     var q = vec4<u32>(at, at + step, at + 2u * step, at + 3u * step);
     if (PROBE != PROBE_NO_WEIGHTS) {
         q = vec4<u32>(words[q.x], words[q.y], words[q.z], words[q.w]);
+    }
+    return q;
+}
+
+// A team's words for one step: words4 of rows row0 .. row0 + RPT − 1 (named members, not an
+// array: see `main`).
+struct Step {
+    r0: vec4<u32>,
+    r1: vec4<u32>,
+    r2: vec4<u32>,
+    r3: vec4<u32>,
+}
+
+fn step_words(row0: u32, w: u32, step: u32) -> Step {
+    var q = Step(vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u));
+    q.r0 = words4(row0, w, step);
+    if (RPT > 1u) {
+        q.r1 = words4(row0 + 1u, w, step);
+    }
+    if (RPT > 2u) {
+        q.r2 = words4(row0 + 2u, w, step);
+        q.r3 = words4(row0 + 3u, w, step);
+    }
+    return q;
+}
+
+// Row `row`'s Σ weight·x over its words q of the step at w (x values c0..c3); 0 past the last
+// row.
+fn step4(row: u32, groups: u32, w: u32, step: u32, q: vec4<u32>, c0: Chunk, c1: Chunk,
+    c2: Chunk, c3: Chunk) -> f32 {
+    if (row >= p.rows) {
+        return 0.0;
     }
     return term(row, groups, w, q.x, c0) + term(row, groups, w + step, q.y, c1)
         + term(row, groups, w + 2u * step, q.z, c2) + term(row, groups, w + 3u * step, q.w, c3);
@@ -187,20 +220,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // per step) the H100 ran 2–3× slower at 7B shapes, and a 7B decode's GEMVs took 12.0 ms
     // instead of 4.4 (results/bench-h100-run11.txt, -run12.txt).
     var w = (team % KS) * TEAM + lane;
+    // With AHEAD, each step's words are loaded one step early, so that they are in flight
+    // during the step before's arithmetic.
+    var ahead = Step(vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u));
+    if (PROBE == PROBE_AHEAD && w + 3u * step < words_per_row) {
+        ahead = step_words(row0, w, step);
+    }
     for (; w + 3u * step < words_per_row; w = w + 4u * step) {
+        var q: Step;
+        if (PROBE == PROBE_AHEAD) {
+            q = ahead;
+            if (w + 7u * step < words_per_row) {
+                ahead = step_words(row0, w + 4u * step, step);
+            }
+        } else {
+            q = step_words(row0, w, step);
+        }
         let c0 = chunk(w);
         let c1 = chunk(w + step);
         let c2 = chunk(w + 2u * step);
         let c3 = chunk(w + 3u * step);
         x_sum = x_sum + c0.sum + c1.sum + c2.sum + c3.sum;
         sq = sq + c0.sq + c1.sq + c2.sq + c3.sq;
-        acc.x = acc.x + step4(row0, groups, w, step, c0, c1, c2, c3);
+        acc.x = acc.x + step4(row0, groups, w, step, q.r0, c0, c1, c2, c3);
         if (RPT > 1u) {
-            acc.y = acc.y + step4(row0 + 1u, groups, w, step, c0, c1, c2, c3);
+            acc.y = acc.y + step4(row0 + 1u, groups, w, step, q.r1, c0, c1, c2, c3);
         }
         if (RPT > 2u) {
-            acc.z = acc.z + step4(row0 + 2u, groups, w, step, c0, c1, c2, c3);
-            acc.w = acc.w + step4(row0 + 3u, groups, w, step, c0, c1, c2, c3);
+            acc.z = acc.z + step4(row0 + 2u, groups, w, step, q.r2, c0, c1, c2, c3);
+            acc.w = acc.w + step4(row0 + 3u, groups, w, step, q.r3, c0, c1, c2, c3);
         }
     }
     for (; w < words_per_row; w = w + step) {

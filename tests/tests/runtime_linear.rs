@@ -125,10 +125,11 @@ fn gemv_matches_the_f64_reference() {
     }
 }
 
-/// The benchmark's x16 probe (the W4A16 GEMV on x given as f16 pairs) is a whole kernel: it
-/// equals the f64 product with the f16-rounded x, at every tiling.
+/// The benchmark's probes that are whole kernels equal the f64 product at every tiling: x16
+/// (the W4A16 GEMV on x given as f16 pairs) with the f16-rounded x, ahead (each step's weights
+/// loaded a step early) with x itself.
 #[test]
-fn x16_probe_gemv_matches_the_f64_reference() {
+fn whole_probe_gemvs_match_the_f64_reference() {
     let gpu = gpu();
     let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(5);
@@ -142,31 +143,43 @@ fn x16_probe_gemv_matches_the_f64_reference() {
     for (rows, cols, spec) in cases {
         let (words, scales, zeros) =
             ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
-        let x: Vec<half::f16> = (0..cols)
-            .map(|_| half::f16::from_f32(rng.random_range(-2.0..2.0)))
-            .collect();
-        let pairs: Vec<u32> = x
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let halves: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let pairs: Vec<u32> = halves
             .chunks_exact(2)
             .map(|p| p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16)
             .collect();
         let m =
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
-        let (xb, yb) = (gpu.storage("x", &pairs), gpu.output("y", rows));
-        for tiling in Tiling::ALL {
-            let mut enc = gpu.device.create_command_encoder(&Default::default());
-            gemv.launch_probe(&gpu, &m, &xb, &yb, tiling, Probe::XHalf)
-                .record(&mut enc);
-            let got = gpu.finish_f32(enc, &yb, rows).unwrap();
-            for r in 0..rows {
-                let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c].to_f64());
-                let want: f64 = terms.clone().sum();
-                let scale: f64 = terms.map(f64::abs).sum();
-                assert!(
-                    (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
-                    "{rows}×{cols} {spec:?} tiling {tiling}, row {r}: {} vs {want}",
-                    got[r]
-                );
+        let yb = gpu.output("y", rows);
+        for (probe, xb, x) in [
+            (
+                Probe::XHalf,
+                gpu.storage("x", &pairs),
+                halves.iter().map(|h| h.to_f64()).collect::<Vec<_>>(),
+            ),
+            (
+                Probe::Ahead,
+                gpu.storage("x", &x),
+                x.iter().map(|&v| v as f64).collect(),
+            ),
+        ] {
+            for tiling in Tiling::ALL {
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                gemv.launch_probe(&gpu, &m, &xb, &yb, tiling, probe)
+                    .record(&mut enc);
+                let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c]);
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    assert!(
+                        (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
+                        "{probe:?} {rows}×{cols} {spec:?} tiling {tiling}, row {r}: {} vs {want}",
+                        got[r]
+                    );
+                }
             }
         }
     }

@@ -349,7 +349,7 @@ fn gemv(target: &Target, shapes: &[(usize, usize)], iters: usize) -> Result<Vec<
                     _ => &x,
                 };
                 // The probes that leave out a read or the arithmetic compute nothing to check.
-                let checked = matches!(v.probe, Probe::None | Probe::XHalf);
+                let checked = v.probe.is_whole();
                 let max_rel_err = (0..rows)
                     .map(|r| {
                         let row = &w[r * cols..(r + 1) * cols];
@@ -576,7 +576,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds after {} ms of untimed launches; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic); free: launches writing {FREE_OUTPUTS} outputs in turn, so that most need not wait for the one before (elsewhere every launch rewrites one output and waits, as in decode)",
+                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds after {} ms of untimed launches; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic), ahead (each step's weights loaded a step early, a whole kernel); free: launches writing {FREE_OUTPUTS} outputs in turn, so that most need not wait for the one before (elsewhere every launch rewrites one output and waits, as in decode)",
                 o.iters,
                 WARM_UP.as_millis()
             ),

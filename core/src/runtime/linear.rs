@@ -468,11 +468,25 @@ pub enum Probe {
     NoWeights = 3,
     /// Weights and x read, one add per word in place of the arithmetic.
     NoMath = 4,
+    /// The whole kernel with each step's weight words loaded a step ahead, in flight during
+    /// the step before's arithmetic.
+    Ahead = 5,
 }
 
 impl Probe {
     /// The probes, the kernel itself excepted.
-    pub const ALL: [Probe; 4] = [Probe::XHalf, Probe::NoX, Probe::NoWeights, Probe::NoMath];
+    pub const ALL: [Probe; 5] = [
+        Probe::XHalf,
+        Probe::NoX,
+        Probe::NoWeights,
+        Probe::NoMath,
+        Probe::Ahead,
+    ];
+
+    /// Whether the probe computes y = W·x (with [`Probe::XHalf`]'s x rounded to f16).
+    pub fn is_whole(self) -> bool {
+        matches!(self, Probe::None | Probe::XHalf | Probe::Ahead)
+    }
 
     /// The benchmark table's name.
     pub fn name(self) -> &'static str {
@@ -482,6 +496,7 @@ impl Probe {
             Probe::NoX => "no-x",
             Probe::NoWeights => "no-w",
             Probe::NoMath => "no-math",
+            Probe::Ahead => "ahead",
         }
     }
 }
