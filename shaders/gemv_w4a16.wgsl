@@ -54,9 +54,10 @@ const TEAM: u32 = 32u;
 // RPT, KS, NORM, the team sums and the store: shaders/gemv_store.wgsl, prepended by the host.
 
 // Probes the benchmark times to find what bounds this kernel (core/runtime/linear.rs's
-// `Probe`); the runtime always runs PROBE_NONE. X_HALF is a whole kernel on x given as f16
-// pairs (binding 4 then holds cols / 2 words), AHEAD a whole kernel loading each step's
-// weights a step early; the others compute nothing meaningful: NO_X
+// `Probe`); the runtime always runs PROBE_NONE. Whole kernels: X_HALF on x given as f16 pairs
+// (binding 4 then holds cols / 2 words), AHEAD loading each step's weights a step early,
+// IN_PLACE decoding codes where they lie in the word (`nibbles`), AHEAD_IN_PLACE both. The
+// others compute nothing meaningful: NO_X
 // never reads x (a value from the word index stands in), NO_WEIGHTS never reads the codes
 // (the word index stands in), NO_MATH reads both but folds each word in with one add.
 override PROBE: u32 = 0u;
@@ -66,15 +67,30 @@ const PROBE_NO_X: u32 = 2u;
 const PROBE_NO_WEIGHTS: u32 = 3u;
 const PROBE_NO_MATH: u32 = 4u;
 const PROBE_AHEAD: u32 = 5u;
+const PROBE_IN_PLACE: u32 = 6u;
+const PROBE_AHEAD_IN_PLACE: u32 = 7u;
+fn ahead() -> bool {
+    return PROBE == PROBE_AHEAD || PROBE == PROBE_AHEAD_IN_PLACE;
+}
+fn in_place() -> bool {
+    return PROBE == PROBE_IN_PLACE || PROBE == PROBE_AHEAD_IN_PLACE;
+}
 
 // The x values of columns 8w .. 8w+3 (a) and 8w+4 .. 8w+7 (b) (times gamma with NORM), their
-// sum, and the sum of the squares of the raw values (with NORM).
+// sum, and the sum of the squares of the raw values (with NORM). With IN_PLACE, a and b are
+// scaled by powers of two for `nibbles`.
 struct Chunk {
     a: vec4<f32>,
     b: vec4<f32>,
     sum: f32,
     sq: f32,
 }
+
+// IN_PLACE's scales: 2^(23 − p) for a code whose lowest bit lies at p in the value masked
+// (bits 0, 4, 8, 12 of the word for columns 8w .. 8w+3; bit 16 of the word and bits 8, 12, 16
+// of the word shifted right by 12 for 8w+4 .. 8w+7).
+const IN_PLACE_A = vec4<f32>(8388608.0, 524288.0, 32768.0, 2048.0);
+const IN_PLACE_B = vec4<f32>(128.0, 32768.0, 2048.0, 128.0);
 
 fn chunk(w: u32) -> Chunk {
     var a: vec4<f32>;
@@ -96,7 +112,12 @@ fn chunk(w: u32) -> Chunk {
         a = a * gamma[2u * w];
         b = b * gamma[2u * w + 1u];
     }
-    return Chunk(a, b, dot(a + b, vec4<f32>(1.0)), sq);
+    let sum = dot(a + b, vec4<f32>(1.0));
+    if (in_place()) {
+        a = a * IN_PLACE_A;
+        b = b * IN_PLACE_B;
+    }
+    return Chunk(a, b, sum, sq);
 }
 // Σ code·x over one packed word (code j, column 8w + j, in bits 4j..4j+3). No int→float
 // conversion: a code shifted into the top of an f32 mantissa under 1.0's exponent is the float
@@ -111,6 +132,18 @@ fn one_plus_sixteenths(codes: u32) -> vec4<f32> {
 fn nibbles(word: u32, c: Chunk) -> f32 {
     if (PROBE == PROBE_NO_MATH) {
         return bitcast<f32>(word & 0x3F7FFFFFu); // finite: exponent at most 126
+    }
+    if (in_place()) {
+        // A code masked where it lies (lowest bit p ≤ 16) under 1.0's exponent is the float
+        // 1 + code·2^(p−23), exactly; minus 1 (exact), times x·2^(23−p) (the chunk's scaled
+        // values): code·x. One and+or per code and one shift per word, against a shift and an
+        // and+or per code below: fewer integer operations, which issue at half the FMA rate
+        // on NVIDIA GPUs, for one subtraction more.
+        let one = vec4<u32>(0x3F800000u);
+        let h = word >> 12u;
+        let lo = (vec4<u32>(word) & vec4<u32>(0xFu, 0xF0u, 0xF00u, 0xF000u)) | one;
+        let hi = (vec4<u32>(word, h, h, h) & vec4<u32>(0xF0000u, 0xF00u, 0xF000u, 0xF0000u)) | one;
+        return dot(bitcast<vec4<f32>>(lo) - 1.0, c.a) + dot(bitcast<vec4<f32>>(hi) - 1.0, c.b);
     }
     let lo = one_plus_sixteenths(word); // columns 8w .. 8w+3
     let hi = one_plus_sixteenths(word >> 16u); // columns 8w+4 .. 8w+7
@@ -220,18 +253,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // per step) the H100 ran 2–3× slower at 7B shapes, and a 7B decode's GEMVs took 12.0 ms
     // instead of 4.4 (results/bench-h100-run11.txt, -run12.txt).
     var w = (team % KS) * TEAM + lane;
-    // With AHEAD, each step's words are loaded one step early, so that they are in flight
+    // With AHEAD (and AHEAD_IN_PLACE), each step's words are loaded one step early, so that they are in flight
     // during the step before's arithmetic.
-    var ahead = Step(vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u));
-    if (PROBE == PROBE_AHEAD && w + 3u * step < words_per_row) {
-        ahead = step_words(row0, w, step);
+    var early = Step(vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u));
+    if (ahead() && w + 3u * step < words_per_row) {
+        early = step_words(row0, w, step);
     }
     for (; w + 3u * step < words_per_row; w = w + 4u * step) {
         var q: Step;
-        if (PROBE == PROBE_AHEAD) {
-            q = ahead;
+        if (ahead()) {
+            q = early;
             if (w + 7u * step < words_per_row) {
-                ahead = step_words(row0, w + 4u * step, step);
+                early = step_words(row0, w + 4u * step, step);
             }
         } else {
             q = step_words(row0, w, step);

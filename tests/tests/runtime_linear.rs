@@ -126,8 +126,8 @@ fn gemv_matches_the_f64_reference() {
 }
 
 /// The benchmark's probes that are whole kernels equal the f64 product at every tiling: x16
-/// (the W4A16 GEMV on x given as f16 pairs) with the f16-rounded x, ahead (each step's weights
-/// loaded a step early) with x itself.
+/// (the W4A16 GEMV on x given as f16 pairs) with the f16-rounded x; ahead (each step's weights
+/// loaded a step early), in-place (codes decoded where they lie) and both, with x itself.
 #[test]
 fn whole_probe_gemvs_match_the_f64_reference() {
     let gpu = gpu();
@@ -153,17 +153,16 @@ fn whole_probe_gemvs_match_the_f64_reference() {
             Int4Matrix::upload(&gpu, rows, cols, spec, &words, &scales, zeros.as_deref()).unwrap();
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         let yb = gpu.output("y", rows);
+        let exact: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         for (probe, xb, x) in [
             (
                 Probe::XHalf,
                 gpu.storage("x", &pairs),
                 halves.iter().map(|h| h.to_f64()).collect::<Vec<_>>(),
             ),
-            (
-                Probe::Ahead,
-                gpu.storage("x", &x),
-                x.iter().map(|&v| v as f64).collect(),
-            ),
+            (Probe::Ahead, gpu.storage("x", &x), exact.clone()),
+            (Probe::InPlace, gpu.storage("x", &x), exact.clone()),
+            (Probe::AheadInPlace, gpu.storage("x", &x), exact.clone()),
         ] {
             for tiling in Tiling::ALL {
                 let mut enc = gpu.device.create_command_encoder(&Default::default());

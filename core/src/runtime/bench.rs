@@ -576,7 +576,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         (
             "streaming kernel, up to 1 GB".to_string(),
             format!(
-                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds after {} ms of untimed launches; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic), ahead (each step's weights loaded a step early, a whole kernel); free: launches writing {FREE_OUTPUTS} outputs in turn, so that most need not wait for the one before (elsewhere every launch rewrites one output and waits, as in decode)",
+                "{} launches per shape in one pass cycling over copies of the weights (128 MB of them, at most one per launch: the last-level cache does not serve the large shapes), median of 3 rounds after {} ms of untimed launches; int4 rNkM: N rows per team, M teams per row set splitting the columns, * the one the runtime picks, smem: summed in shared memory only; probes of the W4A16 GEMV at the runtime's tiling, to find what bounds it: x16 (x as f16 pairs, a whole kernel), no-x (x never read), no-w (weights never read), no-math (one add per word for the arithmetic), ahead (each step's weights loaded a step early), in-place (codes decoded where they lie in the word), ahead+in-place (both; these three whole kernels); free: launches writing {FREE_OUTPUTS} outputs in turn, so that most need not wait for the one before (elsewhere every launch rewrites one output and waits, as in decode)",
                 o.iters,
                 WARM_UP.as_millis()
             ),
@@ -586,7 +586,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     writeln!(out, "\nGEMV, {calls} (GB/s: bytes read per call / time):").map_err(io)?;
     writeln!(
         out,
-        "{:>6} {:>6} {:>16} {:>9} {:>9} {:>8} {:>7} {:>9}",
+        "{:>6} {:>6} {:>23} {:>9} {:>9} {:>8} {:>7} {:>9}",
         "out", "in", "W", "MB read", "µs/call", "GB/s", "of read", "rel err"
     )
     .map_err(io)?;
@@ -601,7 +601,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     for f in &gemv {
         writeln!(
             out,
-            "{:>6} {:>6} {:>16} {:>9.2} {:>9.1} {:>8.1} {:>6.0}% {:>9}",
+            "{:>6} {:>6} {:>23} {:>9.2} {:>9.1} {:>8.1} {:>6.0}% {:>9}",
             f.rows,
             f.cols,
             f.weights,

@@ -471,21 +471,28 @@ pub enum Probe {
     /// The whole kernel with each step's weight words loaded a step ahead, in flight during
     /// the step before's arithmetic.
     Ahead = 5,
+    /// The whole kernel decoding each code where it lies in its word: one and+or per code
+    /// and one shift per word instead of a shift and an and+or per code.
+    InPlace = 6,
+    /// [`Probe::Ahead`] and [`Probe::InPlace`] together.
+    AheadInPlace = 7,
 }
 
 impl Probe {
     /// The probes, the kernel itself excepted.
-    pub const ALL: [Probe; 5] = [
+    pub const ALL: [Probe; 7] = [
         Probe::XHalf,
         Probe::NoX,
         Probe::NoWeights,
         Probe::NoMath,
         Probe::Ahead,
+        Probe::InPlace,
+        Probe::AheadInPlace,
     ];
 
     /// Whether the probe computes y = W·x (with [`Probe::XHalf`]'s x rounded to f16).
     pub fn is_whole(self) -> bool {
-        matches!(self, Probe::None | Probe::XHalf | Probe::Ahead)
+        !matches!(self, Probe::NoX | Probe::NoWeights | Probe::NoMath)
     }
 
     /// The benchmark table's name.
@@ -497,6 +504,8 @@ impl Probe {
             Probe::NoWeights => "no-w",
             Probe::NoMath => "no-math",
             Probe::Ahead => "ahead",
+            Probe::InPlace => "in-place",
+            Probe::AheadInPlace => "ahead+in-place",
         }
     }
 }
