@@ -28,6 +28,21 @@ fn rms_normed(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f64> {
         .collect()
 }
 
+/// Each row's value in `got` is Σ_c w[r, c]·x[c] (w [rows, cols]) to within 1e-5 of Σ|w·x|
+/// (at least 1e-3); `case` names the product in the message.
+fn assert_rows(got: &[f32], w: &[f32], x: &[f64], case: &str) {
+    let cols = x.len();
+    for (r, &g) in got.iter().enumerate() {
+        let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c]);
+        let want: f64 = terms.clone().sum();
+        let scale: f64 = terms.map(f64::abs).sum();
+        assert!(
+            (g as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
+            "{case}, row {r}: {g} vs {want}"
+        );
+    }
+}
+
 /// The kernels with every team-sum variant the device allows: shared memory only (1 lane),
 /// then subgroup shuffles over 2, 4, … lanes up to the device's subgroup size.
 fn every_team_sum(gpu: &Gpu) -> Vec<Products> {
@@ -109,17 +124,10 @@ fn gemv_matches_the_f64_reference() {
                     .unwrap()
                     .record(&mut enc);
                 let got = gpu.finish_f32(enc, &yb, rows).unwrap();
-                for r in 0..rows {
-                    let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c]);
-                    let want: f64 = terms.clone().sum();
-                    let scale: f64 = terms.map(f64::abs).sum();
-                    let err = (got[r] as f64 - want).abs();
-                    assert!(
-                        err <= 1e-5 * scale.max(1e-3),
-                        "{rows}×{cols} {spec:?} tiling {tiling}, norm {norm}, {lanes} subgroup lanes, row {r}: {} vs {want}",
-                        got[r]
-                    );
-                }
+                let case = format!(
+                    "{rows}×{cols} {spec:?} tiling {tiling}, norm {norm}, {lanes} subgroup lanes"
+                );
+                assert_rows(&got, &w, x, &case);
             }
         }
     }
@@ -169,16 +177,12 @@ fn whole_probe_gemvs_match_the_f64_reference() {
                 gemv.launch_probe(&gpu, &m, &xb, &yb, tiling, probe)
                     .record(&mut enc);
                 let got = gpu.finish_f32(enc, &yb, rows).unwrap();
-                for r in 0..rows {
-                    let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c]);
-                    let want: f64 = terms.clone().sum();
-                    let scale: f64 = terms.map(f64::abs).sum();
-                    assert!(
-                        (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
-                        "{probe:?} {rows}×{cols} {spec:?} tiling {tiling}, row {r}: {} vs {want}",
-                        got[r]
-                    );
-                }
+                assert_rows(
+                    &got,
+                    &w,
+                    &x,
+                    &format!("{probe:?} {rows}×{cols} {spec:?} tiling {tiling}"),
+                );
             }
         }
     }
@@ -346,6 +350,7 @@ fn w4a4_gemv_matches_the_f64_reference() {
         let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
         let codes = ActCodes::new(&gpu, 1, cols, agroup, 4).unwrap();
         let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         for (k, tiling) in every_variant(&variants) {
             let lanes = k.subgroup_lanes;
             let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -354,16 +359,10 @@ fn w4a4_gemv_matches_the_f64_reference() {
                 .unwrap()
                 .record(&mut enc);
             let got = gpu.finish_f32(enc, &yb, rows).unwrap();
-            for r in 0..rows {
-                let terms = (0..cols).map(|c| w[r * cols + c] as f64 * x[c] as f64);
-                let want: f64 = terms.clone().sum();
-                let scale: f64 = terms.map(f64::abs).sum();
-                assert!(
-                    (got[r] as f64 - want).abs() <= 1e-5 * scale.max(1e-3),
-                    "W4A4 {rows}×{cols} act groups {agroup} {spec:?} tiling {tiling}, {lanes} subgroup lanes, row {r}: {} vs {want}",
-                    got[r]
-                );
-            }
+            let case = format!(
+                "W4A4 {rows}×{cols} act groups {agroup} {spec:?} tiling {tiling}, {lanes} subgroup lanes"
+            );
+            assert_rows(&got, &w, &x64, &case);
         }
     }
     // Codes that do not fit a signed byte, or groups that split a 32-column block, are refused.
