@@ -1,15 +1,17 @@
-// Append `tokens` consecutive positions' K or V (from position `pos` on) to the int4 cache:
-// per head, asymmetric 4-bit over the head's hd values (the reference's per-token per-head KV
-// quantizer: s = (max − min)/15 with the range forced to contain 0, z = round(−min/s),
-// code = clamp(round(x/s) + z, 0, 15)).
+// Append `tokens` consecutive positions' K and V (from position `pos` on) to their int4
+// caches, both in one launch: per head, asymmetric 4-bit over the head's hd values (the
+// reference's per-token per-head KV quantizer: s = (max − min)/15 with the range forced to
+// contain 0, z = round(−min/s), code = clamp(round(x/s) + z, 0, 15)).
 //
-// Layout: src f32 [tokens, heads, hd]; codes u32 [max_seq, heads, hd/8], 8 codes per
-// word, dim 8w + j in bits 4j..4j+3; scales and zeros f32 [max_seq, heads]. With `raw` set
-// (a 16-bit KV cache) the position is stored unquantized: codes holds the f32 bits
-// [max_seq, heads, hd].
-// Workgroup plan: one workgroup per (head, token), 64 threads, a grid sized for the most tokens
-// the launch is bound for (workgroups past `tokens` return); min/max by a shared-memory
-// reduction, then one thread per output word packs 8 codes.
+// Layout: k and v f32 [tokens, heads, hd]; each cache's codes u32 [max_seq, heads, hd/8], 8
+// codes per word, dim 8w + j in bits 4j..4j+3; its scales and zeros f32 [max_seq, heads].
+// With `raw` set (a 16-bit KV cache) the position is stored unquantized: codes holds the f32
+// bits [max_seq, heads, hd].
+// Workgroup plan: one workgroup per (head, token, K or V) (z = 0 for K, 1 for V), 64
+// threads, a grid sized for the most tokens the launch is bound for (workgroups past `tokens`
+// return); min/max by a shared-memory reduction, then one thread per output word packs 8
+// codes. (One launch for both, not one each: a decode step's launches cost ~6 µs apiece on an
+// H100 however small, results/bench-h100-run16.txt.)
 
 struct Params {
     heads: u32,
@@ -23,10 +25,38 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> codes: array<u32>;
-@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
-@group(0) @binding(4) var<storage, read_write> zeros: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> k_codes: array<u32>;
+@group(0) @binding(4) var<storage, read_write> k_scales: array<f32>;
+@group(0) @binding(5) var<storage, read_write> k_zeros: array<f32>;
+@group(0) @binding(6) var<storage, read_write> v_codes: array<u32>;
+@group(0) @binding(7) var<storage, read_write> v_scales: array<f32>;
+@group(0) @binding(8) var<storage, read_write> v_zeros: array<f32>;
+
+// The workgroup's source and cache (`is_v`: V's, else K's; uniform in a workgroup).
+fn load(is_v: bool, i: u32) -> f32 {
+    if (is_v) {
+        return v[i];
+    }
+    return k[i];
+}
+fn put_word(is_v: bool, i: u32, word: u32) {
+    if (is_v) {
+        v_codes[i] = word;
+    } else {
+        k_codes[i] = word;
+    }
+}
+fn put_grid(is_v: bool, slot: u32, scale: f32, zero: f32) {
+    if (is_v) {
+        v_scales[slot] = scale;
+        v_zeros[slot] = zero;
+    } else {
+        k_scales[slot] = scale;
+        k_zeros[slot] = zero;
+    }
+}
 
 var<workgroup> lo: array<f32, 64>;
 var<workgroup> hi: array<f32, 64>;
@@ -34,6 +64,7 @@ var<workgroup> hi: array<f32, 64>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let h = wid.x;
+    let is_v = wid.z == 1u;
     if (wid.y >= p.tokens) {
         return;
     }
@@ -42,15 +73,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (p.raw != 0u) {
         let slot = (pos * p.heads + h) * p.hd;
         for (var i = t; i < p.hd; i = i + 64u) {
-            codes[slot + i] = bitcast<u32>(src[base + i]);
+            put_word(is_v, slot + i, bitcast<u32>(load(is_v, base + i)));
         }
         return;
     }
     var mn = 0.0;
     var mx = 0.0;
     for (var i = t; i < p.hd; i = i + 64u) {
-        mn = min(mn, src[base + i]);
-        mx = max(mx, src[base + i]);
+        mn = min(mn, load(is_v, base + i));
+        mx = max(mx, load(is_v, base + i));
     }
     lo[t] = mn;
     hi[t] = mx;
@@ -66,16 +97,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let zero = round(-lo[0] / scale);
     let slot = pos * p.heads + h;
     if (t == 0u) {
-        scales[slot] = scale;
-        zeros[slot] = zero;
+        put_grid(is_v, slot, scale, zero);
     }
     let words = p.hd / 8u;
     for (var w = t; w < words; w = w + 64u) {
         var word = 0u;
         for (var j = 0u; j < 8u; j = j + 1u) {
-            let q = clamp(round(src[base + 8u * w + j] / scale) + zero, 0.0, 15.0);
+            let q = clamp(round(load(is_v, base + 8u * w + j) / scale) + zero, 0.0, 15.0);
             word = word | (u32(q) << (4u * j));
         }
-        codes[slot * words + w] = word;
+        put_word(is_v, slot * words + w, word);
     }
 }

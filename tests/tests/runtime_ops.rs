@@ -201,17 +201,16 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
             if to == from {
                 continue;
             }
-            for (src, cache) in [(&kp, &k), (&vp, &v)] {
-                let b = gpu.storage("src", &src[from * row..to * row]);
-                let d = att.append(&gpu, &b, cache, len);
-                att.set_append(&gpu, &d, cache, from, to - from);
-                d.record(&mut enc);
-                gpu.queue.submit([std::mem::replace(
-                    &mut enc,
-                    gpu.device.create_command_encoder(&Default::default()),
-                )
-                .finish()]);
-            }
+            let kb = gpu.storage("k", &kp[from * row..to * row]);
+            let vb = gpu.storage("v", &vp[from * row..to * row]);
+            let d = att.append(&gpu, &kb, &vb, &k, &v, len);
+            att.set_append(&gpu, &d, &k, from, to - from);
+            d.record(&mut enc);
+            gpu.queue.submit([std::mem::replace(
+                &mut enc,
+                gpu.device.create_command_encoder(&Default::default()),
+            )
+            .finish()]);
         }
         let q = rand_vec(&mut rng, queries * nq * hd, 1.0);
         let out = gpu.output("out", queries * nq * hd);

@@ -120,27 +120,36 @@ impl Attention {
         }
     }
 
-    /// The launch that writes `src` [tokens, nkv, hd] into positions pos.. of `cache`
-    /// (quantized when it is int4), bound for up to `max_tokens` positions.
+    /// The launch that writes `k` and `v` [tokens, nkv, hd] into positions pos.. of their
+    /// caches (quantized when they are int4; both the same kind), bound for up to
+    /// `max_tokens` positions.
     pub fn append<'b>(
         &self,
         gpu: &Gpu,
-        src: impl Into<Bind<'b>>,
-        cache: &KvCache,
+        k: impl Into<Bind<'b>>,
+        v: impl Into<Bind<'b>>,
+        k_cache: &KvCache,
+        v_cache: &KvCache,
         max_tokens: usize,
     ) -> Dispatch {
-        let p = self.quant_params(cache, 0, max_tokens);
+        assert_eq!(k_cache.int4, v_cache.int4, "K and V caches of one kind");
+        let p = self.quant_params(k_cache, 0, max_tokens);
         let bufs = [
-            src.into(),
-            (&cache.codes).into(),
-            (&cache.scales).into(),
-            (&cache.zeros).into(),
+            k.into(),
+            v.into(),
+            (&k_cache.codes).into(),
+            (&k_cache.scales).into(),
+            (&k_cache.zeros).into(),
+            (&v_cache.codes).into(),
+            (&v_cache.scales).into(),
+            (&v_cache.zeros).into(),
         ];
-        let grid = (self.nkv as u32, max_tokens as u32, 1);
+        let grid = (self.nkv as u32, max_tokens as u32, 2);
         self.quant.dispatch(gpu, &p, &bufs, grid)
     }
 
-    /// Point an [`Attention::append`] launch at `tokens` positions from `pos` on.
+    /// Point an [`Attention::append`] launch (with caches of `cache`'s kind) at `tokens`
+    /// positions from `pos` on.
     pub fn set_append(&self, gpu: &Gpu, d: &Dispatch, cache: &KvCache, pos: usize, tokens: usize) {
         d.set_params(gpu, &self.quant_params(cache, pos, tokens));
     }

@@ -164,10 +164,10 @@ enum Launch {
     Fixed(Dispatch),
     /// A linear layer's product (fixed too; told apart for [`GpuModel::breakdown`]).
     Product(Dispatch),
+    /// K and V into the layer's caches.
     Append {
         d: Dispatch,
         layer: usize,
-        v: bool,
     },
     Attend {
         d: Dispatch,
@@ -582,19 +582,9 @@ impl GpuModel {
                 }
                 None => (q, k),
             };
-            let d_k = attn.append(gpu, k, &l.k_cache, t);
-            let d_v = attn.append(gpu, v, &l.v_cache, t);
+            let d_kv = attn.append(gpu, k, v, &l.k_cache, &l.v_cache, t);
             let d_a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, t);
-            plan.push(Launch::Append {
-                d: d_k,
-                layer,
-                v: false,
-            });
-            plan.push(Launch::Append {
-                d: d_v,
-                layer,
-                v: true,
-            });
+            plan.push(Launch::Append { d: d_kv, layer });
             plan.push(Launch::Attend { d: d_a, layer });
             plan.extend(quantize(&s.a, 1));
             plan.push(product(&l.o, Input::F32(&s.a), 1, &s.h, true)?);
@@ -824,10 +814,9 @@ impl GpuModel {
         for launch in &plan.body {
             match launch {
                 Launch::Fixed(_) | Launch::Product(_) => {}
-                Launch::Append { d, layer, v } => {
-                    let l = &self.layers[*layer];
-                    let cache = if *v { &l.v_cache } else { &l.k_cache };
-                    self.attn.set_append(&self.gpu, d, cache, pos, t);
+                Launch::Append { d, layer } => {
+                    let k = &self.layers[*layer].k_cache;
+                    self.attn.set_append(&self.gpu, d, k, pos, t);
                 }
                 Launch::Attend { d, layer } => {
                     let k = &self.layers[*layer].k_cache;
