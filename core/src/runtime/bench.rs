@@ -96,8 +96,20 @@ struct ReadParams {
 pub fn read_gb_per_s(gpu: &Gpu, mb: usize, iters: usize) -> Result<f64> {
     let limit = gpu.device.limits().max_storage_buffer_binding_size as usize;
     let n4 = (mb * 1_000_000).min(limit) / 16;
+    let secs = read_seconds(gpu, n4, 4096, iters)?;
+    Ok((n4 * 16) as f64 / secs / 1e9)
+}
+
+/// The time of a launch that does next to nothing (one workgroup reading 1 KB), in a pass of
+/// `iters` of them each waiting for the one before, as a decode's launches do: the floor under
+/// every kernel's time, in µs.
+pub fn launch_floor_us(gpu: &Gpu, iters: usize) -> Result<f64> {
+    Ok(read_seconds(gpu, 64, 1, iters)? * 1e6)
+}
+
+/// Seconds per launch of shaders/read_bandwidth.wgsl over `n4` vec4s with `groups` workgroups.
+fn read_seconds(gpu: &Gpu, n4: usize, groups: u32, iters: usize) -> Result<f64> {
     let data = gpu.output("bandwidth data", n4 * 4);
-    let groups = 4096u32;
     let out = gpu.output("bandwidth out", groups as usize);
     let kernel = Kernel::new(
         gpu,
@@ -110,8 +122,7 @@ pub fn read_gb_per_s(gpu: &Gpu, mb: usize, iters: usize) -> Result<f64> {
         _pad: [0; 2],
     };
     let d = kernel.dispatch(gpu, &params, &[&data, &out], (groups, 1, 1));
-    let secs = time(gpu, iters, &out, &[d], WARM_UP)?;
-    Ok((n4 * 16) as f64 / secs / 1e9)
+    time(gpu, iters, &out, &[d], WARM_UP)
 }
 
 /// Read bandwidth of the CPU: every thread folds its share of a 256 MB buffer with integer
@@ -583,6 +594,18 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         )
     };
     writeln!(out, "read bandwidth ({probe}): {peak:.1} GB/s").map_err(io)?;
+    let floor = match &gpu {
+        Some(gpu) => Some(launch_floor_us(gpu, o.iters)?),
+        None => None,
+    };
+    if let Some(us) = floor {
+        writeln!(
+            out,
+            "launch floor (one workgroup reading 1 KB, {} launches in one pass, each waiting for the one before): {us:.1} µs",
+            o.iters
+        )
+        .map_err(io)?;
+    }
     writeln!(out, "\nGEMV, {calls} (GB/s: bytes read per call / time):").map_err(io)?;
     writeln!(
         out,
@@ -789,6 +812,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "device": device,
         "read_gb_per_s": peak,
+        "launch_floor_us": floor,
         "gemv": gemv,
         "decode": decode_rows,
         "breakdown": breakdowns,
