@@ -1089,6 +1089,12 @@ fn bench_prints_gemv_bandwidth_and_decode_speed_on_the_software_device() {
         stdout.contains("GB/s") && stdout.contains("11008"),
         "{stdout}"
     );
+    let floor = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("launch floor ("))
+        .and_then(|l| l.rsplit(": ").next())
+        .and_then(|us| us.trim_end_matches(" µs").parse::<f64>().ok());
+    assert!(floor.is_some_and(|us| us > 0.0), "{stdout}");
     let rows = stdout
         .lines()
         .filter(|l| l.trim_start().starts_with(char::is_numeric))

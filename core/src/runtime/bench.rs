@@ -175,8 +175,9 @@ impl Target<'_> {
     /// (on the software device, compute-bound, only the unsplit ones), with f32
     /// activations and with 4-bit integer activation codes; the runtime's choice again with
     /// shared-memory sums where the runtime's use subgroups; and with f32 activations, the
-    /// runtime's choice as every [`Probe`]; and on a GPU the runtime's choices (and the f16
-    /// GEMV) again with launches `free` of each other.
+    /// runtime's choice as every [`Probe`]; and the runtime's choices (and the f16 GEMV) again
+    /// with launches `free` of each other. The probes and free launches on a GPU only, not on
+    /// the software device.
     fn variants(&self, w: &HostLinear) -> Vec<Variant> {
         let plain = Variant {
             codes: false,
@@ -204,7 +205,8 @@ impl Target<'_> {
                         shared: true,
                         ..plain
                     });
-                    let probes = Probe::ALL.into_iter().filter(move |_| !codes);
+                    // Probes and unchained launches say something of GPUs only.
+                    let probes = Probe::ALL.into_iter().filter(move |_| !codes && !software);
                     let probes = probes.map(move |probe| Variant {
                         tiling: picked,
                         probe,
@@ -216,16 +218,18 @@ impl Target<'_> {
                         free: true,
                         ..plain
                     };
-                    all.chain(smem).chain(probes).chain([free])
+                    let free = (!software).then_some(free);
+                    all.chain(smem).chain(probes).chain(free)
                 })
                 .collect(),
-            (Target::Gpu(..), _) => vec![
+            (Target::Gpu(_, k, _), _) if !k.software => vec![
                 plain,
                 Variant {
                     free: true,
                     ..plain
                 },
             ],
+            (Target::Gpu(..), _) => vec![plain],
             (Target::Cpu, _) => vec![plain],
         }
     }
@@ -302,7 +306,11 @@ impl Target<'_> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 for round in 0..3 {
-                    let warm_up = if round == 0 { WARM_UP } else { Duration::ZERO };
+                    // A CPU adapter has no GPU clocks to bring up.
+                    let warm_up = match round == 0 && !kernel.software {
+                        true => WARM_UP,
+                        false => Duration::ZERO,
+                    };
                     rounds.push(time(gpu, iters, y, &ds, warm_up)?);
                 }
                 gpu.read_f32(y, w.rows())?
