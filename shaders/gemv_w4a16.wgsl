@@ -57,9 +57,9 @@ const TEAM: u32 = 32u;
 // `Probe`); the runtime always runs PROBE_NONE. Whole kernels: X_HALF on x given as f16 pairs
 // (binding 4 then holds cols / 2 words), AHEAD loading each step's weights a step early,
 // IN_PLACE decoding codes where they lie in the word (`nibbles`), AHEAD_IN_PLACE both. The
-// others compute nothing meaningful: NO_X
-// never reads x (a value from the word index stands in), NO_WEIGHTS never reads the codes
-// (the word index stands in), NO_MATH reads both but folds each word in with one add.
+// others compute nothing meaningful: NO_X never reads x (a value from the word index stands
+// in), NO_WEIGHTS never reads the codes (the word index stands in), NO_MATH reads both but
+// folds each word in with one add.
 override PROBE: u32 = 0u;
 const PROBE_NONE: u32 = 0u;
 const PROBE_X_HALF: u32 = 1u;
@@ -253,7 +253,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // per step) the H100 ran 2–3× slower at 7B shapes, and a 7B decode's GEMVs took 12.0 ms
     // instead of 4.4 (results/bench-h100-run11.txt, -run12.txt).
     var w = (team % KS) * TEAM + lane;
-    // With AHEAD (and AHEAD_IN_PLACE), each step's words are loaded one step early, so that they are in flight
+    // With AHEAD (and AHEAD_IN_PLACE) each step's words are loaded one step early, in flight
     // during the step before's arithmetic.
     var early = Step(vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u));
     if (ahead() && w + 3u * step < words_per_row) {

@@ -188,8 +188,6 @@ pub fn results(
         obj["calibration"] = serde_json::to_value(p.settings.learned_settings(p.method, p.bits))?;
         if p.method != Method::Fp {
             obj["rounding"] = p.settings.rounding(p.method)?.to_string().into();
-        }
-        if p.method != Method::Fp {
             obj["w_group"] = p.settings.w_group.into();
             obj["w_asym"] = p.settings.w_asym.into();
         }
