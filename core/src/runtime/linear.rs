@@ -46,19 +46,20 @@ impl Tiling {
 
     /// The runtime's tiling for a matrix of `rows` rows, on f32 activations or on integer
     /// `codes`. On a GPU (an H100, results/bench-h100-run12.txt): the W4A4 GEMV one row per
-    /// team at every shape (r2 and r4 were 1.2–1.6× slower at the 7B shapes); the W4A16 GEMV
-    /// reuses x across rows where there are rows enough to keep ≥ 256 workgroups, one row per
-    /// team below (the tilings were within the run-to-run spread of each other at 7B shapes).
-    /// On a software device (CPU threads, compute-bound) always the most reuse.
+    /// team at every shape (r2 and r4 were 1.2–1.6× slower at the 7B shapes). The W4A16 GEMV
+    /// reuses x across 4 rows from 8192 rows on; from 4096 rows, 2 rows per team with the
+    /// columns split between 2 teams (r2k2: 22.6 and 23.9 µs against r2's 28.1 and 27.8 at
+    /// 4096×11008, 12.1 and 14.8 against 14.2 and 15.9 at 4096×4096, warm runs 15 and 16);
+    /// one row per team below. On a software device (CPU threads, compute-bound) always the
+    /// most reuse.
     pub fn for_rows(rows: usize, codes: bool, software: bool) -> Self {
-        let r = match rows {
-            _ if software => 4,
-            _ if codes => 1,
-            r if r >= 8192 => 4,
-            r if r >= 4096 => 2,
-            _ => 1,
-        };
-        Tiling::new(r, 1)
+        match rows {
+            _ if software => Tiling::new(4, 1),
+            _ if codes => Tiling::new(1, 1),
+            r if r >= 8192 => Tiling::new(4, 1),
+            r if r >= 4096 => Tiling::new(2, 2),
+            _ => Tiling::new(1, 1),
+        }
     }
 
     /// Rows a workgroup covers.
