@@ -1,10 +1,13 @@
 #!/bin/bash
 # The device check run on a lent GPU machine (results/bench-h100.md): the runtime's kernel and
 # whole-model tests on the real GPU, then the benchmark. Run from the repository root, with the
-# release binaries xz-compressed in .devbin/ (git-ignored) and the loader packages in .gl/:
-#   cargo build --release -p ostquant-tests --example device_bench \
-#       --test runtime_linear --test runtime_ops --test runtime_model
-#   (copy each binary to .devbin/<name without hash>, strip, xz)
+# binaries xz-compressed in .devbin/ (git-ignored) and the loader packages in .gl/. The dev
+# profile's binaries will do (it optimizes the runtime; runs 14-16 used them, and they are
+# already built in the shared target dir, where a release build starts cold):
+#   cargo build -p ostquant-tests --example device_bench
+#   cargo test -p ostquant-tests --test runtime_linear --test runtime_ops --test runtime_model --no-run
+#   (copy each binary to .devbin/<name without hash>, strip, xz; `ls -t` picks the newest
+#   deps/runtime_linear-*)
 #   mkdir -p .gl && (cd .gl && apt-get download libvulkan1)
 # and the call carries them: run(command=..., carry=[".devbin", ".gl"]).
 # BENCH_ARGS: device_bench's arguments; BENCH_S: its time limit in seconds. An A/B of two
