@@ -28,6 +28,21 @@ fn rms_normed(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f64> {
         .collect()
 }
 
+/// The W4A16 GEMV tests' matrices (rows, cols, weight grid): real SmolLM2 and LLaMA widths,
+/// and odd ones (a single word per row, groups smaller than a vec4 of words, rows past a team).
+fn gemv_cases() -> [(usize, usize, QuantSpec); 8] {
+    [
+        (576, 576, QuantSpec::sym(4)),
+        (1536, 576, QuantSpec::sym(4)),
+        (576, 1536, QuantSpec::asym(4).with_group(128)),
+        (7, 4096, QuantSpec::sym(4).with_group(64)),
+        (13, 11008, QuantSpec::asym(4)),
+        (3, 8, QuantSpec::sym(4)),
+        (5, 48, QuantSpec::asym(4).with_group(16)),
+        (9, 40, QuantSpec::sym(4)),
+    ]
+}
+
 /// Each row's value in `got` is Σ_c w[r, c]·x[c] (w [rows, cols]) to within 1e-5 of Σ|w·x|
 /// (at least 1e-3); `case` names the product in the message.
 fn assert_rows(got: &[f32], w: &[f32], x: &[f64], case: &str) {
@@ -75,17 +90,7 @@ fn gemv_matches_the_f64_reference() {
     let gpu = gpu();
     let mut rng = StdRng::seed_from_u64(1);
     let eps = 1e-5;
-    let cases = [
-        (576, 576, QuantSpec::sym(4)),
-        (1536, 576, QuantSpec::sym(4)),
-        (576, 1536, QuantSpec::asym(4).with_group(128)),
-        (7, 4096, QuantSpec::sym(4).with_group(64)),
-        (13, 11008, QuantSpec::asym(4)),
-        (3, 8, QuantSpec::sym(4)),
-        (5, 48, QuantSpec::asym(4).with_group(16)),
-        (9, 40, QuantSpec::sym(4)),
-    ];
-    for (rows, cols, spec) in cases {
+    for (rows, cols, spec) in gemv_cases() {
         let (words, scales, zeros) =
             ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -141,14 +146,7 @@ fn whole_probe_gemvs_match_the_f64_reference() {
     let gpu = gpu();
     let gemv = Products::new(&gpu);
     let mut rng = StdRng::seed_from_u64(5);
-    let cases = [
-        (1536, 576, QuantSpec::sym(4)),
-        (7, 4096, QuantSpec::sym(4).with_group(64)),
-        (13, 11008, QuantSpec::asym(4)),
-        (5, 48, QuantSpec::asym(4).with_group(16)),
-        (9, 40, QuantSpec::sym(4)),
-    ];
-    for (rows, cols, spec) in cases {
+    for (rows, cols, spec) in gemv_cases() {
         let (words, scales, zeros) =
             ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.001..0.05);
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
