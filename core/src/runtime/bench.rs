@@ -229,8 +229,7 @@ impl Target<'_> {
                     ..plain
                 },
             ],
-            (Target::Gpu(..), _) => vec![plain],
-            (Target::Cpu, _) => vec![plain],
+            _ => vec![plain],
         }
     }
 
@@ -602,10 +601,10 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
         )
     };
     writeln!(out, "read bandwidth ({probe}): {peak:.1} GB/s").map_err(io)?;
-    let floor = match &gpu {
-        Some(gpu) => Some(launch_floor_us(gpu, o.iters)?),
-        None => None,
-    };
+    let floor = gpu
+        .as_ref()
+        .map(|gpu| launch_floor_us(gpu, o.iters))
+        .transpose()?;
     if let Some(us) = floor {
         writeln!(
             out,
