@@ -129,7 +129,7 @@ enum Command {
         #[arg(long)]
         w_rtn: bool,
         /// GPTQ takes the input columns by decreasing Hessian diagonal (act-order) instead of
-        /// in order (the paper's setting); per-channel weight scales only
+        /// in order (the paper's setting); with --w-group, every group's grid is fixed first
         #[arg(long)]
         act_order: bool,
     },
@@ -283,7 +283,7 @@ struct MeasureArgs {
     #[arg(long)]
     w_rtn: bool,
     /// GPTQ takes the input columns by decreasing Hessian diagonal (act-order) instead of in
-    /// order (the paper's setting); per-channel weight scales only
+    /// order (the paper's setting); with --w-group, every group's grid is fixed first
     #[arg(long)]
     act_order: bool,
     /// Recompute even when a cached result exists

@@ -313,15 +313,59 @@ fn act_order_is_natural_order_gptq_on_columns_sorted_by_energy() {
     for (a, b) in permute(&act.data).iter().zip(&natural.data) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
-    // Groups are refused: their columns would no longer be contiguous.
-    let err = gptq_quantize(
-        &mut act,
-        &hessian(&x, n),
-        &QuantSpec::sym(4).with_group(8),
-        true,
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("act-order"), "{err}");
+}
+
+#[test]
+fn act_order_with_groups_fixes_each_groups_grid_on_the_incoming_weights() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (rows, n, out, group) = (256, 32, 6, 8);
+    let x = uneven_inputs(&mut rng, rows, n);
+    let w = randn(&mut rng, out * n);
+    let h = hessian(&x, n);
+    for spec in [
+        QuantSpec::sym(3).with_group(group),
+        QuantSpec::asym(3).with_group(group),
+    ] {
+        let mut g = HostTensor {
+            shape: vec![out, n],
+            data: w.clone(),
+        };
+        let grids = gptq_quantize(&mut g, &h, &spec, true).unwrap();
+        // Each group's grid is the clip search on its original columns, and every output
+        // value is a code of that grid.
+        let mut rtn = w.clone();
+        for (k, (orig, q)) in w
+            .chunks_exact(group)
+            .zip(g.data.chunks_exact(group))
+            .enumerate()
+        {
+            let (scale, zero) = search_params(orig, &spec, Some(CLIP_POWER));
+            assert_eq!(
+                (grids[k].scale, grids[k].zero),
+                (scale, zero),
+                "{spec:?} group {k}"
+            );
+            for &v in q {
+                let c = grids[k].code(&spec, v);
+                assert!(
+                    (grids[k].value(c) - v).abs() <= 1e-5,
+                    "{v} off the grid of group {k}"
+                );
+            }
+            for (r, &o) in rtn[k * group..(k + 1) * group].iter_mut().zip(orig) {
+                *r = grids[k].value(grids[k].code(&spec, o));
+            }
+        }
+        // On the same grids, GPTQ's error feedback beats rounding each weight to nearest.
+        let (e_gptq, e_rtn) = (
+            output_error(&x, &w, &g.data, n),
+            output_error(&x, &w, &rtn, n),
+        );
+        assert!(
+            e_gptq < 0.8 * e_rtn,
+            "{spec:?}: GPTQ {e_gptq:.3} vs RTN {e_rtn:.3}"
+        );
+    }
 }
 
 #[test]

@@ -94,11 +94,6 @@ impl Settings {
                     "{method} rounds its weights to nearest; act-order orders GPTQ's columns"
                 )));
             }
-            if self.w_group.is_some() {
-                return Err(Error::other(
-                    "act-order works with per-channel weight scales only, not with --w-group",
-                ));
-            }
             return Ok(Rounding::GptqActOrder);
         }
         if !self.w_rtn {

@@ -9,7 +9,9 @@
 //! Act-order (an option, off in the paper's setting) quantizes the columns by decreasing
 //! H diagonal, so the inputs with the most energy are rounded first, while the most columns
 //! remain to absorb their error. With per-channel scales the grid does not depend on the
-//! order, so the packed format is unchanged.
+//! order. With groups, a group's columns are no longer quantized together, so every group's
+//! grid is searched up front on the weights as they come in ("static groups"); the groups stay
+//! runs of consecutive input columns, and the packed format is unchanged either way.
 //!
 //! Output rows are independent given H⁻¹, so each row runs the column loop on its own (in
 //! parallel); this is the same arithmetic as the reference's blocked "lazy batch" update, which
@@ -121,12 +123,6 @@ pub fn gptq_quantize(
             "GPTQ: group {group} does not divide {n} input columns"
         )));
     }
-    if act_order && group != n {
-        // Groups in act-order would need a column-to-group index in the packed format.
-        return Err(Error::other(
-            "GPTQ: act-order works with per-channel weight scales only, not with groups",
-        ));
-    }
     // order[i]: the input column quantized i-th.
     let mut order: Vec<usize> = (0..n).collect();
     if act_order {
@@ -154,10 +150,21 @@ pub fn gptq_quantize(
                     *x = 0.0;
                 }
             }
+            // Act-order with groups: each group's grid from the incoming weights (see above).
+            let fixed = act_order && group != n;
+            if fixed {
+                for (g, cols) in row.chunks(group).enumerate() {
+                    let (scale, zero) = search_params(cols, spec, Some(CLIP_POWER));
+                    row_grids[g] = Grid { scale, zero };
+                }
+            }
             let mut r: Vec<f64> = order.iter().map(|&c| row[c] as f64).collect();
             let (mut s, mut z) = (1.0, 0.0);
             for i in 0..n {
-                if i % group == 0 {
+                if fixed {
+                    let g = row_grids[order[i] / group];
+                    (s, z) = (g.scale, g.zero);
+                } else if i % group == 0 {
                     let g: Vec<f32> = r[i..i + group].iter().map(|&x| x as f32).collect();
                     (s, z) = search_params(&g, spec, Some(CLIP_POWER));
                     row_grids[i / group] = Grid { scale: s, zero: z };
