@@ -140,7 +140,8 @@ fn gemv_matches_the_f64_reference() {
 
 /// The benchmark's probes that are whole kernels equal the f64 product at every tiling: x16
 /// (the W4A16 GEMV on x given as f16 pairs) with the f16-rounded x; ahead (each step's weights
-/// loaded a step early), in-place (codes decoded where they lie) and both, with x itself.
+/// loaded a step early), in-place (codes decoded where they lie), both, and staged (16-byte
+/// weight loads, x tiled through shared memory), with x itself.
 #[test]
 fn whole_probe_gemvs_match_the_f64_reference() {
     let gpu = gpu();
@@ -169,6 +170,7 @@ fn whole_probe_gemvs_match_the_f64_reference() {
             (Probe::Ahead, gpu.storage("x", &x), exact.clone()),
             (Probe::InPlace, gpu.storage("x", &x), exact.clone()),
             (Probe::AheadInPlace, gpu.storage("x", &x), exact.clone()),
+            (Probe::Staged, gpu.storage("x", &x), exact.clone()),
         ] {
             for tiling in Tiling::ALL {
                 let mut enc = gpu.device.create_command_encoder(&Default::default());

@@ -477,11 +477,14 @@ pub enum Probe {
     InPlace = 6,
     /// [`Probe::Ahead`] and [`Probe::InPlace`] together.
     AheadInPlace = 7,
+    /// A walk of its own (the entry point `staged`): 16-byte weight loads per lane, x copied
+    /// tile by tile into shared memory. Without RMSNorm only.
+    Staged = 8,
 }
 
 impl Probe {
     /// The probes, the kernel itself excepted.
-    pub const ALL: [Probe; 7] = [
+    pub const ALL: [Probe; 8] = [
         Probe::XHalf,
         Probe::NoX,
         Probe::NoWeights,
@@ -489,6 +492,7 @@ impl Probe {
         Probe::Ahead,
         Probe::InPlace,
         Probe::AheadInPlace,
+        Probe::Staged,
     ];
 
     /// Whether the probe computes y = W·x (with [`Probe::XHalf`]'s x rounded to f16).
@@ -507,6 +511,7 @@ impl Probe {
             Probe::Ahead => "ahead",
             Probe::InPlace => "in-place",
             Probe::AheadInPlace => "ahead+in-place",
+            Probe::Staged => "staged",
         }
     }
 }
@@ -609,11 +614,17 @@ impl Products {
                     Gemv::W4A16(norm, probe) => {
                         let more = [("NORM", norm as u32 as f64), ("PROBE", probe as u32 as f64)];
                         let constants = [&constants[..], &more].concat();
+                        let entry = if probe == Probe::Staged {
+                            assert!(!norm, "the staged W4A16 GEMV has no RMSNorm");
+                            "staged"
+                        } else {
+                            "main"
+                        };
                         Kernel::specialized(
                             gpu,
                             "gemv_w4a16",
                             &self.w4a16_source,
-                            "main",
+                            entry,
                             &constants,
                         )
                     }
