@@ -13,6 +13,9 @@
 # BENCH_ARGS: device_bench's arguments; BENCH_S: its time limit in seconds. An A/B of two
 # code states in one call: build device_bench at the other commit too and put it in .devbin/
 # as device_bench_base.xz; it runs first, with the same arguments, into bench_base.txt.
+# TRUSTED_ARGS: device_bench's arguments for one more run with OSTQUANT_TRUSTED_SHADERS=1 (the
+# kernels without naga's loop bounds, division guards and index clamps), into
+# bench_trusted.txt, after the plain one.
 source tests/device/vulkan.sh
 cd .devbin && for f in *.xz; do xz -d $f; done; chmod +x device_bench* runtime_*
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv
@@ -25,6 +28,10 @@ if [ -f device_bench_base ]; then
 fi
 s=$SECONDS
 timeout -k 5 ${BENCH_S:-300} ./device_bench ${BENCH_ARGS:-all 32 100 gpu 512,2048} > $OUT/bench.txt 2>&1; echo "bench rc=$? $((SECONDS-s)) s"
+if [ -n "$TRUSTED_ARGS" ]; then
+    s=$SECONDS
+    OSTQUANT_TRUSTED_SHADERS=1 timeout -k 5 ${BENCH_S:-300} ./device_bench $TRUSTED_ARGS > $OUT/bench_trusted.txt 2>&1; echo "bench_trusted rc=$? $((SECONDS-s)) s"
+fi
 s=$SECONDS
 timeout -k 5 60 ./runtime_model --test-threads 2 > $OUT/runtime_model.txt 2>&1; echo "runtime_model rc=$? $((SECONDS-s)) s"; tail -4 $OUT/runtime_model.txt
 s=$SECONDS

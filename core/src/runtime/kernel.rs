@@ -44,6 +44,13 @@ impl<'a> Bind<'a> {
     }
 }
 
+/// `OSTQUANT_TRUSTED_SHADERS=1`: compile the kernels without the checks naga adds to the
+/// code it generates (a bound on every loop, guards on integer division, index clamps), to
+/// measure what they cost (tests/device/run.sh times the benchmark both ways). Off by default.
+pub fn trusted_shaders() -> bool {
+    std::env::var_os("OSTQUANT_TRUSTED_SHADERS").is_some_and(|v| v == "1")
+}
+
 #[derive(Clone)]
 pub struct Kernel {
     name: &'static str,
@@ -79,12 +86,26 @@ impl Kernel {
         entry: &str,
         constants: &[(&str, f64)],
     ) -> Self {
-        let module = gpu
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        let module = if trusted_shaders() {
+            let checks = wgpu::ShaderRuntimeChecks {
+                bounds_checks: false,
+                force_loop_bounding: false,
+                int_div_checks: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            };
+            // SAFETY: every loop in shaders/ ends (bounded by its parameters or constants),
+            // every divisor is a nonzero constant or a parameter the host checks, and every
+            // index stays inside its buffer on the shapes the host admits (the kernel tests
+            // check the results against f64 on odd and real shapes). Where the device has
+            // robust buffer access, wgpu keeps it on regardless.
+            unsafe { gpu.device.create_shader_module_trusted(desc, checks) }
+        } else {
+            gpu.device.create_shader_module(desc)
+        };
         let pipeline = gpu
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
