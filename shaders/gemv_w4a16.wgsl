@@ -239,6 +239,20 @@ fn per_channel(row: u32, a: f32, x_sum: f32) -> f32 {
     return scales[row] * (a + offset(row) * x_sum);
 }
 
+// per_channel over the team's rows row0 .. row0 + RPT − 1 (components of `acc`).
+fn per_channel_rows(row0: u32, acc: vec4<f32>, x_sum: f32) -> vec4<f32> {
+    var a = acc;
+    a.x = per_channel(row0, a.x, x_sum);
+    if (RPT > 1u) {
+        a.y = per_channel(row0 + 1u, a.y, x_sum);
+    }
+    if (RPT > 2u) {
+        a.z = per_channel(row0 + 2u, a.z, x_sum);
+        a.w = per_channel(row0 + 3u, a.w, x_sum);
+    }
+    return a;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let lane = t % TEAM;
@@ -302,14 +316,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     if (groups == 1u) {
-        acc.x = per_channel(row0, acc.x, x_sum);
-        if (RPT > 1u) {
-            acc.y = per_channel(row0 + 1u, acc.y, x_sum);
-        }
-        if (RPT > 2u) {
-            acc.z = per_channel(row0 + 2u, acc.z, x_sum);
-            acc.w = per_channel(row0 + 3u, acc.w, x_sum);
-        }
+        acc = per_channel_rows(row0, acc, x_sum);
     }
     team_store(t, lane, row0, Sums(acc, sq), p.eps);
 }
@@ -415,14 +422,7 @@ fn staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         }
     }
     if (groups == 1u) {
-        acc.x = per_channel(row0, acc.x, x_sum);
-        if (RPT > 1u) {
-            acc.y = per_channel(row0 + 1u, acc.y, x_sum);
-        }
-        if (RPT > 2u) {
-            acc.z = per_channel(row0 + 2u, acc.z, x_sum);
-            acc.w = per_channel(row0 + 3u, acc.w, x_sum);
-        }
+        acc = per_channel_rows(row0, acc, x_sum);
     }
     team_store(t, lane, row0, Sums(acc, 0.0), p.eps);
 }
