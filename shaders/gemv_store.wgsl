@@ -2,7 +2,8 @@
 // after shaders/lanes_subgroup.wgsl or lanes_shared.wgsl: each team's partial sums (`Sums`) of its
 // RPT rows from row0 on are summed over the team's 32 lanes, then over the KS teams that
 // share those rows (each walked a slice of the columns), and stored. Uses the GEMV's TEAM,
-// `p.rows`, `p.cols`, `p.store` and `y`.
+// `p.rows`, `p.cols`, `p.store`, `p.rope_rows`, `p.head_dim` and `y`; declares bindings 7 and 8
+// (RoPE's cos and sin, read with STORE_ROPE only: other launches bind any buffer there).
 
 // What the results become (`store`): y = W·x, y += W·x (a residual connection folded into the
 // product), or, for a gate and an up projection interleaved row by row (gate_0, up_0, gate_1,
@@ -10,6 +11,15 @@
 const STORE_WRITE: u32 = 0u;
 const STORE_ADD: u32 = 1u;
 const STORE_SILU_MUL: u32 = 2u;
+// q, k and v stacked, their rows in RoPE pairs: the first `rope_rows` rows (q's and k's heads
+// of `head_dim` rows) ordered x_0, x_h, x_1, x_{h+1}, … within each head (h = head_dim / 2),
+// so a team holds whole pairs; each pair is stored rotated by the position's angle of
+// frequency i, (x_i·cos − x_{i+h}·sin, x_{i+h}·cos + x_i·sin), still paired (attention
+// scores are dot products, the same in any order of a head's dimensions as long as q and k
+// share it). v's rows are stored as they are.
+const STORE_ROPE: u32 = 3u;
+@group(0) @binding(7) var<storage, read> rope_cos: array<f32>; // [head_dim / 2]
+@group(0) @binding(8) var<storage, read> rope_sin: array<f32>;
 // Lanes per subgroup used in the team sums: the adapter's smallest subgroup size up to 32 where
 // it has subgroup operations (with lanes_subgroup.wgsl), else 1 (lanes_shared.wgsl).
 override SG: u32 = 1u;
@@ -100,7 +110,25 @@ fn team_store(t: u32, lane: u32, row0: u32, lane_sums: Sums, eps: f32) {
         scaled = scaled * inverseSqrt(s.sq / f32(p.cols) + eps);
     }
     let rows = scaled; // a value, indexed below without going through memory
-    if (p.store == STORE_SILU_MUL) {
+    if (p.store == STORE_ROPE) {
+        for (var r = 0u; r + 1u < RPT; r = r + 2u) {
+            let row = row0 + r;
+            if (row + 1u < p.rows) {
+                var a = rows[r];
+                var b = rows[r + 1u];
+                if (row < p.rope_rows) {
+                    let i = (row % p.head_dim) / 2u;
+                    let cs = rope_cos[i];
+                    let sn = rope_sin[i];
+                    let rotated = a * cs - b * sn;
+                    b = b * cs + a * sn;
+                    a = rotated;
+                }
+                y[row] = a;
+                y[row + 1u] = b;
+            }
+        }
+    } else if (p.store == STORE_SILU_MUL) {
         // Rows come in (gate, up) pairs, a pair never split between teams (RPT even).
         for (var r = 0u; r + 1u < RPT; r = r + 2u) {
             if (row0 + r + 1u < p.rows) {

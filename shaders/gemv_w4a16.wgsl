@@ -37,9 +37,9 @@ struct Params {
     stride: u32,
     store: u32,
     eps: f32, // RMSNorm's, with NORM
+    rope_rows: u32, // with STORE_ROPE (gemv_store.wgsl)
+    head_dim: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

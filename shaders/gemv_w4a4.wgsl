@@ -9,8 +9,8 @@
 //
 // Layout: words as gemv_w4a16.wgsl (rows padded to `stride` vec4s); xc: the codes as vec4<u32>,
 // two per weight vec4 (8 words per 32 columns, zero past `cols`); sx f32 [cols / agroup];
-// y f32 [rows], overwritten or accumulated into, or SiLU(gate)·up of interleaved rows
-// (`store`). Weight groups and `agroup` are multiples of 32 columns, so each block has one
+// y f32 [rows], overwritten or accumulated into, SiLU(gate)·up of interleaved rows, or
+// q and k rotated by RoPE (`store`). Weight groups and `agroup` are multiples of 32 columns, so each block has one
 // weight scale and one activation scale.
 // Workgroup plan: as gemv_w4a16.wgsl — 8 teams of 32 lanes, RPT rows and one of KS column
 // slices per team (pipeline constants), one 16-byte coalesced weight load per lane per step,
@@ -26,9 +26,13 @@ struct Params {
     grid_x: u32,
     stride: u32,
     store: u32,
-    _pad0: u32,
+    _pad0: u32, // the GEMM's part boundaries sit here (core/runtime/linear.rs's W4A4Params)
     _pad1: u32,
     _pad2: u32,
+    rope_rows: u32, // with STORE_ROPE (gemv_store.wgsl)
+    head_dim: u32,
+    _pad3: u32,
+    _pad4: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

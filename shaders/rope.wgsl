@@ -1,5 +1,8 @@
 // Rotary position embedding in Hugging Face's half-split layout, in place:
 // for i < hd/2, (x_i, x_{i+hd/2}) ← (x_i·cos − x_{i+hd/2}·sin, x_{i+hd/2}·cos + x_i·sin).
+// With `paired`, each head holds its dimensions in RoPE pairs instead (x_0, x_{hd/2}, x_1, …:
+// the layout of q and k when their product's epilogue applies RoPE in decode,
+// shaders/gemv_store.wgsl), and pair i is at 2i, 2i + 1.
 //
 // Layout: x f32 [tokens, heads, hd]; cos and sin f32 [tokens, hd/2], computed on the host in
 // f64 for each token's position (angles reach thousands of radians, too many for f32 sin).
@@ -10,6 +13,10 @@ struct Params {
     heads: u32,
     half: u32,
     grid_x: u32,
+    paired: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -28,8 +35,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = (k / p.half) * 2u * p.half;
     let c = cos_t[token * p.half + i];
     let s = sin_t[token * p.half + i];
-    let a = x[base + i];
-    let b = x[base + i + p.half];
-    x[base + i] = a * c - b * s;
-    x[base + i + p.half] = b * c + a * s;
+    var ia = base + i;
+    var ib = base + i + p.half;
+    if (p.paired != 0u) {
+        ia = base + 2u * i;
+        ib = ia + 1u;
+    }
+    let a = x[ia];
+    let b = x[ib];
+    x[ia] = a * c - b * s;
+    x[ib] = b * c + a * s;
 }

@@ -89,6 +89,30 @@ fn check(edit: Option<fn(&mut ostquant_core::model::config::LlamaConfig)>) {
     let out16 = tmp.path().join("q16");
     qformat::write(&out16, &src, &tw, Some(&grids), &h16).unwrap();
     compare(&out16, "W4A16KV16 folder");
+    // Without the online Hadamard on q and k, decode's q, k, v GEMV applies RoPE in its
+    // epilogue (q's and k's rows uploaded in RoPE pairs): one launch fewer per layer, the same
+    // logits. At W4A16KV16 (f32 input, RMSNorm inside the GEMV) and at W4A4KV4 (integer
+    // activation codes on the SmolLM2-shaped model).
+    for (h, name) in [(&h16, "q16-pairs"), (&header, "q-pairs")] {
+        let mut h = h.clone();
+        h.forward.qk_hadamard = false;
+        let dir = tmp.path().join(name);
+        qformat::write(&dir, &src, &tw, Some(&grids), &h).unwrap();
+        let what = format!("{} folder, no online Hadamard on q and k", h.bits);
+        compare(&dir, &what);
+        let host = HostModel::load(&dir).unwrap();
+        let launches = |fusion| {
+            GpuModel::upload_with(&host, ostquant_tests::test_gpu(), 64, fusion)
+                .unwrap()
+                .decode_launches()
+        };
+        let unpaired = Fusion {
+            rope: false,
+            ..Fusion::ALL
+        };
+        let layers = w.config.num_hidden_layers;
+        assert_eq!(launches(Fusion::ALL) + layers, launches(unpaired), "{what}");
+    }
     // A KV cache the kernels do not implement is refused by name.
     let mut h8 = header.clone();
     h8.forward.kv = Some(QuantSpec::asym(8));

@@ -4,7 +4,7 @@
 
 use ostquant_core::runtime::Gpu;
 use ostquant_core::runtime::kernel::record_all;
-use ostquant_core::runtime::ops::Ops;
+use ostquant_core::runtime::ops::{Ops, RopeShape};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -98,27 +98,40 @@ fn rope_matches_f64_at_far_positions() {
         }
     }
     let x = rand_vec(&mut rng, tokens * heads * hd, 1.0);
-    let xb = gpu.storage("x", &x);
-    let mut enc = gpu.device.create_command_encoder(&Default::default());
     let (cb, sb) = (gpu.storage("cos", &cos), gpu.storage("sin", &sin));
-    ops.rope(&gpu, &xb, &cb, &sb, tokens, heads, hd)
-        .record(&mut enc);
-    let got = gpu.finish_f32(enc, &xb, x.len()).unwrap();
     let half = hd / 2;
-    let mut want = vec![0f64; x.len()];
-    for (t, &pos) in positions.iter().enumerate() {
-        for h in 0..heads {
-            let base = (t * heads + h) * hd;
-            for (i, f) in inv_freq.iter().enumerate() {
-                let a = pos as f64 * f;
-                let (c, s) = (a.cos(), a.sin());
-                let (u, v) = (x[base + i] as f64, x[base + i + half] as f64);
-                want[base + i] = u * c - v * s;
-                want[base + i + half] = v * c + u * s;
+    // Pair i of a head at (i, i + hd/2) (half-split) or at (2i, 2i + 1) (paired).
+    for paired in [false, true] {
+        let xb = gpu.storage("x", &x);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let shape = RopeShape {
+            tokens,
+            heads,
+            head_dim: hd,
+            paired,
+        };
+        ops.rope(&gpu, &xb, &cb, &sb, shape).record(&mut enc);
+        let got = gpu.finish_f32(enc, &xb, x.len()).unwrap();
+        let mut want = vec![0f64; x.len()];
+        for (t, &pos) in positions.iter().enumerate() {
+            for h in 0..heads {
+                let base = (t * heads + h) * hd;
+                for (i, f) in inv_freq.iter().enumerate() {
+                    let a = pos as f64 * f;
+                    let (c, s) = (a.cos(), a.sin());
+                    let (ia, ib) = if paired {
+                        (base + 2 * i, base + 2 * i + 1)
+                    } else {
+                        (base + i, base + i + half)
+                    };
+                    let (u, v) = (x[ia] as f64, x[ib] as f64);
+                    want[ia] = u * c - v * s;
+                    want[ib] = v * c + u * s;
+                }
             }
         }
+        close(&got, &want, 1e-5, &format!("rope, paired {paired}"));
     }
-    close(&got, &want, 1e-5, "rope");
 }
 
 #[test]

@@ -97,6 +97,54 @@ impl HostLinear {
         })
     }
 
+    /// An int4 matrix of heads of `head_dim` rows (q or k) with each head's rows in RoPE pairs:
+    /// x_0, x_h, x_1, x_{h+1}, … (h = head_dim / 2), the pairs the half-split RoPE turns
+    /// together, so that the GEMV that stores q and k rotated holds whole pairs per team
+    /// ([`super::linear::Products::launch_rope`]). None for an f16 matrix or rows that are not
+    /// whole heads of an even size.
+    pub fn pair_rope_halves(&self, head_dim: usize) -> Option<HostLinear> {
+        let HostLinear::Int4 {
+            rows,
+            cols,
+            spec,
+            words,
+            scales,
+            zeros,
+        } = self
+        else {
+            return None;
+        };
+        if head_dim % 2 != 0 || !rows.is_multiple_of(head_dim) {
+            return None;
+        }
+        let half = head_dim / 2;
+        // order[r]: the row that goes to row r.
+        let order: Vec<usize> = (0..*rows)
+            .map(|r| r - r % head_dim + (r % head_dim) / 2 + (r % 2) * half)
+            .collect();
+        let permute = |v: &[f32], per_row: usize| -> Vec<f32> {
+            order
+                .iter()
+                .flat_map(|&r| &v[r * per_row..(r + 1) * per_row])
+                .copied()
+                .collect()
+        };
+        let row_words = cols / 8;
+        let row_grids = scales.len() / rows;
+        Some(HostLinear::Int4 {
+            rows: *rows,
+            cols: *cols,
+            spec: *spec,
+            words: order
+                .iter()
+                .flat_map(|&r| &words[r * row_words..(r + 1) * row_words])
+                .copied()
+                .collect(),
+            scales: permute(scales, row_grids),
+            zeros: zeros.as_ref().map(|z| permute(z, row_grids)),
+        })
+    }
+
     /// Two int4 matrices of one shape and spec as one, their rows interleaved (a_0, b_0, a_1,
     /// b_1, …): the gate and up projections for the GEMV that computes SiLU(gate)·up in its
     /// epilogue. None for any other pair.

@@ -104,22 +104,55 @@ fn grid(rows: usize, per_group: u32) -> (u32, u32, u32) {
     (gx, groups.div_ceil(gx), 1)
 }
 
-/// What an int4 GEMV does with its results (the shaders' `store`).
-#[derive(Clone, Copy, PartialEq)]
-enum Store {
-    Write = 0,
-    Add = 1,
-    /// SiLU(gate)·up of interleaved (gate, up) rows.
-    SiluMul = 2,
+/// RoPE in the epilogue of the stacked q, k and v product ([`Products::launch_rope`]): the
+/// first `rows` rows are q's and k's heads of `head_dim` rows in RoPE pairs
+/// ([`super::host::HostLinear::pair_rope_halves`]), turned by the angles of one position.
+#[derive(Clone, Copy)]
+pub struct Rope<'a> {
+    /// cos and sin of the position's angles, f32 [head_dim / 2] each.
+    pub cos: &'a wgpu::Buffer,
+    pub sin: &'a wgpu::Buffer,
+    pub rows: usize,
+    pub head_dim: usize,
 }
 
-impl Store {
+/// What an int4 GEMV does with its results (the shaders' `store`).
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    Write,
+    Add,
+    /// SiLU(gate)·up of interleaved (gate, up) rows.
+    SiluMul,
+    /// Rows in RoPE pairs, rotated.
+    Rope(Rope<'a>),
+}
+
+impl<'a> Store<'a> {
+    /// The shaders' STORE_* value.
+    fn code(self) -> u32 {
+        match self {
+            Store::Write => 0,
+            Store::Add => 1,
+            Store::SiluMul => 2,
+            Store::Rope(_) => 3,
+        }
+    }
+
+    /// The rows RoPE turns, the head dimension, and the cos and sin buffers (with other
+    /// stores `stand_in` fills the bindings, which are then never read).
+    fn rope(self, stand_in: &'a wgpu::Buffer) -> (u32, u32, &'a wgpu::Buffer, &'a wgpu::Buffer) {
+        match self {
+            Store::Rope(r) => (r.rows as u32, r.head_dim as u32, r.cos, r.sin),
+            _ => (0, 1, stand_in, stand_in),
+        }
+    }
+
     /// The tiling for `rows` rows: `tiling` or the shape's choice ([`Tiling::for_rows`]), with
-    /// at least 2 rows per team for `SiluMul` (a team holds whole (gate, up) pairs).
+    /// at least 2 rows per team for `SiluMul` and `Rope` (a team holds whole pairs).
     fn tiling(self, tiling: Option<Tiling>, rows: usize, codes: bool, software: bool) -> Tiling {
         let t = tiling.unwrap_or_else(|| Tiling::for_rows(rows, codes, software));
         match self {
-            Store::SiluMul => Tiling {
+            Store::SiluMul | Store::Rope(_) => Tiling {
                 rows: t.rows.max(2),
                 ..t
             },
@@ -367,7 +400,9 @@ struct Int4Params {
     stride: u32,
     store: u32,
     eps: f32,
-    _pad: [u32; 3],
+    rope_rows: u32,
+    head_dim: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -396,6 +431,10 @@ struct W4A4Params {
     /// The GEMM's part boundaries (unused by the GEMV).
     split: [u32; 2],
     _pad: u32,
+    /// The GEMV's RoPE store (unused by the GEMM).
+    rope_rows: u32,
+    head_dim: u32,
+    _pad2: [u32; 2],
 }
 
 #[repr(C)]
@@ -680,6 +719,27 @@ impl Products {
         self.int4(gpu, m, x, y, Store::SiluMul, tiling)
     }
 
+    /// q, k and v in one GEMV with RoPE in its epilogue: `m` is the three stacked, q's and
+    /// k's rows (the first `rope.rows`) in RoPE pairs, and y gets q and k turned by the
+    /// position's angles, still paired, then v.
+    pub fn launch_rope(
+        &self,
+        gpu: &Gpu,
+        m: &Int4Matrix,
+        x: Input,
+        y: &wgpu::Buffer,
+        rope: Rope,
+        tiling: Option<Tiling>,
+    ) -> Result<Dispatch> {
+        if rope.head_dim % 2 != 0 || rope.rows % rope.head_dim != 0 || rope.rows > m.rows {
+            return Err(Error::other(format!(
+                "RoPE over {} of {} rows in heads of {}: expected whole heads of an even size",
+                rope.rows, m.rows, rope.head_dim
+            )));
+        }
+        self.int4(gpu, m, x, y, Store::Rope(rope), tiling)
+    }
+
     fn half_f32(
         &self,
         gpu: &Gpu,
@@ -790,6 +850,7 @@ impl Products {
     ) -> Dispatch {
         let tiling = store.tiling(tiling, m.rows, false, self.software);
         let g = grid(m.rows, tiling.rows_per_workgroup());
+        let (rope_rows, head_dim, cos, sin) = store.rope(x);
         let params = Int4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
@@ -798,9 +859,11 @@ impl Products {
             has_zeros: (!m.spec.sym) as u32,
             grid_x: g.0,
             stride: m.stride as u32,
-            store: store as u32,
+            store: store.code(),
             eps: norm.map_or(0.0, |n| n.1),
-            _pad: [0; 3],
+            rope_rows,
+            head_dim,
+            _pad: 0,
         };
         // Without a norm the weight binding is unused: x stands in for it.
         let gamma = norm.map_or(x, |n| n.0);
@@ -808,7 +871,7 @@ impl Products {
             .dispatch(
                 gpu,
                 &params,
-                &[&m.words, &m.scales, &m.zeros, x, y, gamma],
+                &[&m.words, &m.scales, &m.zeros, x, y, gamma, cos, sin],
                 g,
             )
     }
@@ -841,6 +904,7 @@ impl Products {
         let group = w4a4_group(m, x)?;
         let tiling = store.tiling(tiling, m.rows, true, self.software);
         let g = grid(m.rows, tiling.rows_per_workgroup());
+        let (rope_rows, head_dim, cos, sin) = store.rope(&x.scales);
         let params = W4A4Params {
             rows: m.rows as u32,
             cols: m.cols as u32,
@@ -850,14 +914,19 @@ impl Products {
             has_zeros: (!m.spec.sym) as u32,
             grid_x: g.0,
             stride: m.stride as u32,
-            store: store as u32,
+            store: store.code(),
             split: [0; 2],
             _pad: 0,
+            rope_rows,
+            head_dim,
+            _pad2: [0; 2],
         };
         Ok(self.int4_kernel(gpu, Gemv::W4A4, tiling).dispatch(
             gpu,
             &params,
-            &[&m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y],
+            &[
+                &m.words, &m.scales, &m.zeros, &x.codes, &x.scales, y, cos, sin,
+            ],
             g,
         ))
     }
@@ -967,6 +1036,9 @@ impl Products {
                     store: accumulate as u32, // the GEMM's `accumulate`
                     split,
                     _pad: 0,
+                    rope_rows: 0,
+                    head_dim: 1,
+                    _pad2: [0; 2],
                 };
                 self.gemm_w4a4.dispatch(
                     gpu,

@@ -16,8 +16,8 @@ use super::attention::{Attention, KvCache};
 use super::hadamard::GpuHadamard;
 use super::host::{HostLinear, HostModel};
 use super::kernel::{Bind, Dispatch, record_all};
-use super::linear::{ActCodes, Input, Linear, Products};
-use super::ops::{Ops, Pick, SampleParams};
+use super::linear::{ActCodes, Input, Linear, Products, Rope};
+use super::ops::{Ops, Pick, RopeShape, SampleParams};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::LlamaWeights;
 use crate::model::config::LlamaConfig;
@@ -37,8 +37,12 @@ struct GpuLayer {
 /// The q, k and v projections: one matrix of their rows stacked, whose product is q, k and v
 /// one after the other in one buffer (each [tokens, width]; the kernels after it bind its
 /// ranges), where those ranges fall on the device's binding alignment; else three matrices.
+/// `paired`: the stacked matrix is int4 and q's and k's rows are in RoPE pairs
+/// ([`HostLinear::pair_rope_halves`]), so decode's GEMV applies RoPE in its epilogue (one
+/// launch fewer per layer) and q and k keep that order of each head's dimensions throughout:
+/// attention's dot products and the KV cache's per-head grids do not depend on it.
 enum Qkv {
-    Fused(Linear),
+    Fused { w: Linear, paired: bool },
     Separate(Box<[Linear; 3]>),
 }
 
@@ -47,16 +51,21 @@ enum Qkv {
 pub struct Fusion {
     pub qkv: bool,
     pub gate_up: bool,
+    /// RoPE in the stacked q, k and v GEMV's epilogue (with `qkv`; int4, and no online
+    /// Hadamard on q and k after RoPE).
+    pub rope: bool,
 }
 
 impl Fusion {
     pub const ALL: Fusion = Fusion {
         qkv: true,
         gate_up: true,
+        rope: true,
     };
     pub const NONE: Fusion = Fusion {
         qkv: false,
         gate_up: false,
+        rope: false,
     };
 }
 
@@ -71,7 +80,7 @@ enum GateUp {
 impl GpuLayer {
     fn all_linears(&self) -> impl Iterator<Item = &Linear> {
         let qkv = match &self.qkv {
-            Qkv::Fused(w) => [Some(w), None, None],
+            Qkv::Fused { w, .. } => [Some(w), None, None],
             Qkv::Separate(w) => [Some(&w[0]), Some(&w[1]), Some(&w[2])],
         };
         let gate_up = match &self.gate_up {
@@ -130,7 +139,7 @@ impl Scratch {
         );
         // Room for what any layer needs (every layer has the same shapes in practice).
         let any = |f: fn(&GpuLayer) -> bool| layers.iter().any(f);
-        let fused_qkv = any(|l| matches!(l.qkv, Qkv::Fused(_)));
+        let fused_qkv = any(|l| matches!(l.qkv, Qkv::Fused { .. }));
         let separate_qkv = any(|l| matches!(l.qkv, Qkv::Separate(_)));
         let fused_gate_up = any(|l| matches!(l.gate_up, GateUp::Fused(_)));
         let separate_gate_up = any(|l| matches!(l.gate_up, GateUp::Separate(..)));
@@ -310,17 +319,29 @@ impl GpuModel {
         let kv_bytes = c.n_kv_heads() * c.head_dim() * 4;
         let qkv_fits =
             fusion.qkv && q_bytes.is_multiple_of(align) && kv_bytes.is_multiple_of(align);
+        // An online Hadamard on q and k comes after RoPE and would see the paired order.
+        let pair_rope = fusion.rope && !m.forward.qk_hadamard;
+        let hd = c.head_dim();
         let layers = m
             .layers
             .iter()
             .map(|l| {
                 let [q, k, v, o, gate, up, down] = &l.linears;
                 let put = |w: &HostLinear| Linear::upload(&gpu, w);
+                let pairs = |w: &HostLinear| pair_rope.then(|| w.pair_rope_halves(hd)).flatten();
                 let stacked = qkv_fits
-                    .then(|| HostLinear::stack_rows(&[q, k, v]))
+                    .then(|| match (pairs(q), pairs(k)) {
+                        (Some(q), Some(k)) => {
+                            HostLinear::stack_rows(&[&q, &k, v]).map(|w| (w, true))
+                        }
+                        _ => HostLinear::stack_rows(&[q, k, v]).map(|w| (w, false)),
+                    })
                     .flatten();
                 let qkv = match stacked {
-                    Some(w) => Qkv::Fused(put(&w)?),
+                    Some((w, paired)) => Qkv::Fused {
+                        w: put(&w)?,
+                        paired,
+                    },
                     None => Qkv::Separate(Box::new([put(q)?, put(k)?, put(v)?])),
                 };
                 let interleaved = fusion
@@ -517,9 +538,22 @@ impl GpuModel {
             let n = normed_input(fuse_norm, &s, &l.attn_norm, eps);
             let (nq_t, nkv_t) = (t * nq * hd, t * nkv * hd);
             let (q, k, v): (Bind, Bind, Bind) = match &l.qkv {
-                Qkv::Fused(w) => {
+                Qkv::Fused { w, paired } => {
                     // One product; q, k and v are consecutive ranges of s.q.
                     let launch = match (t, &codes, w) {
+                        (1, _, Linear::Int4(m)) if *paired => {
+                            let rope = Rope {
+                                cos: &s.cos,
+                                sin: &s.sin,
+                                rows: (nq + nkv) * hd,
+                                head_dim: hd,
+                            };
+                            let x = match &codes {
+                                Some(c) => Input::Codes(&c[0]),
+                                None => n,
+                            };
+                            Launch::Product(products.launch_rope(gpu, m, x, &s.q, rope, None)?)
+                        }
                         (1, _, _) => product(w, n, 0, &s.q, false)?,
                         (_, Some(c), _) => Launch::Product(products.gemm_stacked(
                             gpu,
@@ -556,13 +590,23 @@ impl GpuModel {
             // Where q and k are consecutive ranges of one buffer, per-head kernels take both
             // in one launch: RoPE for one position ([1, nq + nkv, hd]; for more, the token
             // index would need the parts' layout) and the Hadamard at any length (per row).
-            let fused = matches!(l.qkv, Qkv::Fused(_));
-            if fused && t == 1 {
+            // With q and k in RoPE pairs, decode's product has turned them already.
+            let fused = matches!(l.qkv, Qkv::Fused { .. });
+            let paired = matches!(l.qkv, Qkv::Fused { paired: true, .. });
+            let shape = |tokens, heads| RopeShape {
+                tokens,
+                heads,
+                head_dim: hd,
+                paired,
+            };
+            if paired && t == 1 {
+                // Turned in the product's epilogue.
+            } else if fused && t == 1 {
                 let qk = Bind::f32_range(&s.q, 0, nq_t + nkv_t);
-                plan.push(fixed(ops.rope(gpu, qk, &s.cos, &s.sin, 1, nq + nkv, hd)));
+                plan.push(fixed(ops.rope(gpu, qk, &s.cos, &s.sin, shape(1, nq + nkv))));
             } else {
-                plan.push(fixed(ops.rope(gpu, q, &s.cos, &s.sin, t, nq, hd)));
-                plan.push(fixed(ops.rope(gpu, k, &s.cos, &s.sin, t, nkv, hd)));
+                plan.push(fixed(ops.rope(gpu, q, &s.cos, &s.sin, shape(t, nq))));
+                plan.push(fixed(ops.rope(gpu, k, &s.cos, &s.sin, shape(t, nkv))));
             }
             let (q, k): (Bind, Bind) = match &qk_h {
                 Some(h) if fused => {
@@ -677,6 +721,11 @@ impl GpuModel {
     /// Positions the cache holds.
     pub fn max_seq(&self) -> usize {
         self.attn.max_seq
+    }
+
+    /// Launches per decoded token (the sampler's excepted).
+    pub fn decode_launches(&self) -> usize {
+        self.decode.body.len() + self.decode.tail.len()
     }
 
     /// Where a token's time goes: seconds per token of replaying the decode plan's launches

@@ -25,6 +25,27 @@ struct Four {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeParams {
+    tokens: u32,
+    heads: u32,
+    half: u32,
+    grid_x: u32,
+    paired: u32,
+    _pad: [u32; 3],
+}
+
+/// What [`Ops::rope`] turns: `tokens` × `heads` heads of `head_dim` values, each head in the
+/// half-split layout or, `paired`, in RoPE pairs (shaders/rope.wgsl).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub paired: bool,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct NormParams {
     rows: u32,
     n: u32,
@@ -206,25 +227,30 @@ impl Ops {
         self.silu_mul.dispatch(gpu, &p, &[pairs, pairs, out], g)
     }
 
-    /// RoPE in place on x [tokens, heads, hd] with cos/sin tables [tokens, hd/2].
-    #[allow(clippy::too_many_arguments)]
+    /// RoPE in place on x [tokens, heads, head_dim] with cos/sin tables [tokens, head_dim/2].
     pub fn rope<'b>(
         &self,
         gpu: &Gpu,
         x: impl Into<Bind<'b>>,
         cos: &wgpu::Buffer,
         sin: &wgpu::Buffer,
-        tokens: usize,
-        heads: usize,
-        hd: usize,
+        shape: RopeShape,
     ) -> Dispatch {
-        let pairs = (tokens * heads * hd / 2) as u32;
+        let RopeShape {
+            tokens,
+            heads,
+            head_dim,
+            paired,
+        } = shape;
+        let pairs = (tokens * heads * head_dim / 2) as u32;
         let g = grid(pairs.div_ceil(64));
-        let p = Four {
-            a: tokens as u32,
-            b: heads as u32,
-            c: (hd / 2) as u32,
-            d: g.0,
+        let p = RopeParams {
+            tokens: tokens as u32,
+            heads: heads as u32,
+            half: (head_dim / 2) as u32,
+            grid_x: g.0,
+            paired: paired as u32,
+            _pad: [0; 3],
         };
         self.rope
             .dispatch(gpu, &p, &[x.into(), cos.into(), sin.into()], g)
