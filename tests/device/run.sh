@@ -1,18 +1,12 @@
 #!/bin/bash
 # The device check run on a lent GPU machine (results/bench-h100.md): the runtime's kernel and
 # whole-model tests on the real GPU, then the benchmark. Run from the repository root, with the
-# binaries xz-compressed in .devbin/ (git-ignored) and the loader packages in .gl/. The dev
-# profile's binaries will do (it optimizes the runtime; runs 14-16 used them, and they are
-# already built in the shared target dir, where a release build starts cold):
-#   cargo build -p ostquant-tests --example device_bench
-#   cargo test -p ostquant-tests --test runtime_linear --test runtime_ops --test runtime_model --no-run
-#   (copy each binary to .devbin/<name without hash>, strip, xz; `ls -t` picks the newest
-#   deps/runtime_linear-*)
-#   mkdir -p .gl && (cd .gl && apt-get download libvulkan1)
-# and the call carries them: run(command=..., carry=[".devbin", ".gl"]).
+# binaries xz-compressed in .devbin/ (git-ignored) and the loader package in .gl/, both staged
+# by tests/device/prepare.sh (BASE=<commit> for an A/B), and the call carrying them:
+# run(command=..., carry=[".devbin", ".gl"]).
 # BENCH_ARGS: device_bench's arguments; BENCH_S: its time limit in seconds. An A/B of two
-# code states in one call: build device_bench at the other commit too and put it in .devbin/
-# as device_bench_base.xz; it runs first, with the same arguments, into bench_base.txt.
+# code states in one call: with .devbin/device_bench_base.xz (prepare.sh's BASE) that
+# benchmark runs first, with the same arguments, into bench_base.txt.
 # TRUSTED_ARGS: device_bench's arguments for one more run with OSTQUANT_TRUSTED_SHADERS=1 (the
 # kernels without naga's loop bounds, division guards and index clamps), into
 # bench_trusted.txt, after the plain one.
