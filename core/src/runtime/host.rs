@@ -114,7 +114,7 @@ impl HostLinear {
         else {
             return None;
         };
-        if head_dim % 2 != 0 || !rows.is_multiple_of(head_dim) {
+        if !head_dim.is_multiple_of(2) || !rows.is_multiple_of(head_dim) {
             return None;
         }
         let half = head_dim / 2;

@@ -731,7 +731,10 @@ impl Products {
         rope: Rope,
         tiling: Option<Tiling>,
     ) -> Result<Dispatch> {
-        if rope.head_dim % 2 != 0 || rope.rows % rope.head_dim != 0 || rope.rows > m.rows {
+        if !rope.head_dim.is_multiple_of(2)
+            || !rope.rows.is_multiple_of(rope.head_dim)
+            || rope.rows > m.rows
+        {
             return Err(Error::other(format!(
                 "RoPE over {} of {} rows in heads of {}: expected whole heads of an even size",
                 rope.rows, m.rows, rope.head_dim
