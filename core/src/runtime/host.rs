@@ -122,26 +122,21 @@ impl HostLinear {
         let order: Vec<usize> = (0..*rows)
             .map(|r| r - r % head_dim + (r % head_dim) / 2 + (r % 2) * half)
             .collect();
-        let permute = |v: &[f32], per_row: usize| -> Vec<f32> {
+        fn permute<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
+            let per_row = v.len() / order.len();
             order
                 .iter()
                 .flat_map(|&r| &v[r * per_row..(r + 1) * per_row])
                 .copied()
                 .collect()
-        };
-        let row_words = cols / 8;
-        let row_grids = scales.len() / rows;
+        }
         Some(HostLinear::Int4 {
             rows: *rows,
             cols: *cols,
             spec: *spec,
-            words: order
-                .iter()
-                .flat_map(|&r| &words[r * row_words..(r + 1) * row_words])
-                .copied()
-                .collect(),
-            scales: permute(scales, row_grids),
-            zeros: zeros.as_ref().map(|z| permute(z, row_grids)),
+            words: permute(words, &order),
+            scales: permute(scales, &order),
+            zeros: zeros.as_ref().map(|z| permute(z, &order)),
         })
     }
 
