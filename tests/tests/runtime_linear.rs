@@ -2,14 +2,15 @@
 //! same packed codes: the W4A16 GEMV (every tiling, every team sum: shared memory, and
 //! subgroup shuffles where the device has them, see `every_variant`; plain, RMS-normalizing
 //! its input, and accumulating) on odd and real LLaMA shapes, symmetric per channel and asymmetric in groups;
-//! the W4A4 integer GEMV; the prefill GEMMs (W4A16, W4A4, f16); the f16 GEMV on the rounded
-//! weights.
+//! the W4A4 integer GEMV; the q, k, v GEMV storing RoPE-turned pairs; the prefill GEMMs
+//! (W4A16, W4A4, f16); the f16 GEMV on the rounded weights.
 
 use ostquant_core::model::qformat::unpack;
 use ostquant_core::quant::quantizer::QuantSpec;
 use ostquant_core::runtime::Gpu;
+use ostquant_core::runtime::host::HostLinear;
 use ostquant_core::runtime::linear::{
-    HalfMatrix, Input, Int4Matrix, Linear, Probe, Products, Tiling,
+    HalfMatrix, Input, Int4Matrix, Linear, Probe, Products, Rope, Tiling,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -651,4 +652,113 @@ fn rms_norm_into_codes_equals_norm_then_quantize() {
     // Groups narrower than a token cannot take the norm.
     let heads = ActCodes::new(&gpu, 1, cols, 64, 4).unwrap();
     assert!(kernels.norm_quantize(&gpu, &hb, &wb, eps, &heads).is_err());
+}
+
+/// The q, k, v GEMV with RoPE in its epilogue, on a matrix whose q and k heads are in RoPE
+/// pairs (`HostLinear::pair_rope_halves`), against f64: W·x on the original rows, each q/k
+/// head's half-split pairs (i, i + hd/2) rotated, stored at (2i, 2i + 1) of the head; v's rows
+/// as they are. Every tiling (it takes at least 2 rows per team); the W4A4 GEMV's RoPE store
+/// on integer codes is checked through the whole model (runtime_model).
+#[test]
+fn rope_store_gemv_matches_f64_on_paired_rows() {
+    let gpu = gpu();
+    let gemv = Products::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(11);
+    let (hd, qk_heads, v_heads, cols) = (8, 3, 1, 64);
+    let (rope_rows, rows) = (qk_heads * hd, (qk_heads + v_heads) * hd);
+    let half = hd / 2;
+    for spec in [QuantSpec::sym(4), QuantSpec::asym(4).with_group(32)] {
+        let (words, scales, zeros) =
+            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.01..0.05);
+        let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
+        let host = HostLinear::int4(rows, cols, spec, words, scales, zeros).unwrap();
+        let upload = |h: &HostLinear| match h {
+            HostLinear::Int4 {
+                words,
+                scales,
+                zeros,
+                ..
+            } => {
+                Int4Matrix::upload(&gpu, rows, cols, spec, words, scales, zeros.as_deref()).unwrap()
+            }
+            HostLinear::Half { .. } => unreachable!(),
+        };
+        // q and k paired, v as it is: pair the first rope_rows rows only.
+        let [qk, v] = [0..rope_rows, rope_rows..rows].map(|r| {
+            let HostLinear::Int4 {
+                words,
+                scales,
+                zeros,
+                ..
+            } = &host
+            else {
+                unreachable!()
+            };
+            let (g, wpr) = (scales.len() / rows, cols / 8);
+            HostLinear::int4(
+                r.len(),
+                cols,
+                spec,
+                words[r.start * wpr..r.end * wpr].to_vec(),
+                scales[r.start * g..r.end * g].to_vec(),
+                zeros.as_ref().map(|z| z[r.start * g..r.end * g].to_vec()),
+            )
+            .unwrap()
+        });
+        let stacked = HostLinear::stack_rows(&[&qk.pair_rope_halves(hd).unwrap(), &v]).unwrap();
+        let m = upload(&stacked);
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let angles: Vec<f64> = (0..half).map(|i| 0.7 + 1.3 * i as f64).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+        // f64: the rows' products and their Σ|w·x| (for the tolerance).
+        let dot = |r: usize| -> (f64, f64) {
+            (0..cols).fold((0.0, 0.0), |(s, a), c| {
+                let t = w[r * cols + c] as f64 * x[c] as f64;
+                (s + t, a + t.abs())
+            })
+        };
+        let mut want = vec![(0.0, 0.0); rows];
+        for h in 0..qk_heads {
+            for i in 0..half {
+                let ((a, sa), (b, sb)) = (dot(h * hd + i), dot(h * hd + i + half));
+                let (c, s) = (cos[i] as f64, sin[i] as f64);
+                want[h * hd + 2 * i] = (a * c - b * s, sa + sb);
+                want[h * hd + 2 * i + 1] = (b * c + a * s, sa + sb);
+            }
+        }
+        for (r, slot) in want.iter_mut().enumerate().skip(rope_rows) {
+            *slot = dot(r);
+        }
+        let (cb, sb) = (gpu.storage("cos", &cos), gpu.storage("sin", &sin));
+        let (xb, yb) = (gpu.storage("x", &x), gpu.output("y", rows));
+        let rope = Rope {
+            cos: &cb,
+            sin: &sb,
+            rows: rope_rows,
+            head_dim: hd,
+        };
+        for tiling in Tiling::ALL {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            gemv.launch_rope(&gpu, &m, Input::F32(&xb), &yb, rope, Some(tiling))
+                .unwrap()
+                .record(&mut enc);
+            let got = gpu.finish_f32(enc, &yb, rows).unwrap();
+            for (r, (&g, &(v, scale))) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - v).abs() <= 1e-5 * scale.max(1e-3),
+                    "{spec:?} tiling {tiling}, row {r}: {g} vs {v}"
+                );
+            }
+        }
+        // Heads of an odd size, or rows that are not whole heads, are refused.
+        let bad = Rope {
+            head_dim: 7,
+            ..rope
+        };
+        assert!(
+            gemv.launch_rope(&gpu, &m, Input::F32(&xb), &yb, bad, None)
+                .is_err()
+        );
+    }
 }
