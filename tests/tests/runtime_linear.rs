@@ -668,45 +668,27 @@ fn rope_store_gemv_matches_f64_on_paired_rows() {
     let (rope_rows, rows) = (qk_heads * hd, (qk_heads + v_heads) * hd);
     let half = hd / 2;
     for spec in [QuantSpec::sym(4), QuantSpec::asym(4).with_group(32)] {
-        let (words, scales, zeros) =
-            ostquant_tests::random_int4(&mut rng, rows, cols, &spec, 0.01..0.05);
-        let w = unpack(&words, &scales, zeros.as_deref(), rows, cols, &spec);
-        let host = HostLinear::int4(rows, cols, spec, words, scales, zeros).unwrap();
-        let upload = |h: &HostLinear| match h {
-            HostLinear::Int4 {
-                words,
-                scales,
-                zeros,
-                ..
-            } => {
-                Int4Matrix::upload(&gpu, rows, cols, spec, words, scales, zeros.as_deref()).unwrap()
-            }
-            HostLinear::Half { .. } => unreachable!(),
-        };
-        // q and k paired, v as it is: pair the first rope_rows rows only.
-        let [qk, v] = [0..rope_rows, rope_rows..rows].map(|r| {
-            let HostLinear::Int4 {
-                words,
-                scales,
-                zeros,
-                ..
-            } = &host
-            else {
-                unreachable!()
-            };
-            let (g, wpr) = (scales.len() / rows, cols / 8);
-            HostLinear::int4(
-                r.len(),
-                cols,
-                spec,
-                words[r.start * wpr..r.end * wpr].to_vec(),
-                scales[r.start * g..r.end * g].to_vec(),
-                zeros.as_ref().map(|z| z[r.start * g..r.end * g].to_vec()),
-            )
-            .unwrap()
+        // q and k's heads (paired for the GEMV), then v's, as one stacked matrix; w: the
+        // unpaired rows in f32 for the reference.
+        let mut w = Vec::new();
+        let [qk, v] = [rope_rows, rows - rope_rows].map(|n| {
+            let (words, scales, zeros) =
+                ostquant_tests::random_int4(&mut rng, n, cols, &spec, 0.01..0.05);
+            w.extend(unpack(&words, &scales, zeros.as_deref(), n, cols, &spec));
+            HostLinear::int4(n, cols, spec, words, scales, zeros).unwrap()
         });
         let stacked = HostLinear::stack_rows(&[&qk.pair_rope_halves(hd).unwrap(), &v]).unwrap();
-        let m = upload(&stacked);
+        let HostLinear::Int4 {
+            words,
+            scales,
+            zeros,
+            ..
+        } = &stacked
+        else {
+            unreachable!("int4 parts stack to an int4 matrix")
+        };
+        let m =
+            Int4Matrix::upload(&gpu, rows, cols, spec, words, scales, zeros.as_deref()).unwrap();
         let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let angles: Vec<f64> = (0..half).map(|i| 0.7 + 1.3 * i as f64).collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
