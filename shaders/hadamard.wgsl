@@ -3,11 +3,13 @@
 //
 // Rows of up to 4096 values (heads, SmolLM2's 1536-wide down_proj input): `whole`, one
 // workgroup per row, the row in shared memory (16 KB, the WebGPU minimum), every butterfly
-// stage and the K-mix in one launch. Wider rows (11008, 14336) work in global memory with two
-// entry points, recorded back to back:
-// - `butterfly`: one stage of the length-P Walsh–Hadamard transform of every K segment, in
-//   place: (a, b) ← (a + b, a − b) for the pairs `stride` apart. log2(P) dispatches.
-//   One thread per pair: rows · n/2 threads, 256 per workgroup.
+// stage and the K-mix in one launch. Wider rows (11008, 14336) take two launches, or more when
+// a segment is longer than 4096, recorded back to back, in place on x then into out:
+// - `segments`: the butterfly stages of stride below `stride` of chunks of `stride` values
+//   (whole segments, or 4096-value pieces of longer ones), one workgroup per chunk, the chunk
+//   in shared memory: every stage of a 7B or 8B down_proj input in one launch.
+// - `butterfly`: one later stage, (a, b) ← (a + b, a − b) for the pairs `stride` apart in
+//   every segment, one thread per pair (rows · n/2 threads): only for segments over 4096.
 // - `mix`: out[i·P + j] = Σ_l H_K[i, l] · x[l·P + j] / √n, one thread per output element;
 //   H_K is the ±1 base matrix as f32 [K, K] (K = 1: a plain scale).
 
@@ -60,6 +62,35 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
             acc = acc + hk[i * prm.k + l] * buf[l * prm.p + j];
         }
         out[base + c] = acc * prm.scale;
+    }
+}
+
+@compute @workgroup_size(256)
+fn segments(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let chunks = (prm.n + prm.stride - 1u) / prm.stride;
+    let c = wid.y * prm.grid_x + wid.x;
+    if (c >= prm.rows * chunks) {
+        return; // the whole workgroup: control flow stays uniform for the barriers
+    }
+    // The last chunk of a row may be shorter: still whole segments (n is a multiple of P).
+    let start = (c / chunks) * prm.n + (c % chunks) * prm.stride;
+    let len = min(prm.stride, prm.n - (c % chunks) * prm.stride);
+    for (var i = t; i < len; i = i + 256u) {
+        buf[i] = x[start + i];
+    }
+    workgroupBarrier();
+    for (var s = 1u; s < min(prm.p, prm.stride); s = s * 2u) {
+        for (var q = t; q < len / 2u; q = q + 256u) {
+            let a_idx = (q / s) * 2u * s + q % s;
+            let a = buf[a_idx];
+            let b = buf[a_idx + s];
+            buf[a_idx] = a + b;
+            buf[a_idx + s] = a - b;
+        }
+        workgroupBarrier();
+    }
+    for (var i = t; i < len; i = i + 256u) {
+        x[start + i] = buf[i];
     }
 }
 

@@ -147,12 +147,22 @@ fn online_hadamard_matches_the_host_transform() {
         (1, 11008),
         (2, 14336),
         (4, 64),
+        (1, 8192),
+        (2, 16384),
+        (1, 12 * 8192),
     ] {
         let x = rand_vec(&mut rng, rows * n, 1.0);
         let had = GpuHadamard::new(&gpu, n).unwrap();
         let (xb, out) = (gpu.storage("x", &x), gpu.output("out", rows * n));
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        record_all(&mut enc, &had.dispatches(&gpu, &xb, &out, rows));
+        let launches = had.dispatches(&gpu, &xb, &out, rows);
+        // One launch to 4096, then the segments' and the mix, and a butterfly per stage of
+        // stride 4096 or more: 7B's 11008 = 344·32 and 8B's 14336 = 28·512 take two.
+        let p = n / Hadamard::new(n).unwrap().k;
+        let later_stages = (p.max(4096) / 4096).ilog2() as usize;
+        let want_launches = if n <= 4096 { 1 } else { 2 + later_stages };
+        assert_eq!(launches.len(), want_launches, "launches of hadamard {rows}×{n}");
+        record_all(&mut enc, &launches);
         let got = gpu.finish_f32(enc, &out, rows * n).unwrap();
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         Hadamard::new(n).unwrap().apply_rows(&mut want);

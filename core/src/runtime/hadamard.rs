@@ -32,8 +32,10 @@ pub struct GpuHadamard {
     n: usize,
     k: usize,
     hk: wgpu::Buffer,
-    /// One launch per transform (rows up to [`WHOLE_MAX`]), or the butterfly stages and the mix.
+    /// One launch per transform (rows up to [`WHOLE_MAX`]), or the segments' stages (and, past
+    /// [`WHOLE_MAX`]-long segments, the later butterfly stages) and the mix.
     whole: Option<Kernel>,
+    segments: Kernel,
     butterfly: Kernel,
     mix: Kernel,
 }
@@ -53,6 +55,7 @@ impl GpuHadamard {
             k: h.k,
             hk: gpu.storage("hadamard base", &hk),
             whole: (n <= WHOLE_MAX).then(|| Kernel::entry(gpu, "hadamard", SHADER, "whole")),
+            segments: Kernel::entry(gpu, "hadamard segments", SHADER, "segments"),
             butterfly: Kernel::entry(gpu, "hadamard butterfly", SHADER, "butterfly"),
             mix: Kernel::entry(gpu, "hadamard mix", SHADER, "mix"),
         })
@@ -60,7 +63,7 @@ impl GpuHadamard {
 
     /// The launches of out = H·x for `rows` rows, in order: one, or for rows wider than
     /// [`WHOLE_MAX`] the butterfly stages in place on `x` (its contents are destroyed) and the
-    /// mix.
+    /// mix: two launches while the segments are at most [`WHOLE_MAX`] long.
     pub fn dispatches<'b>(
         &self,
         gpu: &Gpu,
@@ -88,10 +91,16 @@ impl GpuHadamard {
             let bufs = [x, (&self.hk).into(), out.into()];
             return vec![whole.dispatch(gpu, &params, &bufs, g)];
         }
+        // WHOLE_MAX-long chunks through shared memory: whole segments (P, a power of two,
+        // divides WHOLE_MAX and n), or pieces of one segment.
+        let chunk = WHOLE_MAX;
+        let g = grid(rows * n.div_ceil(chunk) * 256);
+        params.grid_x = g.0;
+        params.stride = chunk as u32;
+        let mut out_d = vec![self.segments.dispatch(gpu, &params, &[x], g)];
         let g = grid(rows * n / 2);
         params.grid_x = g.0;
-        let mut out_d = Vec::new();
-        let mut stride = 1;
+        let mut stride = chunk;
         while stride < p {
             params.stride = stride as u32;
             out_d.push(self.butterfly.dispatch(gpu, &params, &[x], g));
