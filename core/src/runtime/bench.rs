@@ -17,6 +17,7 @@ use super::{Gpu, Runtime, cpu};
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
+use crate::model::qformat::ForwardSpec;
 use crate::quant::quantizer::QuantSpec;
 
 /// Bytes of weight copies a GPU GEMV timing cycles over: more than a GPU's last-level cache.
@@ -679,7 +680,7 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
     };
     writeln!(
         out,
-        "\ndecode ({} tokens after 4 warm-up, {per_token}; 4-bit KV cache; int4 = W4A16, w4a4 = W4A4 with per-token 4-bit activations):",
+        "\ndecode ({} tokens after 4 warm-up, {per_token}; as OSTQuant folders run: int4 = W4A16KV16 with the online down_proj Hadamard, w4a4 = W4A4KV4 with per-token 4-bit activations, a 4-bit KV cache and the online Hadamards of the down_proj input and of Q/K per head; f16 = the original model; 16-bit KV caches held as f32):",
         o.tokens
     )
     .map_err(io)?;
@@ -731,7 +732,16 @@ pub fn run(o: &Options, out: &mut dyn Write) -> Result<serde_json::Value> {
             ("w4a4", SyntheticWeights::Int4, true),
             ("f16", SyntheticWeights::Half, false),
         ] {
-            let mut m = on(&HostModel::synthetic(config.clone(), kind, true, act4)?)?;
+            // As an OSTQuant folder runs them: W4A16KV16 with the online down_proj Hadamard,
+            // W4A4KV4 with it and the Q/K Hadamard; f16 is the original model.
+            let rotated = matches!(kind, SyntheticWeights::Int4);
+            let forward = ForwardSpec {
+                down_hadamard: rotated,
+                qk_hadamard: act4,
+                act: act4.then(|| QuantSpec::asym(4)),
+                kv: act4.then(|| QuantSpec::asym(4)),
+            };
+            let mut m = on(&HostModel::synthetic(config.clone(), kind, forward)?)?;
             let f = decode(&mut m, 4, o.tokens)?;
             speed.push(f.tokens_per_s);
             row(out, name, w, &f).map_err(io)?;

@@ -451,14 +451,13 @@ impl HostModel {
         Ok(model)
     }
 
-    /// A model of `config`'s shapes with random weights (int4 or f16 linears, an f16 head, a
-    /// 4-bit KV cache when `kv4`, 4-bit per-token activations when `act4`), for decode
+    /// A model of `config`'s shapes with random weights (int4 or f16 linears, an f16 head) run
+    /// as `forward` says (online Hadamards, activation and KV quantizers), for decode
     /// benchmarks at shapes too large to download: decode speed does not depend on the values.
     pub fn synthetic(
         config: LlamaConfig,
         weights: SyntheticWeights,
-        kv4: bool,
-        act4: bool,
+        forward: ForwardSpec,
     ) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let c = &config;
@@ -493,12 +492,7 @@ impl HostModel {
             })
             .collect();
         let model = HostModel {
-            forward: ForwardSpec {
-                down_hadamard: false,
-                qk_hadamard: false,
-                act: act4.then(|| QuantSpec::asym(4)),
-                kv: kv4.then(|| QuantSpec::asym(4)),
-            },
+            forward,
             embed: (0..v * d)
                 .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
                 .collect(),
