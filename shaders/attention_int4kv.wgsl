@@ -3,8 +3,11 @@
 // query head h reads KV head h / (nq / nkv); query i attends to positions 0..=pos0 + i. Decode
 // is the case tokens = 1; prefill chunks use the same kernel.
 //
-// Layout: q f32 [tokens, nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 scales and
-// zeros [max_seq, nkv]; out f32 [tokens, nq, hd]. hd ≤ 256, a pipeline constant (HD), so the
+// Layout: q f32 [tokens, nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 (scale,
+// zero) pairs [max_seq, nkv, 2]; out f32 [tokens, nq, hd].
+// With `qmax` above 0 each head's output is also quantized as the W4A4 o_proj takes it, one
+// group per head, into act_codes.wgsl's layout and arithmetic (codes u32 [tokens, nq·hd/4],
+// scales f32 [tokens, nq]): the attention and the o_proj input's quantization in one launch. hd ≤ 256, a pipeline constant (HD), so the
 // loops over a head's words have fixed trip counts the driver can unroll and batch the loads of.
 // Workgroup plan: one workgroup of 64 threads per (query head, query), a grid sized for the
 // most tokens the launch is bound for (workgroups past `tokens` return). The positions are
@@ -26,18 +29,19 @@ struct Params {
     tokens: u32,
     scale: f32,
     raw: u32,
-    _pad: u32,
+    qmax: f32, // the o_proj input's codes: 2^bits − 1, or 0 for none
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k_codes: array<u32>;
-@group(0) @binding(3) var<storage, read> k_scales: array<f32>;
-@group(0) @binding(4) var<storage, read> k_zeros: array<f32>;
-@group(0) @binding(5) var<storage, read> v_codes: array<u32>;
-@group(0) @binding(6) var<storage, read> v_scales: array<f32>;
-@group(0) @binding(7) var<storage, read> v_zeros: array<f32>;
-@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> k_grid: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> v_codes: array<u32>;
+@group(0) @binding(5) var<storage, read> v_grid: array<vec2<f32>>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+// Without `qmax`, bound to small unread buffers.
+@group(0) @binding(7) var<storage, read_write> codes: array<u32>;
+@group(0) @binding(8) var<storage, read_write> code_scales: array<f32>;
 
 const WG: u32 = 64u;
 override HD: u32 = 64u; // head dim
@@ -82,7 +86,8 @@ fn q_dot_key(slot: u32, q_sum: f32) -> f32 {
         sum = sum + dot(even, vec4<f32>(qs[b], qs[b + 2u], qs[b + 4u], qs[b + 6u]))
             + dot(odd, vec4<f32>(qs[b + 1u], qs[b + 3u], qs[b + 5u], qs[b + 7u]));
     }
-    return (sum - k_zeros[slot] * q_sum) * k_scales[slot];
+    let grid = k_grid[slot];
+    return (sum - grid.y * q_sum) * grid.x;
 }
 
 // Dims 8w..8w+7 of a value: the even ones (8w, 8w + 2, 8w + 4, 8w + 6) and the odd ones, in
@@ -104,8 +109,9 @@ fn value_part(slot: u32, w: u32, wt: f32) -> Dims8 {
     }
     // Byte j of the word holds dims 2j (low nibble) and 2j + 1 (high nibble).
     let word = v_codes[slot * (HD / 8u) + w];
-    let z = v_zeros[slot];
-    let f = wt * v_scales[slot];
+    let grid = v_grid[slot];
+    let z = grid.y;
+    let f = wt * grid.x;
     let even = (vec4<f32>(unpack4xU8(word & 0x0F0F0F0Fu)) - z) * f;
     let odd = (vec4<f32>(unpack4xU8((word >> 4u) & 0x0F0F0F0Fu)) - z) * f;
     return Dims8(even, odd);
@@ -171,11 +177,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         partial[b + 7u] = acc.odd.w;
     }
     workgroupBarrier();
+    var mn = 0.0;
+    var mx = 0.0;
     for (var d = t; d < HD; d = d + WG) {
         var sum = 0.0;
         for (var k = 0u; k < groups; k = k + 1u) {
             sum = sum + partial[k * HD + d];
         }
-        out[qo + d] = sum / total;
+        let o = sum / total;
+        out[qo + d] = o;
+        qs[d] = o; // the query is no longer needed
+        mn = min(mn, o);
+        mx = max(mx, o);
     }
+    if (p.qmax > 0.0) {
+        // act_codes.wgsl's quantizer over the head: range [min(o, 0), max(o, 0)].
+        let lo = -reduce(t, -mn, true);
+        let hi = reduce(t, mx, true); // its barriers also publish qs
+        let scale = max(hi - lo, 1e-6) / p.qmax;
+        let zero = round(-lo / scale);
+        let g = i * p.nq + h;
+        if (t == 0u) {
+            code_scales[g] = scale;
+        }
+        // Block b (dims 8b..8b+7) gives word 2b (even dims) and word 2b + 1 (odd dims).
+        for (var b = t; b < HD / 8u; b = b + WG) {
+            let d = 8u * b;
+            let w = qo / 4u + 2u * b;
+            codes[w] = pack(qs[d], qs[d + 2u], qs[d + 4u], qs[d + 6u], scale, zero);
+            codes[w + 1u] = pack(qs[d + 1u], qs[d + 3u], qs[d + 5u], qs[d + 7u], scale, zero);
+        }
+    }
+}
+
+fn code(v: f32, scale: f32, zero: f32) -> u32 {
+    let q = clamp(round(v / scale) + zero, 0.0, p.qmax);
+    return u32(i32(q - zero)) & 0xFFu;
+}
+
+fn pack(a: f32, b: f32, c: f32, d: f32, scale: f32, zero: f32) -> u32 {
+    return code(a, scale, zero) | (code(b, scale, zero) << 8u) | (code(c, scale, zero) << 16u)
+        | (code(d, scale, zero) << 24u);
 }

@@ -4,7 +4,8 @@
 // contain 0, z = round(−min/s), code = clamp(round(x/s) + z, 0, 15)).
 //
 // Layout: k and v f32 [tokens, heads, hd]; each cache's codes u32 [max_seq, heads, hd/8], 8
-// codes per word, dim 8w + j in bits 4j..4j+3; its scales and zeros f32 [max_seq, heads].
+// codes per word, dim 8w + j in bits 4j..4j+3; its grid f32 [max_seq, heads, 2], (scale, zero)
+// pairs (one binding for both: attention, which reads both caches, has few to spare).
 // With `raw` set (a 16-bit KV cache) the position is stored unquantized: codes holds the f32
 // bits [max_seq, heads, hd].
 // Workgroup plan: one workgroup per (head, token, K or V) (z = 0 for K, 1 for V), 64
@@ -28,11 +29,9 @@ struct Params {
 @group(0) @binding(1) var<storage, read> k: array<f32>;
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read_write> k_codes: array<u32>;
-@group(0) @binding(4) var<storage, read_write> k_scales: array<f32>;
-@group(0) @binding(5) var<storage, read_write> k_zeros: array<f32>;
-@group(0) @binding(6) var<storage, read_write> v_codes: array<u32>;
-@group(0) @binding(7) var<storage, read_write> v_scales: array<f32>;
-@group(0) @binding(8) var<storage, read_write> v_zeros: array<f32>;
+@group(0) @binding(4) var<storage, read_write> k_grid: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read_write> v_codes: array<u32>;
+@group(0) @binding(6) var<storage, read_write> v_grid: array<vec2<f32>>;
 
 // The workgroup's source and cache (`is_v`: V's, else K's; uniform in a workgroup).
 fn load(is_v: bool, i: u32) -> f32 {
@@ -50,11 +49,9 @@ fn put_word(is_v: bool, i: u32, word: u32) {
 }
 fn put_grid(is_v: bool, slot: u32, scale: f32, zero: f32) {
     if (is_v) {
-        v_scales[slot] = scale;
-        v_zeros[slot] = zero;
+        v_grid[slot] = vec2<f32>(scale, zero);
     } else {
-        k_scales[slot] = scale;
-        k_zeros[slot] = zero;
+        k_grid[slot] = vec2<f32>(scale, zero);
     }
 }
 

@@ -161,7 +161,11 @@ fn online_hadamard_matches_the_host_transform() {
         let p = n / Hadamard::new(n).unwrap().k;
         let later_stages = (p.max(4096) / 4096).ilog2() as usize;
         let want_launches = if n <= 4096 { 1 } else { 2 + later_stages };
-        assert_eq!(launches.len(), want_launches, "launches of hadamard {rows}×{n}");
+        assert_eq!(
+            launches.len(),
+            want_launches,
+            "launches of hadamard {rows}×{n}"
+        );
         record_all(&mut enc, &launches);
         let got = gpu.finish_f32(enc, &out, rows * n).unwrap();
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
@@ -238,10 +242,41 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
         let q = rand_vec(&mut rng, queries * nq * hd, 1.0);
         let out = gpu.output("out", queries * nq * hd);
         let pos0 = len - queries;
-        let d = att.attend(&gpu, &gpu.storage("q", &q), &k, &v, &out, queries);
-        att.set_attend(&gpu, &d, &k, pos0, queries);
-        d.record(&mut enc);
+        let qb = gpu.storage("q", &q);
+        let a = att.attend(&gpu, &qb, &k, &v, &out, None, queries).unwrap();
+        att.set_attend(&gpu, &a, &k, pos0, queries);
+        a.d.record(&mut enc);
         let got = gpu.finish_f32(enc, &out, queries * nq * hd).unwrap();
+        // Where heads are whole 32-column blocks, the launch that also writes the W4A4 o_proj
+        // input's codes gives the same output and exactly the codes and scales of
+        // act_codes.wgsl run on that output.
+        if hd % 32 == 0 {
+            use ostquant_core::runtime::linear::{ActCodes, Products};
+            let products = Products::new(&gpu);
+            let fused = ActCodes::new(&gpu, queries, nq * hd, hd, 4).unwrap();
+            let apart = ActCodes::new(&gpu, queries, nq * hd, hd, 4).unwrap();
+            let out2 = gpu.output("out", queries * nq * hd);
+            let a = att
+                .attend(&gpu, &qb, &k, &v, &out2, Some(&fused), queries)
+                .unwrap();
+            att.set_attend(&gpu, &a, &k, pos0, queries);
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            a.d.record(&mut enc);
+            products.quantize(&gpu, &out2, &apart).record(&mut enc);
+            let got2 = gpu.finish_f32(enc, &out2, queries * nq * hd).unwrap();
+            assert_eq!(got, got2, "attention output with codes, nq {nq} hd {hd}");
+            assert_eq!(
+                fused.read(&gpu).unwrap(),
+                apart.read(&gpu).unwrap(),
+                "codes from the attention, nq {nq} hd {hd} queries {queries} int4 {int4}"
+            );
+            // A mis-shaped code buffer is refused.
+            let wrong = ActCodes::new(&gpu, queries, nq * hd, nq * hd, 4).unwrap();
+            assert!(
+                att.attend(&gpu, &qb, &k, &v, &out2, Some(&wrong), queries)
+                    .is_err()
+            );
+        }
         let mut want = vec![0f64; queries * nq * hd];
         for i in 0..queries {
             let n = pos0 + i + 1;

@@ -8,26 +8,25 @@ use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
 use super::kernel::{Bind, Dispatch, Kernel};
+use super::linear::ActCodes;
 use crate::error::{Error, Result};
 
-/// One layer's cache of K or V: int4 codes [max_seq, heads, hd/8] with scales and zeros
-/// [max_seq, heads], or (`int4` false) the f32 bits themselves [max_seq, heads, hd].
+/// One layer's cache of K or V: int4 codes [max_seq, heads, hd/8] with (scale, zero) pairs
+/// [max_seq, heads, 2], or (`int4` false) the f32 bits themselves [max_seq, heads, hd].
 pub struct KvCache {
     pub int4: bool,
     pub codes: wgpu::Buffer,
-    pub scales: wgpu::Buffer,
-    pub zeros: wgpu::Buffer,
+    pub grid: wgpu::Buffer,
 }
 
 impl KvCache {
     pub fn new(gpu: &Gpu, max_seq: usize, heads: usize, hd: usize, int4: bool) -> Self {
         let words = max_seq * heads * hd / if int4 { 8 } else { 1 };
-        let per_slot = if int4 { max_seq * heads } else { 1 };
+        let slots = if int4 { max_seq * heads } else { 1 };
         KvCache {
             int4,
             codes: gpu.output("kv codes", words),
-            scales: gpu.output("kv scales", per_slot),
-            zeros: gpu.output("kv zeros", per_slot),
+            grid: gpu.output("kv grid", 2 * slots),
         }
     }
 }
@@ -53,7 +52,7 @@ struct AttnParams {
     tokens: u32,
     scale: f32,
     raw: u32,
-    _pad: u32,
+    qmax: f32,
 }
 
 /// Shapes of the attention and its compiled kernels.
@@ -64,6 +63,8 @@ pub struct Attention {
     pub max_seq: usize,
     quant: Kernel,
     attend: Kernel,
+    /// Bound in place of the o_proj input's codes and scales where the attention writes none.
+    no_codes: [wgpu::Buffer; 2],
 }
 
 impl Attention {
@@ -92,6 +93,7 @@ impl Attention {
                 "main",
                 &[("HD", hd as f64)],
             ),
+            no_codes: [gpu.output("no codes", 1), gpu.output("no scales", 1)],
         })
     }
 
@@ -107,7 +109,7 @@ impl Attention {
         }
     }
 
-    fn attn_params(&self, cache: &KvCache, pos0: usize, tokens: usize) -> AttnParams {
+    fn attn_params(&self, cache: &KvCache, pos0: usize, tokens: usize, qmax: f32) -> AttnParams {
         AttnParams {
             nq: self.nq as u32,
             nkv: self.nkv as u32,
@@ -116,7 +118,7 @@ impl Attention {
             tokens: tokens as u32,
             scale: 1.0 / (self.hd as f32).sqrt(),
             raw: !cache.int4 as u32,
-            _pad: 0,
+            qmax,
         }
     }
 
@@ -138,11 +140,9 @@ impl Attention {
             k.into(),
             v.into(),
             (&k_cache.codes).into(),
-            (&k_cache.scales).into(),
-            (&k_cache.zeros).into(),
+            (&k_cache.grid).into(),
             (&v_cache.codes).into(),
-            (&v_cache.scales).into(),
-            (&v_cache.zeros).into(),
+            (&v_cache.grid).into(),
         ];
         let grid = (self.nkv as u32, max_tokens as u32, 2);
         self.quant.dispatch(gpu, &p, &bufs, grid)
@@ -155,7 +155,9 @@ impl Attention {
     }
 
     /// The launch of out [tokens, nq, hd] = softmax(q·Kᵀ/√hd)·V, query i at position pos0 + i
-    /// attending to positions 0..=pos0 + i, bound for up to `max_tokens` queries.
+    /// attending to positions 0..=pos0 + i, bound for up to `max_tokens` queries; with `codes`,
+    /// each head's output also quantized into them as the W4A4 o_proj takes its input (one
+    /// group per head: act_codes.wgsl's arithmetic).
     #[allow(clippy::too_many_arguments)]
     pub fn attend<'b>(
         &self,
@@ -164,25 +166,57 @@ impl Attention {
         k: &KvCache,
         v: &KvCache,
         out: &wgpu::Buffer,
+        codes: Option<&ActCodes>,
         max_tokens: usize,
-    ) -> Dispatch {
-        let p = self.attn_params(k, 0, max_tokens);
+    ) -> Result<Attend> {
+        let qmax = match codes {
+            None => 0.0,
+            Some(c)
+                if c.cols == self.nq * self.hd && c.group == self.hd && c.tokens >= max_tokens =>
+            {
+                c.qmax()
+            }
+            Some(c) => {
+                return Err(Error::other(format!(
+                    "attention into activation codes needs {max_tokens} tokens of {} values in                      groups of one head ({}), not {} of {} in groups of {}",
+                    self.nq * self.hd,
+                    self.hd,
+                    c.tokens,
+                    c.cols,
+                    c.group
+                )));
+            }
+        };
+        let p = self.attn_params(k, 0, max_tokens, qmax);
+        let (codes, scales) = match codes {
+            Some(c) => c.buffers(),
+            None => (&self.no_codes[0], &self.no_codes[1]),
+        };
         let bufs: [Bind; 8] = [
             q.into(),
             (&k.codes).into(),
-            (&k.scales).into(),
-            (&k.zeros).into(),
+            (&k.grid).into(),
             (&v.codes).into(),
-            (&v.scales).into(),
-            (&v.zeros).into(),
+            (&v.grid).into(),
             out.into(),
+            codes.into(),
+            scales.into(),
         ];
         let grid = (self.nq as u32, max_tokens as u32, 1);
-        self.attend.dispatch(gpu, &p, &bufs, grid)
+        Ok(Attend {
+            d: self.attend.dispatch(gpu, &p, &bufs, grid),
+            qmax,
+        })
     }
 
     /// Point an [`Attention::attend`] launch at `tokens` queries from position `pos0` on.
-    pub fn set_attend(&self, gpu: &Gpu, d: &Dispatch, k: &KvCache, pos0: usize, tokens: usize) {
-        d.set_params(gpu, &self.attn_params(k, pos0, tokens));
+    pub fn set_attend(&self, gpu: &Gpu, a: &Attend, k: &KvCache, pos0: usize, tokens: usize) {
+        a.d.set_params(gpu, &self.attn_params(k, pos0, tokens, a.qmax));
     }
+}
+
+/// An attention launch, and whether it writes activation codes (their 2^bits − 1, or 0).
+pub struct Attend {
+    pub d: Dispatch,
+    qmax: f32,
 }

@@ -315,6 +315,23 @@ impl ActCodes {
             scales: gpu.output("activation scales", tokens * cols / group),
         })
     }
+
+    /// The largest code magnitude, 2^bits − 1 (the quantizers' qmax).
+    pub fn qmax(&self) -> f32 {
+        ((1u32 << self.bits) - 1) as f32
+    }
+
+    /// The codes (u32 words) and the scales (f32), for kernels that write them.
+    pub(crate) fn buffers(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
+        (&self.codes, &self.scales)
+    }
+
+    /// The codes and the scales, read back (for tests).
+    pub fn read(&self, gpu: &Gpu) -> Result<(Vec<u32>, Vec<f32>)> {
+        let codes = gpu.read_f32(&self.codes, self.tokens * self.cols / 4)?;
+        let scales = gpu.read_f32(&self.scales, self.tokens * self.cols / self.group)?;
+        Ok((codes.into_iter().map(f32::to_bits).collect(), scales))
+    }
 }
 
 /// A linear layer's weight on the GPU.
@@ -801,7 +818,7 @@ impl Products {
         let params = CodesParams {
             groups,
             group: codes.group as u32,
-            qmax: ((1u32 << codes.bits) - 1) as f32,
+            qmax: codes.qmax(),
             grid_x: g.0,
             norm: norm.is_some() as u32,
             eps: norm.map_or(0.0, |n| n.1),

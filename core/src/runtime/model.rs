@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::attention::{Attention, KvCache};
+use super::attention::{Attend, Attention, KvCache};
 use super::hadamard::GpuHadamard;
 use super::host::{HostLinear, HostModel};
 use super::kernel::{Bind, Dispatch, record_all};
@@ -179,7 +179,7 @@ enum Launch {
         layer: usize,
     },
     Attend {
-        d: Dispatch,
+        a: Attend,
         layer: usize,
     },
 }
@@ -187,10 +187,8 @@ enum Launch {
 impl Launch {
     fn dispatch(&self) -> &Dispatch {
         match self {
-            Launch::Fixed(d)
-            | Launch::Product(d)
-            | Launch::Append { d, .. }
-            | Launch::Attend { d, .. } => d,
+            Launch::Fixed(d) | Launch::Product(d) | Launch::Append { d, .. } => d,
+            Launch::Attend { a, .. } => &a.d,
         }
     }
 }
@@ -627,10 +625,14 @@ impl GpuModel {
                 None => (q, k),
             };
             let d_kv = attn.append(gpu, k, v, &l.k_cache, &l.v_cache, t);
-            let d_a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, t);
+            // With integer activations the attention also writes the o_proj input's codes.
+            let a_codes = codes.as_ref().map(|c| &c[1]);
+            let a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, a_codes, t)?;
             plan.push(Launch::Append { d: d_kv, layer });
-            plan.push(Launch::Attend { d: d_a, layer });
-            plan.extend(quantize(&s.a, 1));
+            plan.push(Launch::Attend { a, layer });
+            if codes.is_none() {
+                plan.extend(quantize(&s.a, 1));
+            }
             plan.push(product(&l.o, Input::F32(&s.a), 1, &s.h, true)?);
             plan.extend(norm_input(&l.ffn_norm)?);
             let n = normed_input(fuse_norm, &s, &l.ffn_norm, eps);
@@ -867,9 +869,9 @@ impl GpuModel {
                     let k = &self.layers[*layer].k_cache;
                     self.attn.set_append(&self.gpu, d, k, pos, t);
                 }
-                Launch::Attend { d, layer } => {
+                Launch::Attend { a, layer } => {
                     let k = &self.layers[*layer].k_cache;
-                    self.attn.set_attend(&self.gpu, d, k, pos, t);
+                    self.attn.set_attend(&self.gpu, a, k, pos, t);
                 }
             }
         }
