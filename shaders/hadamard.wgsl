@@ -3,7 +3,10 @@
 //
 // Rows of up to 4096 values (heads, SmolLM2's 1536-wide down_proj input): `whole`, one
 // workgroup per row, the row in shared memory (16 KB, the WebGPU minimum), every butterfly
-// stage and the K-mix in one launch. Wider rows (11008, 14336) take two launches, or more when
+// stage and the K-mix in one launch. With `qmax` above 0 it also quantizes each row of out as
+// the W4A4 down_proj takes its input (one group per row) into act_codes.wgsl's layout and
+// arithmetic (codes u32 [rows, n/4], scales f32 [rows]): the transform and the quantization
+// in one launch. Wider rows (11008, 14336) take two launches, or more when
 // a segment is longer than 4096, recorded back to back, in place on x then into out:
 // - `segments`: the butterfly stages of stride below `stride` of chunks of `stride` values
 //   (whole segments, or 4096-value pieces of longer ones), one workgroup per chunk, the chunk
@@ -21,16 +24,21 @@ struct Params {
     stride: u32,
     grid_x: u32,
     scale: f32,
-    _pad: u32,
+    qmax: f32, // `whole`'s codes: 2^bits − 1, or 0 for none
 }
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read> hk: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// `whole` without `qmax`: bound to small unread buffers.
+@group(0) @binding(4) var<storage, read_write> codes: array<u32>;
+@group(0) @binding(5) var<storage, read_write> code_scales: array<f32>;
 
 const WHOLE_MAX: u32 = 4096u;
 var<workgroup> buf: array<f32, 4096>;
+var<workgroup> lo: array<f32, 256>;
+var<workgroup> hi: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -54,6 +62,8 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         }
         workgroupBarrier();
     }
+    var mn = 0.0;
+    var mx = 0.0;
     for (var c = t; c < prm.n; c = c + 256u) {
         let i = c / prm.p;
         let j = c % prm.p;
@@ -61,8 +71,48 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         for (var l = 0u; l < prm.k; l = l + 1u) {
             acc = acc + hk[i * prm.k + l] * buf[l * prm.p + j];
         }
-        out[base + c] = acc * prm.scale;
+        let y = acc * prm.scale;
+        out[base + c] = y;
+        mn = min(mn, y);
+        mx = max(mx, y);
     }
+    if (prm.qmax > 0.0) {
+        // act_codes.wgsl's quantizer over the row: range [min(y, 0), max(y, 0)].
+        lo[t] = mn;
+        hi[t] = mx;
+        workgroupBarrier();
+        for (var r = 128u; r > 0u; r = r >> 1u) {
+            if (t < r) {
+                lo[t] = min(lo[t], lo[t + r]);
+                hi[t] = max(hi[t], hi[t + r]);
+            }
+            workgroupBarrier();
+        }
+        // The row's outputs, written by other threads of this workgroup, are read back.
+        storageBarrier();
+        let scale = max(hi[0] - lo[0], 1e-6) / prm.qmax;
+        let zero = round(-lo[0] / scale);
+        if (t == 0u) {
+            code_scales[row] = scale;
+        }
+        // Block b (columns 8b..8b+7) gives word 2b (even columns) and word 2b + 1 (odd ones).
+        for (var b = t; b < prm.n / 8u; b = b + 256u) {
+            let c = base + 8u * b;
+            let w = base / 4u + 2u * b;
+            codes[w] = pack(out[c], out[c + 2u], out[c + 4u], out[c + 6u], scale, zero);
+            codes[w + 1u] = pack(out[c + 1u], out[c + 3u], out[c + 5u], out[c + 7u], scale, zero);
+        }
+    }
+}
+
+fn code(v: f32, scale: f32, zero: f32) -> u32 {
+    let q = clamp(round(v / scale) + zero, 0.0, prm.qmax);
+    return u32(i32(q - zero)) & 0xFFu;
+}
+
+fn pack(a: f32, b: f32, c: f32, d: f32, scale: f32, zero: f32) -> u32 {
+    return code(a, scale, zero) | (code(b, scale, zero) << 8u) | (code(c, scale, zero) << 16u)
+        | (code(d, scale, zero) << 24u);
 }
 
 @compute @workgroup_size(256)

@@ -171,6 +171,28 @@ fn online_hadamard_matches_the_host_transform() {
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         Hadamard::new(n).unwrap().apply_rows(&mut want);
         close(&got, &want, 2e-5, &format!("hadamard {rows}×{n}"));
+        // Rows of one launch also give the W4A4 down_proj's codes: the same output, and
+        // exactly the codes and scales of act_codes.wgsl run on it; wider rows decline.
+        use ostquant_core::runtime::linear::{ActCodes, Products};
+        let fused = ActCodes::new(&gpu, rows, n, n, 4).unwrap();
+        let out2 = gpu.output("out", rows * n);
+        let Some(d) = had.whole_into_codes(&gpu, &gpu.storage("x", &x), &out2, rows, &fused) else {
+            assert!(n > 4096, "hadamard {rows}×{n} declined codes");
+            continue;
+        };
+        let apart = ActCodes::new(&gpu, rows, n, n, 4).unwrap();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        d.record(&mut enc);
+        Products::new(&gpu)
+            .quantize(&gpu, &out2, &apart)
+            .record(&mut enc);
+        let got2 = gpu.finish_f32(enc, &out2, rows * n).unwrap();
+        assert_eq!(got, got2, "hadamard {rows}×{n} with codes");
+        assert_eq!(
+            fused.read(&gpu).unwrap(),
+            apart.read(&gpu).unwrap(),
+            "codes from the hadamard {rows}×{n}"
+        );
     }
 }
 

@@ -5,6 +5,7 @@ use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
 use super::kernel::{Bind, Dispatch, Kernel};
+use super::linear::ActCodes;
 use crate::error::Result;
 use crate::transform::hadamard::Hadamard;
 
@@ -20,7 +21,7 @@ struct Params {
     stride: u32,
     grid_x: u32,
     scale: f32,
-    _pad: u32,
+    qmax: f32,
 }
 
 /// Widest row the one-launch kernel holds in shared memory (shaders/hadamard.wgsl's
@@ -38,6 +39,8 @@ pub struct GpuHadamard {
     segments: Kernel,
     butterfly: Kernel,
     mix: Kernel,
+    /// Bound in place of activation codes and scales where `whole` writes none.
+    no_codes: [wgpu::Buffer; 2],
 }
 
 fn grid(threads: usize) -> (u32, u32, u32) {
@@ -58,7 +61,68 @@ impl GpuHadamard {
             segments: Kernel::entry(gpu, "hadamard segments", SHADER, "segments"),
             butterfly: Kernel::entry(gpu, "hadamard butterfly", SHADER, "butterfly"),
             mix: Kernel::entry(gpu, "hadamard mix", SHADER, "mix"),
+            no_codes: [gpu.output("no codes", 1), gpu.output("no scales", 1)],
         })
+    }
+
+    /// The one launch of out = H·x for `rows` rows that also quantizes each row of out into
+    /// `codes` (one group per row, act_codes.wgsl's arithmetic), as the W4A4 down_proj takes its
+    /// input; `None` where the rows are too wide for one launch or `codes` are not one group of
+    /// n values per row for `rows` rows.
+    pub fn whole_into_codes<'b>(
+        &self,
+        gpu: &Gpu,
+        x: impl Into<Bind<'b>>,
+        out: &wgpu::Buffer,
+        rows: usize,
+        codes: &ActCodes,
+    ) -> Option<Dispatch> {
+        let whole = self.whole.as_ref()?;
+        let fits = codes.cols == self.n && codes.group == self.n && codes.tokens >= rows;
+        fits.then(|| self.whole_launch(gpu, whole, x.into(), out, rows, Some(codes)))
+    }
+
+    fn whole_launch(
+        &self,
+        gpu: &Gpu,
+        whole: &Kernel,
+        x: Bind,
+        out: &wgpu::Buffer,
+        rows: usize,
+        codes: Option<&ActCodes>,
+    ) -> Dispatch {
+        let groups = rows.max(1) as u32;
+        let g = (groups.min(65535), groups.div_ceil(65535), 1);
+        let params = Params {
+            grid_x: g.0,
+            qmax: codes.map_or(0.0, ActCodes::qmax),
+            ..self.params(rows)
+        };
+        let (codes, scales) = match codes {
+            Some(c) => c.buffers(),
+            None => (&self.no_codes[0], &self.no_codes[1]),
+        };
+        let bufs = [
+            x,
+            (&self.hk).into(),
+            out.into(),
+            codes.into(),
+            scales.into(),
+        ];
+        whole.dispatch(gpu, &params, &bufs, g)
+    }
+
+    fn params(&self, rows: usize) -> Params {
+        Params {
+            rows: rows as u32,
+            n: self.n as u32,
+            p: (self.n / self.k) as u32,
+            k: self.k as u32,
+            stride: 1,
+            grid_x: 0,
+            scale: 1.0 / (self.n as f32).sqrt(),
+            qmax: 0.0,
+        }
     }
 
     /// The launches of out = H·x for `rows` rows, in order: one, or for rows wider than
@@ -72,25 +136,11 @@ impl GpuHadamard {
         rows: usize,
     ) -> Vec<Dispatch> {
         let x = x.into();
-        let (n, k) = (self.n, self.k);
-        let p = n / k;
-        let mut params = Params {
-            rows: rows as u32,
-            n: n as u32,
-            p: p as u32,
-            k: k as u32,
-            stride: 1,
-            grid_x: 0,
-            scale: 1.0 / (n as f32).sqrt(),
-            _pad: 0,
-        };
         if let Some(whole) = &self.whole {
-            let groups = rows.max(1) as u32;
-            let g = (groups.min(65535), groups.div_ceil(65535), 1);
-            params.grid_x = g.0;
-            let bufs = [x, (&self.hk).into(), out.into()];
-            return vec![whole.dispatch(gpu, &params, &bufs, g)];
+            return vec![self.whole_launch(gpu, whole, x, out, rows, None)];
         }
+        let (n, p) = (self.n, self.n / self.k);
+        let mut params = self.params(rows);
         // WHOLE_MAX-long chunks through shared memory: whole segments (P, a power of two,
         // divides WHOLE_MAX and n), or pieces of one segment.
         let chunk = WHOLE_MAX;

@@ -656,14 +656,28 @@ impl GpuModel {
                     plan.push(fixed(ops.silu_mul(gpu, &s.gate, &s.up, &s.m, t * dff)));
                 }
             }
+            // Rows narrow enough for one Hadamard launch get their codes from that launch.
+            let mut quantized = false;
             let m = match &down_h {
                 Some(h) => {
-                    plan.extend(h.dispatches(gpu, &s.m, &s.m_h, t).into_iter().map(fixed));
+                    let c = codes.as_ref().map(|c| &c[2]);
+                    match c.and_then(|c| h.whole_into_codes(gpu, &s.m, &s.m_h, t, c)) {
+                        Some(d) => {
+                            plan.push(fixed(d));
+                            quantized = true;
+                        }
+                        None => {
+                            let d = h.dispatches(gpu, &s.m, &s.m_h, t);
+                            plan.extend(d.into_iter().map(fixed));
+                        }
+                    }
                     &s.m_h
                 }
                 None => &s.m,
             };
-            plan.extend(quantize(m, 2));
+            if !quantized {
+                plan.extend(quantize(m, 2));
+            }
             plan.push(product(&l.down, Input::F32(m), 2, &s.h, true)?);
         }
         let last = if t > 1 { &s.last } else { &s.h };
