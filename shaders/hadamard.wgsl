@@ -6,8 +6,10 @@
 // stage and the K-mix in one launch. With `qmax` above 0 it also quantizes each row of out as
 // the W4A4 down_proj takes its input (one group per row) into act_codes.wgsl's layout and
 // arithmetic (codes u32 [rows, n/4], scales f32 [rows]): the transform and the quantization
-// in one launch. Wider rows (11008, 14336) take two launches, or more when
-// a segment is longer than 4096, recorded back to back, in place on x then into out:
+// in one launch. With `paired` each row is a head held in RoPE pairs (x_0, x_h, x_1, x_{h+1},
+// …, h = n/2: the order decode's q, k, v GEMV turns them in) and is read in natural order.
+// Wider rows (11008, 14336) take two launches, or more when a segment is longer than 4096,
+// recorded back to back, in place on x then into out:
 // - `segments`: the butterfly stages of stride below `stride` of chunks of `stride` values
 //   (whole segments, or 4096-value pieces of longer ones), one workgroup per chunk, the chunk
 //   in shared memory: every stage of a 7B or 8B down_proj input in one launch.
@@ -25,6 +27,10 @@ struct Params {
     grid_x: u32,
     scale: f32,
     qmax: f32, // `whole`'s codes: 2^bits − 1, or 0 for none
+    paired: u32, // `whole`: rows in RoPE pairs
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -47,8 +53,13 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         return; // the whole workgroup: control flow stays uniform for the barriers
     }
     let base = row * prm.n;
+    let half = prm.n / 2u;
     for (var i = t; i < prm.n; i = i + 256u) {
-        buf[i] = x[base + i];
+        var src = i;
+        if (prm.paired != 0u) {
+            src = select(2u * (i - half) + 1u, 2u * i, i < half);
+        }
+        buf[i] = x[base + src];
     }
     workgroupBarrier();
     // The length-P transforms of the K segments: the pairs of `butterfly`, stage by stage.

@@ -93,12 +93,21 @@ fn check(edit: Option<fn(&mut ostquant_core::model::config::LlamaConfig)>) {
     // epilogue (q's and k's rows uploaded in RoPE pairs): one launch fewer per layer, the same
     // logits. At W4A16KV16 (f32 input, RMSNorm inside the GEMV) and at W4A4KV4 (integer
     // activation codes on the SmolLM2-shaped model).
-    for (h, name) in [(&h16, "q16-pairs"), (&header, "q-pairs")] {
+    // With the online Hadamard on q and k (the W4A4KV4 folder), that Hadamard reads the
+    // paired heads back into natural order: one launch fewer per layer too.
+    for (h, name, qk_hadamard) in [
+        (&h16, "q16-pairs", false),
+        (&header, "q-pairs", false),
+        (&header, "q-pairs-hadamard", true),
+    ] {
         let mut h = h.clone();
-        h.forward.qk_hadamard = false;
+        h.forward.qk_hadamard = qk_hadamard;
         let dir = tmp.path().join(name);
         qformat::write(&dir, &src, &tw, Some(&grids), &h).unwrap();
-        let what = format!("{} folder, no online Hadamard on q and k", h.bits);
+        let what = format!(
+            "{} folder, online Hadamard on q and k: {qk_hadamard}",
+            h.bits
+        );
         compare(&dir, &what);
         let host = HostModel::load(&dir).unwrap();
         let launches = |fusion| {

@@ -196,6 +196,41 @@ fn online_hadamard_matches_the_host_transform() {
     }
 }
 
+#[test]
+fn online_hadamard_reads_heads_in_rope_pairs_back_into_natural_order() {
+    use ostquant_core::runtime::hadamard::GpuHadamard;
+    use ostquant_core::transform::hadamard::Hadamard;
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(6);
+    for (rows, hd) in [(5, 64), (3, 128), (2, 96)] {
+        let x = rand_vec(&mut rng, rows * hd, 1.0);
+        // Each head as decode's RoPE-pairing GEMV leaves it: x_0, x_h, x_1, x_{h+1}, …
+        let half = hd / 2;
+        let paired: Vec<f32> = (0..rows * hd)
+            .map(|i| {
+                let (head, r) = (i / hd, i % hd);
+                x[head * hd + r / 2 + (r % 2) * half]
+            })
+            .collect();
+        let had = GpuHadamard::new(&gpu, hd).unwrap();
+        let out = gpu.output("out", rows * hd);
+        let d = had
+            .unpairing_dispatch(&gpu, &gpu.storage("x", &paired), &out, rows)
+            .unwrap();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        d.record(&mut enc);
+        let got = gpu.finish_f32(enc, &out, rows * hd).unwrap();
+        let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        Hadamard::new(hd).unwrap().apply_rows(&mut want);
+        close(
+            &got,
+            &want,
+            2e-5,
+            &format!("hadamard of paired {rows}×{hd}"),
+        );
+    }
+}
+
 /// Per-head asymmetric 4-bit fake quantization of one position's [heads, hd], as the host
 /// quantizer does it.
 fn fake_quant_heads(x: &[f32], hd: usize) -> Vec<f64> {

@@ -6,7 +6,7 @@ use burn::tensor::wgpu::wgpu;
 use super::Gpu;
 use super::kernel::{Bind, Dispatch, Kernel};
 use super::linear::ActCodes;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::transform::hadamard::Hadamard;
 
 const SHADER: &str = include_str!("../../../shaders/hadamard.wgsl");
@@ -22,6 +22,8 @@ struct Params {
     grid_x: u32,
     scale: f32,
     qmax: f32,
+    paired: u32,
+    _pad: [u32; 3],
 }
 
 /// Widest row the one-launch kernel holds in shared memory (shaders/hadamard.wgsl's
@@ -79,9 +81,29 @@ impl GpuHadamard {
     ) -> Option<Dispatch> {
         let whole = self.whole.as_ref()?;
         let fits = codes.cols == self.n && codes.group == self.n && codes.tokens >= rows;
-        fits.then(|| self.whole_launch(gpu, whole, x.into(), out, rows, Some(codes)))
+        fits.then(|| self.whole_launch(gpu, whole, x.into(), out, rows, Some(codes), false))
     }
 
+    /// The launch of out = H·x for `rows` heads held in RoPE pairs (x_0, x_h, x_1, x_{h+1}, …
+    /// per head, h = n/2), out in natural order: the Q/K Hadamard after decode's RoPE-turning
+    /// q, k, v GEMV. Heads over [`WHOLE_MAX`] are refused.
+    pub fn unpairing_dispatch<'b>(
+        &self,
+        gpu: &Gpu,
+        x: impl Into<Bind<'b>>,
+        out: &wgpu::Buffer,
+        rows: usize,
+    ) -> Result<Dispatch> {
+        match &self.whole {
+            Some(whole) => Ok(self.whole_launch(gpu, whole, x.into(), out, rows, None, true)),
+            None => Err(Error::other(format!(
+                "heads of {} values in RoPE pairs: the GPU Hadamard takes at most {WHOLE_MAX}",
+                self.n
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn whole_launch(
         &self,
         gpu: &Gpu,
@@ -90,12 +112,14 @@ impl GpuHadamard {
         out: &wgpu::Buffer,
         rows: usize,
         codes: Option<&ActCodes>,
+        paired: bool,
     ) -> Dispatch {
         let groups = rows.max(1) as u32;
         let g = (groups.min(65535), groups.div_ceil(65535), 1);
         let params = Params {
             grid_x: g.0,
             qmax: codes.map_or(0.0, ActCodes::qmax),
+            paired: paired as u32,
             ..self.params(rows)
         };
         let (codes, scales) = match codes {
@@ -122,6 +146,8 @@ impl GpuHadamard {
             grid_x: 0,
             scale: 1.0 / (self.n as f32).sqrt(),
             qmax: 0.0,
+            paired: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -137,7 +163,7 @@ impl GpuHadamard {
     ) -> Vec<Dispatch> {
         let x = x.into();
         if let Some(whole) = &self.whole {
-            return vec![self.whole_launch(gpu, whole, x, out, rows, None)];
+            return vec![self.whole_launch(gpu, whole, x, out, rows, None, false)];
         }
         let (n, p) = (self.n, self.n / self.k);
         let mut params = self.params(rows);

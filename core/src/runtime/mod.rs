@@ -175,11 +175,21 @@ fn checked<T>(device: &wgpu::Device, name: &str, what: &str, f: impl FnOnce() ->
             "{what}: out of GPU memory on {name} ({})",
             detail(e)
         ))),
-        (None, Some(e)) => Err(Error::other(format!(
-            "{what}: {name} refused it (more than the adapter allows; its largest binding is {:.2} GB): {}",
-            device.limits().max_storage_buffer_binding_size as f64 / 1e9,
-            detail(e)
-        ))),
+        (None, Some(e)) => {
+            // Most refusals are sizes over a limit; name the largest binding then.
+            let detail = detail(e);
+            let limit = if detail.contains("limit") || detail.contains("exceed") {
+                format!(
+                    " (more than the adapter allows; its largest binding is {:.2} GB)",
+                    device.limits().max_storage_buffer_binding_size as f64 / 1e9
+                )
+            } else {
+                String::new()
+            };
+            Err(Error::other(format!(
+                "{what}: {name} refused it{limit}: {detail}"
+            )))
+        }
         (None, None) => Ok(value),
     }
 }

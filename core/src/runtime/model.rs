@@ -40,7 +40,8 @@ struct GpuLayer {
 /// `paired`: the stacked matrix is int4 and q's and k's rows are in RoPE pairs
 /// ([`HostLinear::pair_rope_halves`]), so decode's GEMV applies RoPE in its epilogue (one
 /// launch fewer per layer) and q and k keep that order of each head's dimensions throughout:
-/// attention's dot products and the KV cache's per-head grids do not depend on it.
+/// attention's dot products and the KV cache's per-head grids do not depend on it. An online
+/// Q/K Hadamard, which does, reads the heads back into natural order.
 enum Qkv {
     Fused { w: Linear, paired: bool },
     Separate(Box<[Linear; 3]>),
@@ -51,8 +52,7 @@ enum Qkv {
 pub struct Fusion {
     pub qkv: bool,
     pub gate_up: bool,
-    /// RoPE in the stacked q, k and v GEMV's epilogue (with `qkv`; int4, and no online
-    /// Hadamard on q and k after RoPE).
+    /// RoPE in the stacked q, k and v GEMV's epilogue (with `qkv`, int4).
     pub rope: bool,
 }
 
@@ -317,8 +317,8 @@ impl GpuModel {
         let kv_bytes = c.n_kv_heads() * c.head_dim() * 4;
         let qkv_fits =
             fusion.qkv && q_bytes.is_multiple_of(align) && kv_bytes.is_multiple_of(align);
-        // An online Hadamard on q and k comes after RoPE and would see the paired order.
-        let pair_rope = fusion.rope && !m.forward.qk_hadamard;
+        // An online Hadamard on q and k after RoPE reads the paired order back into natural.
+        let pair_rope = fusion.rope;
         let hd = c.head_dim();
         let layers = m
             .layers
@@ -610,7 +610,11 @@ impl GpuModel {
                 Some(h) if fused => {
                     let qk = Bind::f32_range(&s.q, 0, nq_t + nkv_t);
                     let rows = t * (nq + nkv);
-                    plan.extend(h.dispatches(gpu, qk, &s.q_h, rows).into_iter().map(fixed));
+                    if paired {
+                        plan.push(fixed(h.unpairing_dispatch(gpu, qk, &s.q_h, rows)?));
+                    } else {
+                        plan.extend(h.dispatches(gpu, qk, &s.q_h, rows).into_iter().map(fixed));
+                    }
                     (
                         Bind::f32_range(&s.q_h, 0, nq_t),
                         Bind::f32_range(&s.q_h, nq_t, nkv_t),
