@@ -1,8 +1,8 @@
 // Dynamic activation quantization to integer codes, for the W4A4 integer GEMV: each group of
 // `group` consecutive values (a whole token, or one head of the o_proj input) gets the same
 // asymmetric quantizer as act_quant.wgsl — range [min(x, 0), max(x, 0)], s = max(max − min,
-// 1e-6)/qmax, z = round(−min/s), q = clamp(round(x/s) + z, 0, qmax) — and is stored as the
-// signed integers q − z (|q − z| ≤ qmax ≤ 127, one byte each) with its scale s: the product
+// 1e-6)/qmax, z = round(−min/s), q = clamp(round(x/s) + z, 0, qmax): act_pack.wgsl, prepended
+// — and is stored as the signed integers q − z (|q − z| ≤ qmax ≤ 127, one byte each) with its scale s: the product
 // (q − z)·s is exactly the fake-quantized value the float path would use.
 //
 // Layout: x f32 [groups · group] (group divisible by 8). codes u32, two words per 8 columns in
@@ -46,16 +46,6 @@ fn value(base4: u32, i: u32, inv: f32) -> vec4<f32> {
         return x[base4 + i] * inv * nw[i];
     }
     return x[base4 + i];
-}
-
-fn code(v: f32, scale: f32, zero: f32) -> u32 {
-    let q = clamp(round(v / scale) + zero, 0.0, p.qmax);
-    return u32(i32(q - zero)) & 0xFFu;
-}
-
-fn pack(a: f32, b: f32, c: f32, d: f32, scale: f32, zero: f32) -> u32 {
-    return code(a, scale, zero) | (code(b, scale, zero) << 8u) | (code(c, scale, zero) << 16u)
-        | (code(d, scale, zero) << 24u);
 }
 
 @compute @workgroup_size(256)
@@ -102,17 +92,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    let scale = max(hi[0] - lo[0], 1e-6) / p.qmax;
-    let zero = round(-lo[0] / scale);
+    let grid = act_grid(lo[0], hi[0], p.qmax);
     if (t == 0u) {
-        scales[g] = scale;
+        scales[g] = grid.x;
     }
     // Block k (columns 8k..8k+7) gives word 2k (even columns) and word 2k+1 (odd columns).
     for (var k = t; k < p.group / 8u; k = k + WG) {
         let a = value(base4, 2u * k, inv);
         let b = value(base4, 2u * k + 1u, inv);
         let w = base4 + 2u * k;
-        codes[w] = pack(a.x, a.z, b.x, b.z, scale, zero);
-        codes[w + 1u] = pack(a.y, a.w, b.y, b.w, scale, zero);
+        codes[w] = act_pack(a.x, a.z, b.x, b.z, grid, p.qmax);
+        codes[w + 1u] = act_pack(a.y, a.w, b.y, b.w, grid, p.qmax);
     }
 }

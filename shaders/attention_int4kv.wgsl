@@ -4,11 +4,13 @@
 // is the case tokens = 1; prefill chunks use the same kernel.
 //
 // Layout: q f32 [tokens, nq, hd]; K and V codes u32 [max_seq, nkv, hd/8] with f32 (scale,
-// zero) pairs [max_seq, nkv, 2]; out f32 [tokens, nq, hd].
+// zero) pairs [max_seq, nkv, 2]; out f32 [tokens, nq, hd]. hd ≤ 256, a pipeline constant (HD),
+// so the loops over a head's words have fixed trip counts the driver can unroll and batch the
+// loads of.
 // With `qmax` above 0 each head's output is also quantized as the W4A4 o_proj takes it, one
-// group per head, into act_codes.wgsl's layout and arithmetic (codes u32 [tokens, nq·hd/4],
-// scales f32 [tokens, nq]): the attention and the o_proj input's quantization in one launch. hd ≤ 256, a pipeline constant (HD), so the
-// loops over a head's words have fixed trip counts the driver can unroll and batch the loads of.
+// group per head, into act_codes.wgsl's layout with its quantizer (act_pack.wgsl, prepended):
+// codes u32 [tokens, nq·hd/4], scales f32 [tokens, nq]. The attention and the o_proj input's
+// quantization in one launch.
 // Workgroup plan: one workgroup of 64 threads per (query head, query), a grid sized for the
 // most tokens the launch is bound for (workgroups past `tokens` return). The positions are
 // taken 64 at a time with an online softmax, so no score buffer is needed: thread t scores
@@ -194,28 +196,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         // act_codes.wgsl's quantizer over the head: range [min(o, 0), max(o, 0)].
         let lo = -reduce(t, -mn, true);
         let hi = reduce(t, mx, true); // its barriers also publish qs
-        let scale = max(hi - lo, 1e-6) / p.qmax;
-        let zero = round(-lo / scale);
-        let g = i * p.nq + h;
+        let grid = act_grid(lo, hi, p.qmax);
         if (t == 0u) {
-            code_scales[g] = scale;
+            code_scales[i * p.nq + h] = grid.x;
         }
         // Block b (dims 8b..8b+7) gives word 2b (even dims) and word 2b + 1 (odd dims).
         for (var b = t; b < HD / 8u; b = b + WG) {
             let d = 8u * b;
             let w = qo / 4u + 2u * b;
-            codes[w] = pack(qs[d], qs[d + 2u], qs[d + 4u], qs[d + 6u], scale, zero);
-            codes[w + 1u] = pack(qs[d + 1u], qs[d + 3u], qs[d + 5u], qs[d + 7u], scale, zero);
+            codes[w] = act_pack(qs[d], qs[d + 2u], qs[d + 4u], qs[d + 6u], grid, p.qmax);
+            codes[w + 1u] = act_pack(qs[d + 1u], qs[d + 3u], qs[d + 5u], qs[d + 7u], grid, p.qmax);
         }
     }
-}
-
-fn code(v: f32, scale: f32, zero: f32) -> u32 {
-    let q = clamp(round(v / scale) + zero, 0.0, p.qmax);
-    return u32(i32(q - zero)) & 0xFFu;
-}
-
-fn pack(a: f32, b: f32, c: f32, d: f32, scale: f32, zero: f32) -> u32 {
-    return code(a, scale, zero) | (code(b, scale, zero) << 8u) | (code(c, scale, zero) << 16u)
-        | (code(d, scale, zero) << 24u);
 }

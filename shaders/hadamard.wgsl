@@ -4,9 +4,9 @@
 // Rows of up to 4096 values (heads, SmolLM2's 1536-wide down_proj input): `whole`, one
 // workgroup per row, the row in shared memory (16 KB, the WebGPU minimum), every butterfly
 // stage and the K-mix in one launch. With `qmax` above 0 it also quantizes each row of out as
-// the W4A4 down_proj takes its input (one group per row) into act_codes.wgsl's layout and
-// arithmetic (codes u32 [rows, n/4], scales f32 [rows]): the transform and the quantization
-// in one launch. With `paired` each row is a head held in RoPE pairs (x_0, x_h, x_1, x_{h+1},
+// the W4A4 down_proj takes its input (one group per row) into act_codes.wgsl's layout with its
+// quantizer (act_pack.wgsl, prepended): codes u32 [rows, n/4], scales f32 [rows]. The
+// transform and the quantization in one launch. With `paired` each row is a head held in RoPE pairs (x_0, x_h, x_1, x_{h+1},
 // …, h = n/2: the order decode's q, k, v GEMV turns them in) and is read in natural order.
 // Wider rows (11008, 14336) take two launches, or more when a segment is longer than 4096,
 // recorded back to back, in place on x then into out:
@@ -101,29 +101,19 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         }
         // The row's outputs, written by other threads of this workgroup, are read back.
         storageBarrier();
-        let scale = max(hi[0] - lo[0], 1e-6) / prm.qmax;
-        let zero = round(-lo[0] / scale);
+        let grid = act_grid(lo[0], hi[0], prm.qmax);
         if (t == 0u) {
-            code_scales[row] = scale;
+            code_scales[row] = grid.x;
         }
         // Block b (columns 8b..8b+7) gives word 2b (even columns) and word 2b + 1 (odd ones).
         for (var b = t; b < prm.n / 8u; b = b + 256u) {
             let c = base + 8u * b;
             let w = base / 4u + 2u * b;
-            codes[w] = pack(out[c], out[c + 2u], out[c + 4u], out[c + 6u], scale, zero);
-            codes[w + 1u] = pack(out[c + 1u], out[c + 3u], out[c + 5u], out[c + 7u], scale, zero);
+            codes[w] = act_pack(out[c], out[c + 2u], out[c + 4u], out[c + 6u], grid, prm.qmax);
+            codes[w + 1u] =
+                act_pack(out[c + 1u], out[c + 3u], out[c + 5u], out[c + 7u], grid, prm.qmax);
         }
     }
-}
-
-fn code(v: f32, scale: f32, zero: f32) -> u32 {
-    let q = clamp(round(v / scale) + zero, 0.0, prm.qmax);
-    return u32(i32(q - zero)) & 0xFFu;
-}
-
-fn pack(a: f32, b: f32, c: f32, d: f32, scale: f32, zero: f32) -> u32 {
-    return code(a, scale, zero) | (code(b, scale, zero) << 8u) | (code(c, scale, zero) << 16u)
-        | (code(d, scale, zero) << 24u);
 }
 
 @compute @workgroup_size(256)

@@ -89,7 +89,10 @@ impl Attention {
             attend: Kernel::specialized(
                 gpu,
                 "attention_int4kv",
-                include_str!("../../../shaders/attention_int4kv.wgsl"),
+                concat!(
+                    include_str!("../../../shaders/act_pack.wgsl"),
+                    include_str!("../../../shaders/attention_int4kv.wgsl")
+                ),
                 "main",
                 &[("HD", hd as f64)],
             ),

@@ -9,7 +9,10 @@ use super::linear::ActCodes;
 use crate::error::{Error, Result};
 use crate::transform::hadamard::Hadamard;
 
-const SHADER: &str = include_str!("../../../shaders/hadamard.wgsl");
+const SHADER: &str = concat!(
+    include_str!("../../../shaders/act_pack.wgsl"),
+    include_str!("../../../shaders/hadamard.wgsl")
+);
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -637,7 +637,10 @@ impl Products {
             act_codes: Kernel::new(
                 gpu,
                 "act_codes",
-                include_str!("../../../shaders/act_codes.wgsl"),
+                concat!(
+                    include_str!("../../../shaders/act_pack.wgsl"),
+                    include_str!("../../../shaders/act_codes.wgsl")
+                ),
             ),
             gemm_w4a16: gemm(
                 "gemm_w4a16",
