@@ -46,6 +46,22 @@ var<workgroup> buf: array<f32, 4096>;
 var<workgroup> lo: array<f32, 256>;
 var<workgroup> hi: array<f32, 256>;
 
+// The butterfly stages of stride 1, 2, … below `limit` over buf[0..len] in place (len a
+// multiple of limit): (a, b) ← (a + b, a − b) for the pairs `stride` apart, as `butterfly`
+// does them. Called by every thread of the workgroup.
+fn stages(t: u32, len: u32, limit: u32) {
+    for (var s = 1u; s < limit; s = s * 2u) {
+        for (var q = t; q < len / 2u; q = q + 256u) {
+            let a_idx = (q / s) * 2u * s + q % s;
+            let a = buf[a_idx];
+            let b = buf[a_idx + s];
+            buf[a_idx] = a + b;
+            buf[a_idx + s] = a - b;
+        }
+        workgroupBarrier();
+    }
+}
+
 @compute @workgroup_size(256)
 fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row = wid.y * prm.grid_x + wid.x;
@@ -62,17 +78,8 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         buf[i] = x[base + src];
     }
     workgroupBarrier();
-    // The length-P transforms of the K segments: the pairs of `butterfly`, stage by stage.
-    for (var s = 1u; s < prm.p; s = s * 2u) {
-        for (var q = t; q < prm.n / 2u; q = q + 256u) {
-            let a_idx = (q / s) * 2u * s + q % s;
-            let a = buf[a_idx];
-            let b = buf[a_idx + s];
-            buf[a_idx] = a + b;
-            buf[a_idx + s] = a - b;
-        }
-        workgroupBarrier();
-    }
+    // The length-P transforms of the K segments.
+    stages(t, prm.n, prm.p);
     var mn = 0.0;
     var mx = 0.0;
     for (var c = t; c < prm.n; c = c + 256u) {
@@ -130,16 +137,7 @@ fn segments(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         buf[i] = x[start + i];
     }
     workgroupBarrier();
-    for (var s = 1u; s < min(prm.p, prm.stride); s = s * 2u) {
-        for (var q = t; q < len / 2u; q = q + 256u) {
-            let a_idx = (q / s) * 2u * s + q % s;
-            let a = buf[a_idx];
-            let b = buf[a_idx + s];
-            buf[a_idx] = a + b;
-            buf[a_idx + s] = a - b;
-        }
-        workgroupBarrier();
-    }
+    stages(t, len, min(prm.p, prm.stride));
     for (var i = t; i < len; i = i + 256u) {
         x[start + i] = buf[i];
     }
