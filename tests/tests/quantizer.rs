@@ -217,10 +217,68 @@ fn device_quantizer_matches_host() {
     }
 }
 
+fn software_vulkan() -> Device {
+    use ostquant_core::device::{DeviceChoice, select};
+    select(DeviceChoice::Software)
+        .expect(
+            "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
+        )
+        .device
+}
+
+#[test]
+fn device_clip_search_scores_as_the_host_search_does() {
+    // The search a GPU calibration runs on the device picks, for every group, a factor whose
+    // error is the host search's minimum (f32 sums against f64: equal up to near-ties).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (groups, n) = (60, 64);
+    let mut x: Vec<f32> = (0..groups * n)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    for g in 0..groups {
+        if g % 2 == 0 {
+            x[g * n + g % n] = rng.random_range(2.0f32..20.0); // outliers: clipping pays
+        }
+    }
+    for device in [Device::flex(), software_vulkan()] {
+        for spec in [QuantSpec::sym(4), QuantSpec::asym(4), QuantSpec::asym(3)] {
+            let t = Tensor::<2>::from_data(TensorData::new(x.clone(), [groups, n]), &device);
+            let got = device_clip_search(t, &spec, CLIP_POWER)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let mut same = 0;
+            for (g, &c) in x.chunks(n).zip(&got) {
+                let host = search_clip(g, &spec, CLIP_POWER);
+                let (e_dev, e_host) = (
+                    clip_error(g, &spec, c, CLIP_POWER),
+                    clip_error(g, &spec, host, CLIP_POWER),
+                );
+                assert!(
+                    e_dev <= e_host * (1.0 + 1e-4),
+                    "{spec:?}: factor {c} (error {e_dev}) vs the host's {host} ({e_host})"
+                );
+                same += usize::from(c == host);
+            }
+            assert!(
+                same >= groups * 9 / 10,
+                "{spec:?}: {same} of {groups} factors agree"
+            );
+        }
+    }
+}
+
 #[test]
 fn calibration_weight_quantizer_is_clip_searched_rtn_with_a_masked_gradient() {
     // The weights a W4A16 calibration sees are the deployed RTN weights (per output channel,
-    // clip search), and the gradient is 1 where a value lands inside its grid, 0 where clamped.
+    // clip search), and the gradient is 1 where a value lands inside its grid, 0 where clamped:
+    // on burn's CPU backend (the search on the host) and on a wgpu device (on the device).
+    for device in [Device::flex().autodiff(), software_vulkan().autodiff()] {
+        weight_quantizer_on(&device);
+    }
+}
+
+fn weight_quantizer_on(device: &Device) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let (rows, cols) = (7, 48);
     // Cubed uniforms: heavy tails, so the search clips and some values get clamped.
@@ -242,13 +300,12 @@ fn calibration_weight_quantizer_is_clip_searched_rtn_with_a_masked_gradient() {
         let clamped = inside.iter().filter(|&&b| !b).count();
         assert!(clamped > 0, "the test data must clip some values");
 
-        let device = Device::flex().autodiff();
         // The calibration keeps weights transposed, [in, out].
         let w_t: Vec<f32> = (0..cols * rows)
             .map(|i| w[(i % rows) * cols + i / rows])
             .collect();
         let leaf =
-            Tensor::<2>::from_data(TensorData::new(w_t, [cols, rows]), &device).require_grad();
+            Tensor::<2>::from_data(TensorData::new(w_t, [cols, rows]), device).require_grad();
         let q_t = fake_quant_weight_t(leaf.clone(), &spec);
         let got: Vec<f32> = q_t
             .clone()
@@ -257,7 +314,10 @@ fn calibration_weight_quantizer_is_clip_searched_rtn_with_a_masked_gradient() {
             .try_to_vec::<f32>()
             .unwrap();
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-            assert!((g - e).abs() < 1e-6, "{spec:?} [{i}]: {g} vs host {e}");
+            assert!(
+                (g - e).abs() < 1e-6,
+                "{spec:?} [{i}]: {g} vs host {e} on {device:?}"
+            );
         }
         let grads = q_t.sum().backward();
         let grad: Vec<f32> = leaf

@@ -320,43 +320,121 @@ pub fn device_params(
 /// Fake-quantize a transposed weight [in, out] per output channel (column) exactly as RTN
 /// deploys it ([`fake_quant_matrix`] with the clip search: SPEC §5.3, the reference's
 /// `w_clip`), error power [`CLIP_POWER`]: the reference's training quantizer scores with
-/// power 2 and deploys with 2.4; this trains on the deployed grid. The search and the rounding
-/// run on the host over the detached values, so the grid is a constant to autodiff; the
-/// gradient passes straight through where a value lands inside its grid and is zero where it
-/// is clamped.
+/// power 2 and deploys with 2.4; this trains on the deployed grid. The grid is a constant to
+/// autodiff: the gradient passes straight through where a value lands inside its grid and is
+/// zero where it is clamped.
+///
+/// On burn's CPU backend the search runs on the host over the detached values (vectorized,
+/// with early exits: the fastest there); on a GPU it runs on the device
+/// ([`device_clip_search`]), so a step does not copy every fused weight to the host and back.
 pub fn fake_quant_weight_t(
     w_t: burn::tensor::Tensor<2>,
     spec: &QuantSpec,
 ) -> burn::tensor::Tensor<2> {
+    let w = w_t.transpose();
+    let host = w.device().without_autodiff() == burn::tensor::Device::flex();
+    let (q, inside) = if host {
+        weight_codes_host(w.clone().detach(), spec)
+    } else {
+        weight_codes_device(w.clone().detach(), spec)
+    };
+    // Forward: q. Backward: the mask.
+    (q + (w.clone() - w.detach()) * inside).transpose()
+}
+
+/// The fake-quantized weight [rows, cols] and the mask of values inside their grid (1, else 0),
+/// the clip search on the host.
+fn weight_codes_host(
+    w: burn::tensor::Tensor<2>,
+    spec: &QuantSpec,
+) -> (burn::tensor::Tensor<2>, burn::tensor::Tensor<2>) {
     use burn::tensor::{Tensor, TensorData};
     use rayon::prelude::*;
-    let w = w_t.transpose();
     let [rows, cols] = w.dims();
     let values = w
         .clone()
-        .detach()
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 weights");
     let mut q = values.clone();
     let grids = fake_quant_matrix(&mut q, cols, spec, Some(CLIP_POWER));
-    // 1 where a value's code on its row's grid needs no clamping.
+    let group = spec.group.unwrap_or(cols);
+    // 1 where a value's code on its group's grid needs no clamping.
     let inside: Vec<f32> = values
-        .par_chunks(cols)
+        .par_chunks(group)
         .zip(grids.par_iter())
-        .flat_map_iter(|(row, g)| {
-            row.iter().map(|&x| {
+        .flat_map_iter(|(g_values, g)| {
+            g_values.iter().map(|&x| {
                 let code = (x / g.scale).round() + g.zero;
                 f32::from(u8::from((spec.qmin()..=spec.qmax()).contains(&code)))
             })
         })
         .collect();
     let device = w.device();
-    let q = Tensor::<2>::from_data(TensorData::new(q, [rows, cols]), &device);
-    let inside = Tensor::<2>::from_data(TensorData::new(inside, [rows, cols]), &device);
-    // Forward: q. Backward: the mask.
-    (q + (w.clone() - w.detach()) * inside).transpose()
+    (
+        Tensor::<2>::from_data(TensorData::new(q, [rows, cols]), &device),
+        Tensor::<2>::from_data(TensorData::new(inside, [rows, cols]), &device),
+    )
+}
+
+/// [`weight_codes_host`] with the clip search on the device.
+fn weight_codes_device(
+    w: burn::tensor::Tensor<2>,
+    spec: &QuantSpec,
+) -> (burn::tensor::Tensor<2>, burn::tensor::Tensor<2>) {
+    let [rows, cols] = w.dims();
+    let group = spec.group.unwrap_or(cols);
+    let x = w.reshape([rows * cols / group, group]);
+    let clip = device_clip_search(x.clone(), spec, CLIP_POWER);
+    let (lo, hi) = group_range(&x);
+    let (s, z) = device_params(lo * clip.clone(), hi * clip, spec);
+    let code = x.div(s.clone()).round() + z.clone();
+    let inside = code
+        .clone()
+        .greater_equal_elem(spec.qmin())
+        .bool_and(code.clone().lower_equal_elem(spec.qmax()))
+        .float();
+    let q = code.clamp(spec.qmin(), spec.qmax()).sub(z).mul(s);
+    (q.reshape([rows, cols]), inside.reshape([rows, cols]))
+}
+
+/// Each group's (row's) range [min(x, 0), max(x, 0)] as [groups, 1] tensors.
+fn group_range(x: &burn::tensor::Tensor<2>) -> (burn::tensor::Tensor<2>, burn::tensor::Tensor<2>) {
+    (
+        x.clone().min_dim(1).clamp_max(0.0),
+        x.clone().max_dim(1).clamp_min(0.0),
+    )
+}
+
+/// [`search_clip`] on the device for every row of `x` [groups, group] at once: the shrink
+/// factor [groups, 1] of [`clip_candidates`] with the smallest Σ|x − q(x)|^p (ties: the larger
+/// factor). Sums in f32 (the host's in f64), so where two candidates' errors agree to about
+/// 1e-6 the two may pick either.
+pub fn device_clip_search(
+    x: burn::tensor::Tensor<2>,
+    spec: &QuantSpec,
+    p: f32,
+) -> burn::tensor::Tensor<2> {
+    let (lo, hi) = group_range(&x);
+    let mut best: Option<(burn::tensor::Tensor<2>, burn::tensor::Tensor<2>)> = None;
+    for c in clip_candidates() {
+        let (s, z) = device_params(lo.clone().mul_scalar(c), hi.clone().mul_scalar(c), spec);
+        let q = (x.clone().div(s.clone()).round() + z.clone())
+            .clamp(spec.qmin(), spec.qmax())
+            .sub(z)
+            .mul(s);
+        let err = (x.clone() - q).abs().powf_scalar(p).sum_dim(1);
+        best = Some(match best {
+            None => (err.clone(), err.ones_like().mul_scalar(c)),
+            // Candidates come in decreasing order: a tie keeps the earlier, larger factor.
+            Some((e, f)) => {
+                let better = err.clone().lower(e.clone());
+                (e.mask_where(better.clone(), err), f.mask_fill(better, c))
+            }
+        });
+    }
+    best.expect("80 candidates").1
 }
 
 /// Fake-quantize a [rows, cols] tensor on the device, groups along each row (dynamic
