@@ -181,7 +181,8 @@ impl Attention {
             }
             Some(c) => {
                 return Err(Error::other(format!(
-                    "attention into activation codes needs {max_tokens} tokens of {} values in                      groups of one head ({}), not {} of {} in groups of {}",
+                    "attention into activation codes needs {max_tokens} tokens of {} values in \
+                     groups of one head ({}), not {} of {} in groups of {}",
                     self.nq * self.hd,
                     self.hd,
                     c.tokens,
