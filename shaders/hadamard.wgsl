@@ -43,8 +43,6 @@ struct Params {
 
 const WHOLE_MAX: u32 = 4096u;
 var<workgroup> buf: array<f32, 4096>;
-var<workgroup> lo: array<f32, 256>;
-var<workgroup> hi: array<f32, 256>;
 
 // The butterfly stages of stride 1, 2, … below `limit` over buf[0..len] in place (len a
 // multiple of limit): (a, b) ← (a + b, a − b) for the pairs `stride` apart, as `butterfly`
@@ -95,20 +93,23 @@ fn whole(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         mx = max(mx, y);
     }
     if (prm.qmax > 0.0) {
-        // act_codes.wgsl's quantizer over the row: range [min(y, 0), max(y, 0)].
-        lo[t] = mn;
-        hi[t] = mx;
+        // act_codes.wgsl's quantizer over the row: range [min(y, 0), max(y, 0)]. The mix has
+        // read buf for the last time: its first 512 values hold the min and max reductions
+        // (no more shared memory than the transform's 16 KB).
+        workgroupBarrier();
+        buf[t] = mn;
+        buf[256u + t] = mx;
         workgroupBarrier();
         for (var r = 128u; r > 0u; r = r >> 1u) {
             if (t < r) {
-                lo[t] = min(lo[t], lo[t + r]);
-                hi[t] = max(hi[t], hi[t + r]);
+                buf[t] = min(buf[t], buf[t + r]);
+                buf[256u + t] = max(buf[256u + t], buf[256u + t + r]);
             }
             workgroupBarrier();
         }
         // The row's outputs, written by other threads of this workgroup, are read back.
         storageBarrier();
-        let grid = act_grid(lo[0], hi[0], prm.qmax);
+        let grid = act_grid(buf[0], buf[256u], prm.qmax);
         if (t == 0u) {
             code_scales[row] = grid.x;
         }
