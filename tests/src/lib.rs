@@ -372,6 +372,16 @@ pub fn reference_forward(w: &LlamaWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
     xs.iter().map(|x| matvec(head, &rms(x, &w.norm))).collect()
 }
 
+/// burn's software Vulkan device (lavapipe), for the burn-side tests of GPU code.
+pub fn software_vulkan() -> burn::tensor::Device {
+    use ostquant_core::device::{DeviceChoice, select};
+    select(DeviceChoice::Software)
+        .expect(
+            "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
+        )
+        .device
+}
+
 /// The wgpu device the runtime tests run on: the software Vulkan device (lavapipe) unless
 /// `OSTQUANT_TEST_DEVICE=gpu` asks for a real GPU (to check the kernels on one when lent).
 pub fn test_gpu() -> ostquant_core::runtime::Gpu {

@@ -742,12 +742,7 @@ fn a_short_calibration_lowers_the_loss_and_the_quantized_kl() {
 /// (wgpu) agree, so the calibration runs on any GPU through burn-wgpu.
 #[test]
 fn calibration_gradients_on_the_software_vulkan_device_match_the_cpu() {
-    use ostquant_core::device::{DeviceChoice, select};
-    let vulkan = select(DeviceChoice::Software)
-        .expect(
-            "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
-        )
-        .device;
+    let vulkan = ostquant_tests::software_vulkan();
     let w = outlier_weights(16);
     let tokens = tiny_windows(2, 16, 5);
     let t = random_transforms(&w, &KINDS, 70);

@@ -3,7 +3,6 @@
 //! through the KV cache against a full recompute.
 
 use burn::tensor::Device;
-use ostquant_core::device::{DeviceChoice, select};
 use ostquant_core::model::llama::Llama;
 use ostquant_tests::{random_weights, reference_forward, tiny_config};
 
@@ -106,13 +105,7 @@ fn cpu_batch_rows_are_independent() {
     check_batch(&Device::flex());
 }
 
-fn software_vulkan() -> Device {
-    select(DeviceChoice::Software)
-        .expect(
-            "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
-        )
-        .device
-}
+use ostquant_tests::software_vulkan;
 
 #[test]
 fn wgpu_forward_matches_f64_reference() {

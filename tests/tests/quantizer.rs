@@ -2,6 +2,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use ostquant_core::quant::quantizer::*;
+use ostquant_tests::software_vulkan;
 use rand::{Rng, SeedableRng};
 
 fn q(values: &[f32], spec: QuantSpec) -> Vec<f32> {
@@ -215,15 +216,6 @@ fn device_quantizer_matches_host() {
         // A value exactly on a rounding boundary may round either way in f32; allow a handful.
         assert!(diff <= 2, "{spec:?}: {diff} values differ");
     }
-}
-
-fn software_vulkan() -> Device {
-    use ostquant_core::device::{DeviceChoice, select};
-    select(DeviceChoice::Software)
-        .expect(
-            "the software Vulkan device (mesa-vulkan-drivers) must be installed: run assets/setup",
-        )
-        .device
 }
 
 #[test]
