@@ -1,7 +1,7 @@
 // Append `tokens` consecutive positions' K and V (from position `pos` on) to their int4
 // caches, both in one launch: per head, asymmetric 4-bit over the head's hd values (the
-// reference's per-token per-head KV quantizer: s = (max − min)/15 with the range forced to
-// contain 0, z = round(−min/s), code = clamp(round(x/s) + z, 0, 15)).
+// reference's per-token per-head KV quantizer, kv_pack.wgsl, prepended). Decode appends in
+// the attention's launch instead (attention_int4kv.wgsl's `fresh`).
 //
 // Layout: k and v f32 [tokens, heads, hd]; each cache's codes u32 [max_seq, heads, hd/8], 8
 // codes per word, dim 8w + j in bits 4j..4j+3; its grid f32 [max_seq, heads, 2], (scale, zero)
@@ -47,11 +47,11 @@ fn put_word(is_v: bool, i: u32, word: u32) {
         k_codes[i] = word;
     }
 }
-fn put_grid(is_v: bool, slot: u32, scale: f32, zero: f32) {
+fn put_grid(is_v: bool, slot: u32, grid: vec2<f32>) {
     if (is_v) {
-        v_grid[slot] = vec2<f32>(scale, zero);
+        v_grid[slot] = grid;
     } else {
-        k_grid[slot] = vec2<f32>(scale, zero);
+        k_grid[slot] = grid;
     }
 }
 
@@ -90,18 +90,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    let scale = max(hi[0] - lo[0], 1e-6) / 15.0;
-    let zero = round(-lo[0] / scale);
+    let grid = kv_grid(lo[0], hi[0]);
     let slot = pos * p.heads + h;
     if (t == 0u) {
-        put_grid(is_v, slot, scale, zero);
+        put_grid(is_v, slot, grid);
     }
     let words = p.hd / 8u;
     for (var w = t; w < words; w = w + 64u) {
         var word = 0u;
         for (var j = 0u; j < 8u; j = j + 1u) {
-            let q = clamp(round(load(is_v, base + 8u * w + j) / scale) + zero, 0.0, 15.0);
-            word = word | (u32(q) << (4u * j));
+            word = word | kv_code(load(is_v, base + 8u * w + j), grid, j);
         }
         put_word(is_v, slot * words + w, word);
     }

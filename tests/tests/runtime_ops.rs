@@ -368,6 +368,149 @@ fn attention_over_the_int4_and_f32_caches_matches_f64() {
     }
 }
 
+/// Decode's attention that appends its own position (and, with the Q/K Hadamard, turns q
+/// and k first) against the launches it replaces: the Hadamard launch, the append launch and
+/// the attention over the cache. The same caches bit for bit, the same output and codes.
+#[test]
+fn decode_attention_appends_its_position_as_the_append_launch_does() {
+    use ostquant_core::runtime::attention::{Attention, Fresh, KvCache};
+    use ostquant_core::runtime::hadamard::GpuHadamard;
+    use ostquant_core::runtime::kernel::Bind;
+    use ostquant_core::runtime::linear::ActCodes;
+    let gpu = gpu();
+    let mut rng = StdRng::seed_from_u64(8);
+    // (query heads, KV heads, head dim, positions already cached): position `len` is decoded.
+    let cases = [
+        (9, 3, 64, 70),
+        (4, 4, 128, 0),
+        (32, 8, 128, 130),
+        (4, 2, 256, 65),
+        (2, 1, 64, 63),
+    ];
+    for ((nq, nkv, hd, len), int4, hadamard) in cases.into_iter().flat_map(|c| {
+        [
+            (c, true, false),
+            (c, true, true),
+            (c, false, false),
+            (c, false, true),
+        ]
+    }) {
+        let what = format!("nq {nq} nkv {nkv} hd {hd} len {len} int4 {int4} hadamard {hadamard}");
+        let att = Attention::new(&gpu, nq, nkv, hd, 256).unwrap();
+        let (qn, kvn) = (nq * hd, nkv * hd);
+        // One position's q, k and v as the q, k, v product leaves them (with the Hadamard, q's
+        // and k's heads in RoPE pairs), and the positions before it.
+        let qkv = rand_vec(&mut rng, qn + 2 * kvn, 1.5);
+        let past_k = rand_vec(&mut rng, len * kvn, 2.0);
+        let past_v = rand_vec(&mut rng, len * kvn, 2.0);
+        let caches = || {
+            let (k, v) = (
+                KvCache::new(&gpu, 256, nkv, hd, int4),
+                KvCache::new(&gpu, 256, nkv, hd, int4),
+            );
+            if len > 0 {
+                let (kb, vb) = (gpu.storage("k", &past_k), gpu.storage("v", &past_v));
+                let d = att.append(&gpu, &kb, &vb, &k, &v, len);
+                att.set_append(&gpu, &d, &k, 0, len);
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                d.record(&mut enc);
+                gpu.queue.submit([enc.finish()]);
+            }
+            (k, v)
+        };
+        let codes = |c: &ActCodes| c.read(&gpu).unwrap();
+        let read = |k: &KvCache, v: &KvCache| {
+            let words = 256 * kvn / if int4 { 8 } else { 1 };
+            let grid = if int4 { 2 * 256 * nkv } else { 2 };
+            [&k.codes, &v.codes, &k.grid, &v.grid].map(|b| {
+                let n = if std::ptr::eq(b, &k.codes) || std::ptr::eq(b, &v.codes) {
+                    words
+                } else {
+                    grid
+                };
+                gpu.read_f32(b, n)
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            })
+        };
+
+        // Apart: the Q/K Hadamard (where asked), the append, the attention.
+        let (k1, v1) = caches();
+        let out1 = gpu.output("out", qn);
+        let codes1 = ActCodes::new(&gpu, 1, qn, hd, 4).unwrap();
+        let qkv_b = gpu.storage("qkv", &qkv);
+        let qk_h = gpu.output("qk_h", qn + kvn);
+        let v_b = gpu.storage("v", &qkv[qn + kvn..]);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let (q, k): (Bind, Bind) = if hadamard {
+            let h = GpuHadamard::new(&gpu, hd).unwrap();
+            h.unpairing_dispatch(&gpu, &qkv_b, &qk_h, nq + nkv)
+                .unwrap()
+                .record(&mut enc);
+            (
+                Bind::f32_range(&qk_h, 0, qn),
+                Bind::f32_range(&qk_h, qn, kvn),
+            )
+        } else {
+            (
+                Bind::f32_range(&qkv_b, 0, qn),
+                Bind::f32_range(&qkv_b, qn, kvn),
+            )
+        };
+        let d = att.append(&gpu, k, &v_b, &k1, &v1, 1);
+        att.set_append(&gpu, &d, &k1, len, 1);
+        d.record(&mut enc);
+        let a = att
+            .attend(&gpu, q, &k1, &v1, &out1, Some(&codes1), 1)
+            .unwrap();
+        att.set_attend(&gpu, &a, &k1, len, 1);
+        a.d.record(&mut enc);
+        let got1 = gpu.finish_f32(enc, &out1, qn).unwrap();
+
+        // Together: one launch.
+        let (k2, v2) = caches();
+        let out2 = gpu.output("out", qn);
+        let codes2 = ActCodes::new(&gpu, 1, qn, hd, 4).unwrap();
+        let fresh = Fresh {
+            k_off: qn,
+            v_off: qn + kvn,
+            hadamard,
+        };
+        let a = att
+            .attend_fresh(&gpu, &qkv_b, fresh, &k2, &v2, &out2, Some(&codes2))
+            .unwrap();
+        att.set_attend(&gpu, &a, &k2, len, 1);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        a.d.record(&mut enc);
+        let got2 = gpu.finish_f32(enc, &out2, qn).unwrap();
+
+        assert_eq!(read(&k1, &v1), read(&k2, &v2), "caches, {what}");
+        assert_eq!(got1, got2, "attention output, {what}");
+        assert_eq!(codes(&codes1), codes(&codes2), "o_proj codes, {what}");
+    }
+    // k and v must follow q in the binding.
+    let att = Attention::new(&gpu, 4, 2, 64, 16).unwrap();
+    let (k, v) = (
+        KvCache::new(&gpu, 16, 2, 64, true),
+        KvCache::new(&gpu, 16, 2, 64, true),
+    );
+    let qkv = gpu.output("qkv", 512);
+    let out = gpu.output("out", 256);
+    let overlapping = Fresh {
+        k_off: 128,
+        v_off: 384,
+        hadamard: false,
+    };
+    let err = att
+        .attend_fresh(&gpu, &qkv, overlapping, &k, &v, &out, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("must follow q"), "{err}");
+}
+
 #[test]
 fn activation_quantization_matches_the_host_quantizer() {
     use ostquant_core::quant::quantizer::{QuantSpec, fake_quant_group};

@@ -2,7 +2,8 @@
 //! shaders/attention_int4kv.wgsl): keys and values stored as 4-bit asymmetric codes per
 //! position and head, as the W?A?KV4 models were evaluated, or as f32 for 16-bit KV. Launches
 //! are bound for up to `tokens` positions at once (1 for decode, a chunk for prefill) and
-//! pointed at the positions of each step.
+//! pointed at the positions of each step. Decode appends the step's K and V in the
+//! attention's own launch ([`Attention::attend_fresh`]).
 
 use burn::tensor::wgpu::wgpu;
 
@@ -53,6 +54,10 @@ struct AttnParams {
     scale: f32,
     raw: u32,
     qmax: f32,
+    fresh: u32,
+    k_off: u32,
+    v_off: u32,
+    hadamard: u32,
 }
 
 /// Shapes of the attention and its compiled kernels.
@@ -84,13 +89,17 @@ impl Attention {
             quant: Kernel::new(
                 gpu,
                 "kv_quant",
-                include_str!("../../../shaders/kv_quant.wgsl"),
+                concat!(
+                    include_str!("../../../shaders/kv_pack.wgsl"),
+                    include_str!("../../../shaders/kv_quant.wgsl")
+                ),
             ),
             attend: Kernel::specialized(
                 gpu,
                 "attention_int4kv",
                 concat!(
                     include_str!("../../../shaders/act_pack.wgsl"),
+                    include_str!("../../../shaders/kv_pack.wgsl"),
                     include_str!("../../../shaders/attention_int4kv.wgsl")
                 ),
                 "main",
@@ -112,7 +121,18 @@ impl Attention {
         }
     }
 
-    fn attn_params(&self, cache: &KvCache, pos0: usize, tokens: usize, qmax: f32) -> AttnParams {
+    fn attn_params(
+        &self,
+        cache: &KvCache,
+        (pos0, tokens): (usize, usize),
+        qmax: f32,
+        fresh: Option<Fresh>,
+    ) -> AttnParams {
+        assert!(
+            fresh.is_none() || tokens == 1,
+            "the fresh position is one token"
+        );
+        assert!(pos0 + tokens <= self.max_seq, "KV cache full");
         AttnParams {
             nq: self.nq as u32,
             nkv: self.nkv as u32,
@@ -122,6 +142,10 @@ impl Attention {
             scale: 1.0 / (self.hd as f32).sqrt(),
             raw: !cache.int4 as u32,
             qmax,
+            fresh: fresh.is_some() as u32,
+            k_off: fresh.map_or(0, |f| f.k_off) as u32,
+            v_off: fresh.map_or(0, |f| f.v_off) as u32,
+            hadamard: fresh.is_some_and(|f| f.hadamard) as u32,
         }
     }
 
@@ -158,9 +182,9 @@ impl Attention {
     }
 
     /// The launch of out [tokens, nq, hd] = softmax(q·Kᵀ/√hd)·V, query i at position pos0 + i
-    /// attending to positions 0..=pos0 + i, bound for up to `max_tokens` queries; with `codes`,
-    /// each head's output also quantized into them as the W4A4 o_proj takes its input (one
-    /// group per head: act_codes.wgsl's arithmetic).
+    /// attending to positions 0..=pos0 + i (already in the caches), bound for up to
+    /// `max_tokens` queries; with `codes`, each head's output also quantized into them as the
+    /// W4A4 o_proj takes its input (one group per head: act_codes.wgsl's arithmetic).
     #[allow(clippy::too_many_arguments)]
     pub fn attend<'b>(
         &self,
@@ -171,6 +195,56 @@ impl Attention {
         out: &wgpu::Buffer,
         codes: Option<&ActCodes>,
         max_tokens: usize,
+    ) -> Result<Attend> {
+        self.bind(gpu, q.into(), k, v, out, codes, max_tokens, None)
+    }
+
+    /// Decode's attention of one position that also appends that position's K and V to the
+    /// caches (quantized as [`Attention::append`] does; no launch of its own): `qkv` holds q
+    /// [nq, hd], then k [nkv, hd] at `fresh.k_off` and v [nkv, hd] at `fresh.v_off` (in f32s).
+    /// With `fresh.hadamard`, q and k are heads in RoPE pairs that the launch turns by the
+    /// per-head Hadamard H/√hd first (the online Q/K Hadamard; hd a power of two).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_fresh<'b>(
+        &self,
+        gpu: &Gpu,
+        qkv: impl Into<Bind<'b>>,
+        fresh: Fresh,
+        k: &KvCache,
+        v: &KvCache,
+        out: &wgpu::Buffer,
+        codes: Option<&ActCodes>,
+    ) -> Result<Attend> {
+        assert_eq!(k.int4, v.int4, "K and V caches of one kind");
+        let (q_len, kv_len) = (self.nq * self.hd, self.nkv * self.hd);
+        if fresh.k_off < q_len || fresh.v_off < fresh.k_off + kv_len {
+            return Err(Error::other(format!(
+                "the current position's k and v must follow q ({q_len} values) and each other \
+                 ({kv_len} values each), not start at {} and {}",
+                fresh.k_off, fresh.v_off
+            )));
+        }
+        if fresh.hadamard && !self.hd.is_power_of_two() {
+            return Err(Error::other(format!(
+                "the attention's Q/K Hadamard needs a head dimension that is a power of two, \
+                 not {}",
+                self.hd
+            )));
+        }
+        self.bind(gpu, qkv.into(), k, v, out, codes, 1, Some(fresh))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind(
+        &self,
+        gpu: &Gpu,
+        q: Bind,
+        k: &KvCache,
+        v: &KvCache,
+        out: &wgpu::Buffer,
+        codes: Option<&ActCodes>,
+        max_tokens: usize,
+        fresh: Option<Fresh>,
     ) -> Result<Attend> {
         let qmax = match codes {
             None => 0.0,
@@ -191,13 +265,13 @@ impl Attention {
                 )));
             }
         };
-        let p = self.attn_params(k, 0, max_tokens, qmax);
+        let p = self.attn_params(k, (0, max_tokens), qmax, fresh);
         let (codes, scales) = match codes {
             Some(c) => c.buffers(),
             None => (&self.no_codes[0], &self.no_codes[1]),
         };
         let bufs: [Bind; 8] = [
-            q.into(),
+            q,
             (&k.codes).into(),
             (&k.grid).into(),
             (&v.codes).into(),
@@ -210,17 +284,31 @@ impl Attention {
         Ok(Attend {
             d: self.attend.dispatch(gpu, &p, &bufs, grid),
             qmax,
+            fresh,
         })
     }
 
-    /// Point an [`Attention::attend`] launch at `tokens` queries from position `pos0` on.
+    /// Point an attention launch at `tokens` queries from position `pos0` on (one, appended
+    /// there, for [`Attention::attend_fresh`]'s).
     pub fn set_attend(&self, gpu: &Gpu, a: &Attend, k: &KvCache, pos0: usize, tokens: usize) {
-        a.d.set_params(gpu, &self.attn_params(k, pos0, tokens, a.qmax));
+        let p = self.attn_params(k, (pos0, tokens), a.qmax, a.fresh);
+        a.d.set_params(gpu, &p);
     }
 }
 
-/// An attention launch, and whether it writes activation codes (their 2^bits − 1, or 0).
+/// Where [`Attention::attend_fresh`] finds the current position's k and v in its `qkv`
+/// binding (offsets in f32s), and whether it turns q and k by the Q/K Hadamard.
+#[derive(Debug, Clone, Copy)]
+pub struct Fresh {
+    pub k_off: usize,
+    pub v_off: usize,
+    pub hadamard: bool,
+}
+
+/// An attention launch, whether it writes activation codes (their 2^bits − 1, or 0), and
+/// whether it appends the current position.
 pub struct Attend {
     pub d: Dispatch,
     qmax: f32,
+    fresh: Option<Fresh>,
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::tensor::wgpu::wgpu;
 
 use super::Gpu;
-use super::attention::{Attend, Attention, KvCache};
+use super::attention::{Attend, Attention, Fresh, KvCache};
 use super::hadamard::GpuHadamard;
 use super::host::{HostLinear, HostModel};
 use super::kernel::{Bind, Dispatch, record_all};
@@ -173,7 +173,7 @@ enum Launch {
     Fixed(Dispatch),
     /// A linear layer's product (fixed too; told apart for [`GpuModel::breakdown`]).
     Product(Dispatch),
-    /// K and V into the layer's caches.
+    /// K and V into the layer's caches (prefill; decode's attention appends its own).
     Append {
         d: Dispatch,
         layer: usize,
@@ -606,34 +606,52 @@ impl GpuModel {
                 plan.push(fixed(ops.rope(gpu, q, &s.cos, &s.sin, shape(t, nq))));
                 plan.push(fixed(ops.rope(gpu, k, &s.cos, &s.sin, shape(t, nkv))));
             }
-            let (q, k): (Bind, Bind) = match &qk_h {
-                Some(h) if fused => {
-                    let qk = Bind::f32_range(&s.q, 0, nq_t + nkv_t);
-                    let rows = t * (nq + nkv);
-                    if paired {
-                        plan.push(fixed(h.unpairing_dispatch(gpu, qk, &s.q_h, rows)?));
-                    } else {
-                        plan.extend(h.dispatches(gpu, qk, &s.q_h, rows).into_iter().map(fixed));
-                    }
-                    (
-                        Bind::f32_range(&s.q_h, 0, nq_t),
-                        Bind::f32_range(&s.q_h, nq_t, nkv_t),
-                    )
-                }
-                Some(h) => {
-                    let (q_rows, k_rows) = (t * nq, t * nkv);
-                    plan.extend(h.dispatches(gpu, q, &s.q_h, q_rows).into_iter().map(fixed));
-                    plan.extend(h.dispatches(gpu, k, &s.k_h, k_rows).into_iter().map(fixed));
-                    ((&s.q_h).into(), (&s.k_h).into())
-                }
-                None => (q, k),
-            };
-            let d_kv = attn.append(gpu, k, v, &l.k_cache, &l.v_cache, t);
             // With integer activations the attention also writes the o_proj input's codes.
             let a_codes = codes.as_ref().map(|c| &c[1]);
-            let a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, a_codes, t)?;
-            plan.push(Launch::Append { d: d_kv, layer });
-            plan.push(Launch::Attend { a, layer });
+            // Decode with q, k and v in one buffer: the attention appends k and v to the
+            // caches itself, and applies the Q/K Hadamard where q and k are in RoPE pairs.
+            let fresh = match &qk_h {
+                _ if !(fused && t == 1) => None,
+                None => Some(false),
+                Some(_) => (paired && hd.is_power_of_two()).then_some(true),
+            };
+            if let Some(hadamard) = fresh {
+                let qkv = Bind::f32_range(&s.q, 0, nq_t + 2 * nkv_t);
+                let f = Fresh {
+                    k_off: nq_t,
+                    v_off: nq_t + nkv_t,
+                    hadamard,
+                };
+                let a = attn.attend_fresh(gpu, qkv, f, &l.k_cache, &l.v_cache, &s.a, a_codes)?;
+                plan.push(Launch::Attend { a, layer });
+            } else {
+                let (q, k): (Bind, Bind) = match &qk_h {
+                    Some(h) if fused => {
+                        let qk = Bind::f32_range(&s.q, 0, nq_t + nkv_t);
+                        let rows = t * (nq + nkv);
+                        if paired {
+                            plan.push(fixed(h.unpairing_dispatch(gpu, qk, &s.q_h, rows)?));
+                        } else {
+                            plan.extend(h.dispatches(gpu, qk, &s.q_h, rows).into_iter().map(fixed));
+                        }
+                        (
+                            Bind::f32_range(&s.q_h, 0, nq_t),
+                            Bind::f32_range(&s.q_h, nq_t, nkv_t),
+                        )
+                    }
+                    Some(h) => {
+                        let (q_rows, k_rows) = (t * nq, t * nkv);
+                        plan.extend(h.dispatches(gpu, q, &s.q_h, q_rows).into_iter().map(fixed));
+                        plan.extend(h.dispatches(gpu, k, &s.k_h, k_rows).into_iter().map(fixed));
+                        ((&s.q_h).into(), (&s.k_h).into())
+                    }
+                    None => (q, k),
+                };
+                let d_kv = attn.append(gpu, k, v, &l.k_cache, &l.v_cache, t);
+                let a = attn.attend(gpu, q, &l.k_cache, &l.v_cache, &s.a, a_codes, t)?;
+                plan.push(Launch::Append { d: d_kv, layer });
+                plan.push(Launch::Attend { a, layer });
+            }
             if codes.is_none() {
                 plan.extend(quantize(&s.a, 1));
             }
