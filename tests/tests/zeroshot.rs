@@ -268,6 +268,97 @@ fn batched_prefix_scoring_matches_a_naive_forward() {
     }
 }
 
+/// The journal of judged items: a task stopped part way resumes where it stopped, a larger
+/// limit judges only the items it adds, and either way the scores equal one uninterrupted run
+/// with no journal; a line cut short is dropped, a wrong line is an error naming the file.
+#[test]
+fn judged_items_are_journaled_so_tasks_resume_and_limits_grow() {
+    use ostquant_core::data::tasks::Task;
+    use ostquant_core::error::Error;
+    use ostquant_core::eval::journal::Journal;
+    use ostquant_core::eval::zeroshot::evaluate;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let w = write_tiny_model(dir.path(), 5);
+    let tok = Tokenizer::load(dir.path(), &w.config).unwrap();
+    let model = Llama::new(&w, &Device::flex());
+    let choices: [&[&str]; 4] = [
+        &["yes", "no"],
+        &["a cat", "a dog", "two"],
+        &["up", "down"],
+        &["one", "three", "five", "seven"],
+    ];
+    let task = Task {
+        name: TaskName::ArcEasy,
+        items: (0..8).map(|i| item(choices[i % 4], i % 2)).collect(),
+    };
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+    let run = |journal: &mut Journal, limit, cancel_after: Option<usize>| {
+        let cancel = AtomicBool::new(false);
+        let mut progress = |done: usize, _total: usize| {
+            if Some(done) == cancel_after {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        };
+        evaluate(&model, &tok, &task, limit, journal, &mut progress, &cancel).map(|(mut s, b)| {
+            s.seconds = 0.0;
+            (s, b)
+        })
+    };
+    // Uninterrupted, journal thrown away: the reference.
+    let scratch = dir.path().join("scratch.items.jsonl");
+    let want = |limit| {
+        let _ = std::fs::remove_file(&scratch);
+        let mut j = Journal::open(&scratch, &task).unwrap();
+        run(&mut j, limit, None).unwrap().0
+    };
+    let (want2, want4, want_all) = (want(Some(2)), want(Some(4)), want(None));
+
+    let path = dir.path().join("cells").join("m-W4-arc_easy.items.jsonl");
+    // Limit 2 (items 0 and 4), then 4 (0, 2, 4, 6): two items more, not four.
+    let mut j = Journal::open(&path, &task).unwrap();
+    let (got, builds) = run(&mut j, Some(2), None).unwrap();
+    assert_eq!(got, want2);
+    assert_eq!(builds, [ostquant_core::BUILD]);
+    assert_eq!(lines(&path), 2);
+    let mut j = Journal::open(&path, &task).unwrap();
+    assert_eq!(run(&mut j, Some(4), None).unwrap().0, want4);
+    assert_eq!(lines(&path), 4);
+    // All 8, stopped after the 6th item (items 1, 3 and 5 judged), then resumed.
+    let mut j = Journal::open(&path, &task).unwrap();
+    assert!(matches!(run(&mut j, None, Some(6)), Err(Error::Cancelled)));
+    assert_eq!(lines(&path), 7);
+    // A run stopped while writing a line leaves it cut short: dropped, and cut from the file.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"item\": 7, \"judged\": [[-1.5,").unwrap();
+    let mut j = Journal::open(&path, &task).unwrap();
+    assert_eq!(run(&mut j, None, None).unwrap().0, want_all);
+    assert_eq!(lines(&path), 8);
+    // Everything from the journal now: nothing judged, the same scores.
+    let mut j = Journal::open(&path, &task).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    assert_eq!(run(&mut j, None, None).unwrap().0, want_all);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+
+    // Lines that do not fit the task are refused, naming the file and the line.
+    for bad in [
+        "{\"item\": 9, \"judged\": [[-1.0, false], [-2.0, false]], \"by\": \"x\"}\n",
+        "{\"item\": 0, \"judged\": [[-1.0, false]], \"by\": \"x\"}\n",
+        "not json\n",
+    ] {
+        let p = dir.path().join("bad.items.jsonl");
+        std::fs::write(&p, format!("{{\"item\": 1, \"judged\": [[-1.0, true], [-2.0, false], [-3.0, false]], \"by\": \"x\"}}\n{bad}")).unwrap();
+        let err = Journal::open(&p, &task).err().expect(bad).to_string();
+        assert!(
+            err.contains("bad.items.jsonl") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn hellaswag_text_is_cleaned_like_lm_eval() {
     assert_eq!(

@@ -208,10 +208,19 @@ impl Task {
     /// `limit` items spread evenly over the task (all when None or larger): the same items
     /// for every method, covering the whole set rather than its first rows.
     pub fn subset(&self, limit: Option<usize>) -> Vec<&Item> {
+        self.subset_indices(limit)
+            .into_iter()
+            .map(|i| &self.items[i])
+            .collect()
+    }
+
+    /// The positions in `items` of [`Task::subset`]'s items. A limit's items include those of
+    /// every limit that divides it (i·n/k = (m·i)·n/(m·k)), and all items include every limit's.
+    pub fn subset_indices(&self, limit: Option<usize>) -> Vec<usize> {
         let n = self.items.len();
         match limit {
-            Some(k) if k < n => (0..k).map(|i| &self.items[i * n / k]).collect(),
-            _ => self.items.iter().collect(),
+            Some(k) if k < n => (0..k).map(|i| i * n / k).collect(),
+            _ => (0..n).collect(),
         }
     }
 }

@@ -1,4 +1,5 @@
 //! Accuracy measurements, and the cache that lets an interrupted results table resume.
+pub mod journal;
 pub mod perplexity;
 pub mod suite;
 pub mod zeroshot;
@@ -39,15 +40,28 @@ pub fn cache_get<T: DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_str(&text).ok()
 }
 
+/// The journal of the items of `task` judged by a method at `bits` (any limit): beside its
+/// cells, see [`journal`].
+pub fn journal_path(root: &Path, model: &Path, method: &str, bits: &str, task: &str) -> PathBuf {
+    let cell = cache_path(root, model, method, bits, task, None);
+    cell.with_file_name(format!("{method}-{bits}-{task}.items.jsonl"))
+}
+
 /// Write atomically (temp file, then rename), so an interrupted run never leaves half a result.
 /// The result is stamped with the build that measured it (`measured_by`).
 pub fn cache_put<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    cache_put_by(path, value, crate::BUILD)
+}
+
+/// [`cache_put`] of a result measured by `builds` (several joined by "+": a zero-shot cell
+/// whose items were judged by more than one build, see [`journal`]).
+pub fn cache_put_by<T: Serialize>(path: &Path, value: &T, builds: &str) -> Result<()> {
     let dir = path.parent().expect("cache paths have a parent");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut value = serde_json::to_value(value).expect("results serialize");
     if let Some(obj) = value.as_object_mut() {
-        obj.insert("measured_by".into(), crate::BUILD.into());
+        obj.insert("measured_by".into(), builds.into());
     }
     let text = serde_json::to_string_pretty(&value).expect("results serialize");
     std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;

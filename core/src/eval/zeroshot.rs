@@ -12,6 +12,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::journal::Journal;
 use crate::data::tasks::{Item, Request, Task, TaskName};
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
@@ -127,29 +128,56 @@ pub fn aggregate(task: TaskName, items: &[&Item], judged: &[Vec<Judgement>]) -> 
     }
 }
 
-/// Evaluate `model` on `limit` items of `task` (spread evenly; all when None); stops with
-/// `Error::Cancelled` between items once `cancel` is set.
+/// Evaluate `model` on `limit` items of `task` (spread evenly; all when None): the items in
+/// `journal` from there, the others judged and recorded in it. Stops with `Error::Cancelled`
+/// between items once `cancel` is set (the items judged so far stay in the journal). Also
+/// returns the builds that judged the items, each once, this one last where it judged any.
+/// `seconds` counts this call only.
 pub fn evaluate(
     model: &Llama,
     tok: &Tokenizer,
     task: &Task,
     limit: Option<usize>,
+    journal: &mut Journal,
     progress: &mut dyn FnMut(usize, usize),
     cancel: &AtomicBool,
-) -> Result<TaskScores> {
+) -> Result<(TaskScores, Vec<String>)> {
     let t0 = std::time::Instant::now();
-    let items = task.subset(limit);
-    let mut judged = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
+    let indices = task.subset_indices(limit);
+    let mut judged = Vec::with_capacity(indices.len());
+    let mut builds: Vec<String> = Vec::new();
+    let mut note = |by: &str| {
+        if !builds.iter().any(|b| b == by) {
+            builds.push(by.to_string());
+        }
+    };
+    let mut fresh = false;
+    for (k, &i) in indices.iter().enumerate() {
         if cancel.load(Ordering::SeqCst) {
             return Err(Error::Cancelled);
         }
-        judged.push(judge(model, tok, &item.requests)?);
-        progress(i + 1, items.len());
+        match journal.get(i) {
+            Some((j, by)) => {
+                note(by);
+                judged.push(j.to_vec());
+            }
+            None => {
+                let j = judge(model, tok, &task.items[i].requests)?;
+                journal.record(i, &j)?;
+                fresh = true;
+                judged.push(j);
+            }
+        }
+        progress(k + 1, indices.len());
     }
+    if fresh {
+        builds.retain(|b| b != crate::BUILD);
+        builds.push(crate::BUILD.to_string());
+    }
+    let items: Vec<&Item> = indices.iter().map(|&i| &task.items[i]).collect();
     let mut s = aggregate(task.name, &items, &judged);
     s.seconds = t0.elapsed().as_secs_f64();
-    Ok(s)
+    Ok((s, builds))
 }
 
 /// Tokens of one request: the input sequence (context + continuation, cut from the left to
