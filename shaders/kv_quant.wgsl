@@ -1,7 +1,8 @@
 // Append `tokens` consecutive positions' K and V (from position `pos` on) to their int4
 // caches, both in one launch: per head, asymmetric 4-bit over the head's hd values (the
-// reference's per-token per-head KV quantizer, kv_pack.wgsl, prepended). Decode appends in
-// the attention's launch instead (attention_int4kv.wgsl's `fresh`).
+// reference's per-token per-head KV quantizer, kv_pack.wgsl, prepended). Prefill's appends;
+// decode appends in the attention's launch (attention_int4kv.wgsl's `fresh`) wherever q, k
+// and v are one buffer.
 //
 // Layout: k and v f32 [tokens, heads, hd]; each cache's codes u32 [max_seq, heads, hd/8], 8
 // codes per word, dim 8w + j in bits 4j..4j+3; its grid f32 [max_seq, heads, 2], (scale, zero)

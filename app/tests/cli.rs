@@ -763,17 +763,28 @@ fn tasks_measured_side_by_side_score_as_one_at_a_time() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The cells, and the journals of every item's log-likelihoods (one line per item).
         let mut found = std::collections::BTreeMap::new();
         for f in walk(&cache) {
-            let mut cell: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
-            cell.as_object_mut().unwrap().remove("seconds");
-            found.insert(f.file_name().unwrap().to_owned(), cell);
+            let text = std::fs::read_to_string(&f).unwrap();
+            let value = if f.extension().is_some_and(|e| e == "jsonl") {
+                let lines = text.lines().map(|l| serde_json::from_str(l).unwrap());
+                serde_json::Value::Array(lines.collect())
+            } else {
+                let mut cell: serde_json::Value = serde_json::from_str(&text).unwrap();
+                cell.as_object_mut().unwrap().remove("seconds");
+                cell
+            };
+            found.insert(f.file_name().unwrap().to_owned(), value);
         }
         found
     };
     let (alone, together) = (cells("1"), cells("3"));
-    assert_eq!(alone.len(), 5, "four tasks and the perplexity: {alone:?}");
+    assert_eq!(
+        alone.len(),
+        9,
+        "four tasks, the perplexity and four journals: {alone:?}"
+    );
     assert_eq!(alone, together);
 }
 

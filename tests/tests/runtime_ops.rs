@@ -469,8 +469,16 @@ fn decode_attention_appends_its_position_as_the_append_launch_does() {
         a.d.record(&mut enc);
         let got1 = gpu.finish_f32(enc, &out1, qn).unwrap();
 
-        // Together: one launch.
+        // Together: one launch. Slot `len` holds other values first: a workgroup that read
+        // the current position from the cache rather than from its own copy would score them.
         let (k2, v2) = caches();
+        let other_k = gpu.storage("other k", &rand_vec(&mut rng, kvn, 3.0));
+        let other_v = gpu.storage("other v", &rand_vec(&mut rng, kvn, 3.0));
+        let d = att.append(&gpu, &other_k, &other_v, &k2, &v2, 1);
+        att.set_append(&gpu, &d, &k2, len, 1);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        d.record(&mut enc);
+        gpu.queue.submit([enc.finish()]);
         let out2 = gpu.output("out", qn);
         let codes2 = ActCodes::new(&gpu, 1, qn, hd, 4).unwrap();
         let fresh = Fresh {

@@ -333,7 +333,7 @@ fn judged_items_are_journaled_so_tasks_resume_and_limits_grow() {
         .append(true)
         .open(&path)
         .unwrap();
-    std::io::Write::write_all(&mut f, b"{\"item\": 7, \"judged\": [[-1.5,").unwrap();
+    std::io::Write::write_all(&mut f, b"{\"item\": 7, \"judged\": [[\"-1.5\",").unwrap();
     let mut j = Journal::open(&path, &task).unwrap();
     assert_eq!(run(&mut j, None, None).unwrap().0, want_all);
     assert_eq!(lines(&path), 8);
@@ -342,15 +342,28 @@ fn judged_items_are_journaled_so_tasks_resume_and_limits_grow() {
     let before = std::fs::read(&path).unwrap();
     assert_eq!(run(&mut j, None, None).unwrap().0, want_all);
     assert_eq!(std::fs::read(&path).unwrap(), before);
+    // The journal's values are the ones scored, and their builds named: item 6 (gold 0)
+    // planted with its second choice far ahead, by another build.
+    let mut planted = before.clone();
+    planted.extend_from_slice(
+        b"{\"item\": 6, \"judged\": [[\"-9.5\", false], [\"-0.25\", false]], \"by\": \"x\"}\n",
+    );
+    std::fs::write(&path, &planted).unwrap();
+    let mut j = Journal::open(&path, &task).unwrap();
+    let (got, builds) = run(&mut j, Some(4), None).unwrap();
+    assert_eq!(builds, [ostquant_core::BUILD, "x"]);
+    assert!(!got.hits[3], "item 6 now picks its second choice");
+    assert_eq!(got.hits[..3], want4.hits[..3]);
 
     // Lines that do not fit the task are refused, naming the file and the line.
     for bad in [
-        "{\"item\": 9, \"judged\": [[-1.0, false], [-2.0, false]], \"by\": \"x\"}\n",
-        "{\"item\": 0, \"judged\": [[-1.0, false]], \"by\": \"x\"}\n",
+        "{\"item\": 9, \"judged\": [[\"-1\", false], [\"-2\", false]], \"by\": \"x\"}\n",
+        "{\"item\": 0, \"judged\": [[\"-1\", false]], \"by\": \"x\"}\n",
+        "{\"item\": 0, \"judged\": [[\"-1\", false], [\"NaN\", false]], \"by\": \"x\"}\n",
         "not json\n",
     ] {
         let p = dir.path().join("bad.items.jsonl");
-        std::fs::write(&p, format!("{{\"item\": 1, \"judged\": [[-1.0, true], [-2.0, false], [-3.0, false]], \"by\": \"x\"}}\n{bad}")).unwrap();
+        std::fs::write(&p, format!("{{\"item\": 1, \"judged\": [[\"-1\", true], [\"-2\", false], [\"-3\", false]], \"by\": \"x\"}}\n{bad}")).unwrap();
         let err = Journal::open(&p, &task).err().expect(bad).to_string();
         assert!(
             err.contains("bad.items.jsonl") && err.contains("line 2"),

@@ -23,8 +23,11 @@ use crate::error::{Error, Result};
 struct Line {
     /// The item's position in the task's file order.
     item: usize,
-    /// (log-likelihood, greedy) per request.
-    judged: Vec<(f64, bool)>,
+    /// (log-likelihood, greedy) per request. The log-likelihood as Rust writes an f64 (the
+    /// shortest text that reads back to it), read back by Rust, exactly: serde_json's own float
+    /// parsing may land a unit in the last place off, and a resumed task must score as one
+    /// run through.
+    judged: Vec<(String, bool)>,
     by: String,
 }
 
@@ -37,8 +40,9 @@ pub struct Journal {
 
 impl Journal {
     /// The journal at `path` for `task` (empty where there is none yet). Every line must be an
-    /// item of `task` with one judgement per request; a last line cut short, as a run stopped
-    /// while writing it leaves it, is dropped and cut from the file.
+    /// item of `task` with one judgement per request (a later line for an item replaces an
+    /// earlier one); a last line cut short, as a run stopped while writing it leaves it, is
+    /// dropped and cut from the file.
     pub fn open(path: &Path, task: &Task) -> Result<Self> {
         let mut items = HashMap::new();
         let text = match std::fs::read_to_string(path) {
@@ -64,18 +68,24 @@ impl Journal {
                     task.items.len()
                 )));
             };
-            if l.judged.len() != item.requests.len() || l.judged.iter().any(|j| !j.0.is_finite()) {
+            let judged: Vec<Judgement> = l
+                .judged
+                .iter()
+                .filter_map(|(loglik, greedy)| {
+                    let loglik = loglik.parse::<f64>().ok().filter(|v| v.is_finite())?;
+                    Some(Judgement {
+                        loglik,
+                        greedy: *greedy,
+                    })
+                })
+                .collect();
+            if judged.len() != item.requests.len() || judged.len() != l.judged.len() {
                 return Err(bad(format!(
-                    "{} finite judgements wanted for item {}, one per choice",
+                    "{} finite log-likelihoods wanted for item {}, one per choice",
                     item.requests.len(),
                     l.item
                 )));
             }
-            let judged = l
-                .judged
-                .iter()
-                .map(|&(loglik, greedy)| Judgement { loglik, greedy })
-                .collect();
             items.insert(l.item, (judged, l.by));
         }
         if whole < text.len() {
@@ -99,11 +109,15 @@ impl Journal {
             .map(|(j, by)| (j.as_slice(), by.as_str()))
     }
 
-    /// Append item `item`'s judgements by this build, on disk before it returns.
+    /// Append item `item`'s judgements by this build (finite: `judge` refuses others), written
+    /// to the file before it returns.
     pub fn record(&mut self, item: usize, judged: &[Judgement]) -> Result<()> {
         let line = Line {
             item,
-            judged: judged.iter().map(|j| (j.loglik, j.greedy)).collect(),
+            judged: judged
+                .iter()
+                .map(|j| (j.loglik.to_string(), j.greedy))
+                .collect(),
             by: crate::BUILD.to_string(),
         };
         let mut text = serde_json::to_string(&line).expect("journal lines serialize");

@@ -40,11 +40,13 @@ pub fn cache_get<T: DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_str(&text).ok()
 }
 
-/// The journal of the items of `task` judged by a method at `bits` (any limit): beside its
-/// cells, see [`journal`].
+/// The journal of the items of `task` judged by a method at `bits` (any limit): in the folder
+/// `items` beside its cells, see [`journal`].
 pub fn journal_path(root: &Path, model: &Path, method: &str, bits: &str, task: &str) -> PathBuf {
     let cell = cache_path(root, model, method, bits, task, None);
-    cell.with_file_name(format!("{method}-{bits}-{task}.items.jsonl"))
+    let dir = cell.parent().expect("cache paths have a parent");
+    dir.join("items")
+        .join(format!("{method}-{bits}-{task}.jsonl"))
 }
 
 /// Write atomically (temp file, then rename), so an interrupted run never leaves half a result.

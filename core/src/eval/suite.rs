@@ -470,9 +470,12 @@ impl Lab {
             let Some(value) = cache_get::<serde_json::Value>(&cell) else {
                 continue;
             };
-            let build = value["measured_by"].as_str().unwrap_or("unrecorded");
-            if !builds.iter().any(|b| b == build) {
-                builds.push(build.to_string());
+            // Several builds joined by "+": a cell of items judged by each (eval::journal).
+            let by = value["measured_by"].as_str().unwrap_or("unrecorded");
+            for build in by.split('+') {
+                if !builds.iter().any(|b| b == build) {
+                    builds.push(build.to_string());
+                }
             }
         }
         builds
@@ -480,7 +483,7 @@ impl Lab {
 
     /// Measure `method` at `bits` (FP ignores the bits), from the cache where it can. Once
     /// `cancel` is set it stops with `Error::Cancelled` at the next zero-shot item; the tasks
-    /// already measured stay cached.
+    /// already measured stay cached, and so do the items judged (their journals).
     pub fn evaluate(
         &mut self,
         method: Method,
