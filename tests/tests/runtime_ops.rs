@@ -517,6 +517,25 @@ fn decode_attention_appends_its_position_as_the_append_launch_does() {
         .unwrap()
         .to_string();
     assert!(err.contains("must follow q"), "{err}");
+    // ... and end within it.
+    let past_the_end = Fresh {
+        k_off: 256,
+        v_off: 448,
+        hadamard: false,
+    };
+    assert!(
+        att.attend_fresh(&gpu, &qkv, past_the_end, &k, &v, &out, None)
+            .is_err()
+    );
+    let fits = Fresh {
+        k_off: 256,
+        v_off: 384,
+        hadamard: false,
+    };
+    assert!(
+        att.attend_fresh(&gpu, &qkv, fits, &k, &v, &out, None)
+            .is_ok()
+    );
 }
 
 #[test]

@@ -216,12 +216,19 @@ impl Attention {
         codes: Option<&ActCodes>,
     ) -> Result<Attend> {
         assert_eq!(k.int4, v.int4, "K and V caches of one kind");
+        let qkv: Bind = qkv.into();
         let (q_len, kv_len) = (self.nq * self.hd, self.nkv * self.hd);
-        if fresh.k_off < q_len || fresh.v_off < fresh.k_off + kv_len {
+        let bytes = qkv.size.map_or(qkv.buffer.size() - qkv.offset, |s| s.get());
+        if fresh.k_off < q_len
+            || fresh.v_off < fresh.k_off + kv_len
+            || bytes < 4 * (fresh.v_off + kv_len) as u64
+        {
             return Err(Error::other(format!(
                 "the current position's k and v must follow q ({q_len} values) and each other \
-                 ({kv_len} values each), not start at {} and {}",
-                fresh.k_off, fresh.v_off
+                 ({kv_len} values each) within the binding ({} values), not start at {} and {}",
+                bytes / 4,
+                fresh.k_off,
+                fresh.v_off
             )));
         }
         if fresh.hadamard && !self.hd.is_power_of_two() {
@@ -231,7 +238,7 @@ impl Attention {
                 self.hd
             )));
         }
-        self.bind(gpu, qkv.into(), k, v, out, codes, 1, Some(fresh))
+        self.bind(gpu, qkv, k, v, out, codes, 1, Some(fresh))
     }
 
     #[allow(clippy::too_many_arguments)]
