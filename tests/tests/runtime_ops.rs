@@ -498,7 +498,7 @@ fn decode_attention_appends_its_position_as_the_append_launch_does() {
         assert_eq!(got1, got2, "attention output, {what}");
         assert_eq!(codes(&codes1), codes(&codes2), "o_proj codes, {what}");
     }
-    // k and v must follow q in the binding.
+    // k and v must follow q and end within the binding.
     let att = Attention::new(&gpu, 4, 2, 64, 16).unwrap();
     let (k, v) = (
         KvCache::new(&gpu, 16, 2, 64, true),
@@ -506,36 +506,21 @@ fn decode_attention_appends_its_position_as_the_append_launch_does() {
     );
     let qkv = gpu.output("qkv", 512);
     let out = gpu.output("out", 256);
-    let overlapping = Fresh {
-        k_off: 128,
-        v_off: 384,
-        hadamard: false,
-    };
-    let err = att
-        .attend_fresh(&gpu, &qkv, overlapping, &k, &v, &out, None)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("must follow q"), "{err}");
-    // ... and end within it.
-    let past_the_end = Fresh {
-        k_off: 256,
-        v_off: 448,
-        hadamard: false,
-    };
-    assert!(
-        att.attend_fresh(&gpu, &qkv, past_the_end, &k, &v, &out, None)
-            .is_err()
-    );
-    let fits = Fresh {
-        k_off: 256,
-        v_off: 384,
-        hadamard: false,
-    };
-    assert!(
-        att.attend_fresh(&gpu, &qkv, fits, &k, &v, &out, None)
-            .is_ok()
-    );
+    // (k_off, v_off) against q of 256 values, k and v of 128 each, in a binding of 512.
+    for (k_off, v_off, fits) in [(128, 384, false), (256, 448, false), (256, 384, true)] {
+        let fresh = Fresh {
+            k_off,
+            v_off,
+            hadamard: false,
+        };
+        match att.attend_fresh(&gpu, &qkv, fresh, &k, &v, &out, None) {
+            Ok(_) => assert!(fits, "k at {k_off}, v at {v_off}"),
+            Err(e) => {
+                assert!(!fits, "k at {k_off}, v at {v_off}: {e}");
+                assert!(e.to_string().contains("must follow q"), "{e}");
+            }
+        }
+    }
 }
 
 #[test]
